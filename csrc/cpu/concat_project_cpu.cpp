@@ -1,0 +1,167 @@
+// concat_project on the CPU: act(sum_k present * x_k @ W_k^T + bias), per subset.
+#include "chunked_engine.h"
+
+#include <torch/library.h>
+
+namespace mmkernels::cpu {
+namespace {
+
+// Modality k multiplies the column block W[..., o_k : o_k + d_k]; with per-subset weights
+// the blocks of the subsets that use k are stacked so that one GEMM serves all of them.
+std::vector<Operand> concat_operands(const FusionPlan& p, at::TensorList xs,
+                                     const at::Tensor& weight, at::ScalarType acc) {
+  std::vector<Operand> ops(p.K);
+  const int64_t H = p.widths[0];
+  for (int64_t k = 0; k < p.K; ++k) {
+    ops[k].x = xs[k].contiguous();
+    ops[k].active = p.modality_used(k);
+    if (!ops[k].active) continue;
+    at::Tensor stack;
+    if (p.per_subset) {
+      const auto idx = at::tensor(p.block_subsets[k], at::kLong).to(weight.device());
+      stack = weight.index_select(0, idx).narrow(2, p.offsets[k], p.dims[k]);
+      stack = stack.reshape({p.nblocks(k) * H, p.dims[k]});
+    } else {
+      stack = weight.narrow(1, p.offsets[k], p.dims[k]);
+    }
+    ops[k].w = stack.to(acc);
+    if (ops[k].w.stride(1) != 1) ops[k].w = ops[k].w.contiguous();
+  }
+  return ops;
+}
+
+template <typename scalar_t>
+at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& sample_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor out = at::empty(output_shape(p, true), xs[0].options());
+  const int64_t B = p.B, H = p.widths[0];
+  if (out.numel() == 0) return out;
+  const auto ops = concat_operands(p, xs, weight, acc_type(xs[0].scalar_type()));
+  at::Tensor bias_acc, mask_holder;
+  const acc_t* bptr = nullptr;
+  if (bias.has_value()) {
+    bias_acc = bias->to(acc_type(xs[0].scalar_type())).contiguous();
+    bptr = bias_acc.data_ptr<acc_t>();
+  }
+  const int64_t bias_step = p.per_subset ? H : 0;
+  const bool* present = mask_ptr(sample_mask, mask_holder);
+  scalar_t* optr = out.data_ptr<scalar_t>();
+
+  forward_chunks<acc_t>(p, ops, present, [&](const ChunkView<acc_t>& v) {
+    std::vector<acc_t> z(H);
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t i = 0; i < v.rows; ++i) {
+        const int64_t b = v.r0 + i;
+        for (int64_t h = 0; h < H; ++h) z[h] = bptr ? bptr[s * bias_step + h] : acc_t(0);
+        for (int64_t k = 0; k < p.K; ++k) {
+          if (!v.live[k] || !p.used(s, k) || (present && !present[b * p.K + k])) continue;
+          const acc_t* t = v.T[k] + i * v.ld[k] + p.block_of[k][s] * H;
+          for (int64_t h = 0; h < H; ++h) z[h] += t[h];
+        }
+        scalar_t* o = optr + (s * B + b) * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(p.relu && z[h] < 0 ? acc_t(0) : z[h]);
+      }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
+    const FusionPlan& p, const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& sample_mask,
+    std::array<bool, 3> output_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = p.B, H = p.widths[0];
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const auto acc = acc_type(xs[0].scalar_type());
+  const auto ops = concat_operands(p, xs, weight, acc);
+  at::Tensor mask_holder;
+  const bool* present = mask_ptr(sample_mask, mask_holder);
+  const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
+  const scalar_t* gptr = g.data_ptr<scalar_t>();
+  const scalar_t* optr = o.data_ptr<scalar_t>();
+  const int64_t nbias = p.per_subset ? p.S * H : H;
+
+  auto res = backward_chunks<acc_t>(p, ops, present, need_x, need_w, need_b ? nbias : 0,
+                                    [&](const ChunkView<acc_t>& v, acc_t* gb) {
+    std::vector<acc_t> dz(H);
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t i = 0; i < v.rows; ++i) {
+        const int64_t b = v.r0 + i;
+        const scalar_t* gr = gptr + (s * B + b) * H;
+        const scalar_t* orow = optr + (s * B + b) * H;
+        for (int64_t h = 0; h < H; ++h)
+          dz[h] = (!p.relu || orow[h] > scalar_t(0)) ? static_cast<acc_t>(gr[h]) : acc_t(0);
+        if (need_b) {
+          acc_t* gbr = gb + (p.per_subset ? s * H : 0);
+          for (int64_t h = 0; h < H; ++h) gbr[h] += dz[h];
+        }
+        for (int64_t k = 0; k < p.K; ++k) {
+          if (!v.live[k] || !p.used(s, k) || (present && !present[b * p.K + k])) continue;
+          acc_t* r = v.T[k] + i * v.ld[k] + p.block_of[k][s] * H;
+          for (int64_t h = 0; h < H; ++h) r[h] += dz[h];
+        }
+      }
+  });
+
+  std::vector<at::Tensor> grad_xs;
+  if (need_x) grad_xs = res.grad_x;
+  at::Tensor grad_w = at::empty({0}, weight.options()), grad_b = at::empty({0}, weight.options());
+  if (need_w) {
+    at::Tensor gw = at::zeros(weight.sizes(), res.grad_stack[0].options());
+    for (int64_t k = 0; k < p.K; ++k) {
+      if (!ops[k].active) continue;
+      if (!p.per_subset) {
+        gw.narrow(1, p.offsets[k], p.dims[k]).copy_(res.grad_stack[k]);
+        continue;
+      }
+      for (int64_t j = 0; j < p.nblocks(k); ++j)
+        gw[p.block_subsets[k][j]].narrow(1, p.offsets[k], p.dims[k])
+            .copy_(res.grad_stack[k].narrow(0, j * H, H));
+    }
+    grad_w = gw.to(weight.scalar_type());
+  }
+  if (need_b) {
+    std::vector<int64_t> bshape(weight.sizes().begin(), weight.sizes().end() - 1);
+    grad_b = res.grad_bias.view(bshape).to(weight.scalar_type());
+  }
+  return {grad_xs, grad_w, grad_b};
+}
+
+at::Tensor concat_project_cpu(at::TensorList xs, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& subset_mask,
+                              const c10::optional<at::Tensor>& sample_mask,
+                              c10::string_view activation) {
+  const auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
+                                     std::string(activation), /*allow_half=*/false);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project", [&] {
+    return forward_impl<scalar_t>(p, xs, weight, bias, sample_mask);
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& subset_mask, const c10::optional<at::Tensor>& sample_mask,
+    c10::string_view activation, std::array<bool, 3> output_mask) {
+  const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
+                                     std::string(activation), /*allow_half=*/false);
+  const auto expected = output_shape(p, true);
+  check_shape("concat_project_backward", "grad_out", grad_out, expected, "the output's shape");
+  check_shape("concat_project_backward", "out", out, expected, "the output's shape");
+  check_same("concat_project_backward", "grad_out", grad_out, xs[0], "xs[0]");
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project_backward", [&] {
+    return backward_impl<scalar_t>(p, grad_out, out, xs, weight, sample_mask, output_mask);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("concat_project", &concat_project_cpu);
+  m.impl("concat_project_backward", &concat_project_backward_cpu);
+}
+
+}  // namespace mmkernels::cpu

@@ -1,0 +1,180 @@
+// project_concat on the CPU: cat_k( present * act(x_k @ W_k^T + b_k) ), per subset.
+#include "chunked_engine.h"
+
+#include <torch/library.h>
+
+namespace mmkernels::cpu {
+namespace {
+
+// The weight blocks of modality k: weights[k] itself, or with per-subset weights the blocks of
+// the subsets that use k, stacked as [nblocks * H_k, d_k].
+at::Tensor block_stack(const FusionPlan& p, const at::Tensor& t, int64_t k) {
+  if (!p.per_subset) return t;
+  const auto idx = at::tensor(p.block_subsets[k], at::kLong).to(t.device());
+  at::Tensor picked = t.index_select(0, idx);
+  std::vector<int64_t> shape{p.nblocks(k) * t.size(1)};
+  if (t.dim() == 3) shape.push_back(t.size(2));
+  return picked.reshape(shape);
+}
+
+std::vector<Operand> project_operands(const FusionPlan& p, at::TensorList xs,
+                                      at::TensorList weights, at::ScalarType acc) {
+  std::vector<Operand> ops(p.K);
+  for (int64_t k = 0; k < p.K; ++k) {
+    ops[k].x = xs[k].contiguous();
+    ops[k].active = p.modality_used(k);
+    if (ops[k].active) ops[k].w = block_stack(p, weights[k], k).to(acc).contiguous();
+  }
+  return ops;
+}
+
+bool present_in(const FusionPlan& p, const uint8_t* live, const bool* present, int64_t s,
+                int64_t b, int64_t k) {
+  return live[k] && p.used(s, k) && (!present || present[b * p.K + k]);
+}
+
+template <typename scalar_t>
+at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList weights,
+                        at::TensorList biases, const c10::optional<at::Tensor>& sample_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor out = at::empty(output_shape(p, false), xs[0].options());
+  if (out.numel() == 0) return out;
+  const int64_t B = p.B, width = output_width(p, false);
+  const auto acc = acc_type(xs[0].scalar_type());
+  const auto ops = project_operands(p, xs, weights, acc);
+  std::vector<at::Tensor> bias_stacks(p.K);
+  std::vector<const acc_t*> bptr(p.K, nullptr);
+  for (int64_t k = 0; k < p.K; ++k)
+    if (!biases.empty() && ops[k].active) {
+      bias_stacks[k] = block_stack(p, biases[k], k).to(acc).contiguous();
+      bptr[k] = bias_stacks[k].data_ptr<acc_t>();
+    }
+  at::Tensor mask_holder;
+  const bool* present = mask_ptr(sample_mask, mask_holder);
+  scalar_t* optr = out.data_ptr<scalar_t>();
+
+  forward_chunks<acc_t>(p, ops, present, [&](const ChunkView<acc_t>& v) {
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t i = 0; i < v.rows; ++i) {
+        const int64_t b = v.r0 + i;
+        for (int64_t k = 0; k < p.K; ++k) {
+          const int64_t Hk = p.widths[k];
+          scalar_t* o = optr + (s * B + b) * width + p.offsets[k];
+          if (!present_in(p, v.live, present, s, b, k)) {
+            std::fill(o, o + Hk, scalar_t(0));
+            continue;
+          }
+          const int64_t blk = p.block_of[k][s];
+          const acc_t* t = v.T[k] + i * v.ld[k] + blk * Hk;
+          const acc_t* bk = bptr[k] ? bptr[k] + blk * Hk : nullptr;
+          for (int64_t h = 0; h < Hk; ++h) {
+            const acc_t z = t[h] + (bk ? bk[h] : acc_t(0));
+            o[h] = static_cast<scalar_t>(p.relu && z < 0 ? acc_t(0) : z);
+          }
+        }
+      }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward_impl(
+    const FusionPlan& p, const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
+    at::TensorList weights, const c10::optional<at::Tensor>& sample_mask,
+    std::array<bool, 3> output_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = p.B, width = output_width(p, false);
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const auto ops = project_operands(p, xs, weights, acc_type(xs[0].scalar_type()));
+  at::Tensor mask_holder;
+  const bool* present = mask_ptr(sample_mask, mask_holder);
+  const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
+  const scalar_t* gptr = g.data_ptr<scalar_t>();
+  const scalar_t* optr = o.data_ptr<scalar_t>();
+  // The bias gradient of block j of modality k sits at bias_off[k] + j * H_k.
+  std::vector<int64_t> bias_off(p.K, 0);
+  int64_t nbias = 0;
+  for (int64_t k = 0; k < p.K; ++k) {
+    bias_off[k] = nbias;
+    nbias += ops[k].ncols();
+  }
+
+  auto res = backward_chunks<acc_t>(p, ops, present, need_x, need_w, need_b ? nbias : 0,
+                                    [&](const ChunkView<acc_t>& v, acc_t* gb) {
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t i = 0; i < v.rows; ++i) {
+        const int64_t b = v.r0 + i;
+        for (int64_t k = 0; k < p.K; ++k) {
+          if (!present_in(p, v.live, present, s, b, k)) continue;
+          const int64_t Hk = p.widths[k], blk = p.block_of[k][s];
+          const scalar_t* gr = gptr + (s * B + b) * width + p.offsets[k];
+          const scalar_t* orow = optr + (s * B + b) * width + p.offsets[k];
+          acc_t* r = v.T[k] + i * v.ld[k] + blk * Hk;
+          acc_t* gbk = need_b ? gb + bias_off[k] + blk * Hk : nullptr;
+          for (int64_t h = 0; h < Hk; ++h) {
+            const acc_t d = (!p.relu || orow[h] > scalar_t(0)) ? static_cast<acc_t>(gr[h]) : acc_t(0);
+            r[h] += d;
+            if (gbk) gbk[h] += d;
+          }
+        }
+      }
+  });
+
+  // Scatter each modality's stacked gradient back to the layout of weights[k] / biases[k].
+  auto unstack = [&](const at::Tensor& stacked, const at::Tensor& like, int64_t k) {
+    at::Tensor full = at::zeros(like.sizes(), stacked.options());
+    if (!ops[k].active) return full.to(like.scalar_type());
+    if (!p.per_subset) return stacked.view(like.sizes()).to(like.scalar_type());
+    const int64_t Hk = p.widths[k];
+    for (int64_t j = 0; j < p.nblocks(k); ++j)
+      full[p.block_subsets[k][j]].copy_(stacked.narrow(0, j * Hk, Hk).view(like.sizes().slice(1)));
+    return full.to(like.scalar_type());
+  };
+  std::vector<at::Tensor> grad_xs, grad_ws, grad_bs;
+  if (need_x) grad_xs = res.grad_x;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (need_w) grad_ws.push_back(unstack(res.grad_stack[k], weights[k], k));
+    if (need_b) {
+      std::vector<int64_t> bshape(weights[k].sizes().begin(), weights[k].sizes().end() - 1);
+      const at::Tensor like = at::empty(bshape, weights[k].options());
+      grad_bs.push_back(unstack(res.grad_bias.narrow(0, bias_off[k], ops[k].ncols()), like, k));
+    }
+  }
+  return {grad_xs, grad_ws, grad_bs};
+}
+
+at::Tensor project_concat_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
+                              const c10::optional<at::Tensor>& subset_mask,
+                              const c10::optional<at::Tensor>& sample_mask,
+                              c10::string_view activation) {
+  const auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
+                                     std::string(activation), /*allow_half=*/false);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat", [&] {
+    return forward_impl<scalar_t>(p, xs, weights, biases, sample_mask);
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+project_concat_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
+                            at::TensorList weights, const c10::optional<at::Tensor>& subset_mask,
+                            const c10::optional<at::Tensor>& sample_mask,
+                            c10::string_view activation, std::array<bool, 3> output_mask) {
+  const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
+                                     std::string(activation), /*allow_half=*/false);
+  const auto expected = output_shape(p, false);
+  check_shape("project_concat_backward", "grad_out", grad_out, expected, "the output's shape");
+  check_shape("project_concat_backward", "out", out, expected, "the output's shape");
+  check_same("project_concat_backward", "grad_out", grad_out, xs[0], "xs[0]");
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat_backward", [&] {
+    return backward_impl<scalar_t>(p, grad_out, out, xs, weights, sample_mask, output_mask);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("project_concat", &project_concat_cpu);
+  m.impl("project_concat_backward", &project_concat_backward_cpu);
+}
+
+}  // namespace mmkernels::cpu

@@ -1,0 +1,53 @@
+// Every op schema of the package, and the Python module that carries the build information.
+// Kernels register per backend in csrc/cpu and csrc/cuda; autograd and fake kernels live in
+// mmkernels/ops.py.
+#include <torch/library.h>
+
+#ifndef MMKERNELS_NO_PYTHON
+#include <torch/extension.h>
+#endif
+
+#ifndef MMKERNELS_CUDA_ARCHS
+#define MMKERNELS_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(mmkernels, m) {
+  m.def(
+      "concat_project(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? subset_mask, "
+      "Tensor? sample_mask, str activation) -> Tensor");
+  m.def(
+      "concat_project_backward(Tensor grad_out, Tensor out, Tensor[] xs, Tensor weight, "
+      "Tensor? subset_mask, Tensor? sample_mask, str activation, bool[3] output_mask) "
+      "-> (Tensor[], Tensor, Tensor)");
+  m.def(
+      "project_concat(Tensor[] xs, Tensor[] weights, Tensor[] biases, Tensor? subset_mask, "
+      "Tensor? sample_mask, str activation) -> Tensor");
+  m.def(
+      "project_concat_backward(Tensor grad_out, Tensor out, Tensor[] xs, Tensor[] weights, "
+      "Tensor? subset_mask, Tensor? sample_mask, str activation, bool[3] output_mask) "
+      "-> (Tensor[], Tensor[], Tensor[])");
+}
+
+#ifndef MMKERNELS_NO_PYTHON
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = MMKERNELS_TORCH_VERSION;
+#ifdef MMKERNELS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = MMKERNELS_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mmkernels native ops (registered under torch.ops.mmkernels)";
+  m.def("build_info", &build_info, "torch version, CUDA on/off and CUDA archs of this build");
+}
+#endif

@@ -1,0 +1,71 @@
+"""Builds mmkernels._C from the sources listed in csrc/sources.txt.
+
+CUDA is built when torch is a CUDA build and nvcc is found (never decided by whether a GPU is
+present); MMKERNELS_WITH_CUDA=0/1 forces the choice and TORCH_CUDA_ARCH_LIST picks the archs.
+Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+
+
+def read_sources() -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {"common": [], "cuda": []}
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, path = line.split()
+        kinds[kind].append(path)
+    return kinds
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("MMKERNELS_WITH_CUDA")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SystemExit(f"MMKERNELS_WITH_CUDA must be 0 or 1, got {forced!r}")
+        return forced == "1"
+    nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and nvcc
+
+
+def extension() -> cpp_extension.CppExtension:
+    sources = read_sources()
+    with_cuda = want_cuda()
+    macros = [("MMKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3", "-fvisibility=hidden"]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "mmkernels._C",
+            sources["common"],
+            include_dirs=[str(ROOT / "csrc" / "include")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_ARCHS", f'"{archs}"')]
+    return cpp_extension.CUDAExtension(
+        "mmkernels._C",
+        sources["common"] + sources["cuda"],
+        include_dirs=[str(ROOT / "csrc" / "include")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        libraries=["cublas"],
+    )
+
+
+setup(
+    packages=find_packages(include=["mmkernels", "mmkernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

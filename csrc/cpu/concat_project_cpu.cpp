@@ -1,5 +1,5 @@
 // concat_project on the CPU: act(sum_k present * x_k @ W_k^T + bias), per subset.
-#include "chunked_engine.h"
+#include "gemm_engine.h"
 
 #include <torch/library.h>
 
@@ -49,7 +49,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
   const bool* present = mask_ptr(sample_mask, mask_holder);
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_chunks<acc_t>(p, ops, present, [&](const ChunkView<acc_t>& v) {
+  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v) {
     std::vector<acc_t> z(H);
     for (int64_t s = 0; s < p.S; ++s)
       for (int64_t i = 0; i < v.rows; ++i) {
@@ -84,8 +84,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
   const scalar_t* optr = o.data_ptr<scalar_t>();
   const int64_t nbias = p.per_subset ? p.S * H : H;
 
-  auto res = backward_chunks<acc_t>(p, ops, present, need_x, need_w, need_b ? nbias : 0,
-                                    [&](const ChunkView<acc_t>& v, acc_t* gb) {
+  auto res = backward_gemms<acc_t>(p, ops, sample_mask, need_x, need_w, need_b ? nbias : 0,
+                                    [&](const RowView<acc_t>& v, acc_t* gb) {
     std::vector<acc_t> dz(H);
     for (int64_t s = 0; s < p.S; ++s)
       for (int64_t i = 0; i < v.rows; ++i) {

@@ -1,5 +1,5 @@
 // project_concat on the CPU: cat_k( present * act(x_k @ W_k^T + b_k) ), per subset.
-#include "chunked_engine.h"
+#include "gemm_engine.h"
 
 #include <torch/library.h>
 
@@ -53,7 +53,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
   const bool* present = mask_ptr(sample_mask, mask_holder);
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_chunks<acc_t>(p, ops, present, [&](const ChunkView<acc_t>& v) {
+  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v) {
     for (int64_t s = 0; s < p.S; ++s)
       for (int64_t i = 0; i < v.rows; ++i) {
         const int64_t b = v.r0 + i;
@@ -99,8 +99,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     nbias += ops[k].ncols();
   }
 
-  auto res = backward_chunks<acc_t>(p, ops, present, need_x, need_w, need_b ? nbias : 0,
-                                    [&](const ChunkView<acc_t>& v, acc_t* gb) {
+  auto res = backward_gemms<acc_t>(p, ops, sample_mask, need_x, need_w, need_b ? nbias : 0,
+                                    [&](const RowView<acc_t>& v, acc_t* gb) {
     for (int64_t s = 0; s < p.S; ++s)
       for (int64_t i = 0; i < v.rows; ++i) {
         const int64_t b = v.r0 + i;
@@ -124,7 +124,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   auto unstack = [&](const at::Tensor& stacked, const at::Tensor& like, int64_t k) {
     at::Tensor full = at::zeros(like.sizes(), stacked.options());
     if (!ops[k].active) return full.to(like.scalar_type());
-    if (!p.per_subset) return stacked.view(like.sizes()).to(like.scalar_type());
+    // A fresh tensor: the bias gradients are slices of one buffer and must not alias.
+    if (!p.per_subset) return stacked.view(like.sizes()).to(like.scalar_type(), false, true);
     const int64_t Hk = p.widths[k];
     for (int64_t j = 0; j < p.nblocks(k); ++j)
       full[p.block_subsets[k][j]].copy_(stacked.narrow(0, j * Hk, Hk).view(like.sizes().slice(1)));

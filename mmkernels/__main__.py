@@ -1,0 +1,3 @@
+from mmkernels.experiments.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The paper's experiments, sweeps, reports and the `mmkernels` command line."""

@@ -72,8 +72,12 @@ def project_concat(
     """
     _check_nonempty("project_concat", xs)
     return _ops.project_concat(
-        list(xs), list(weights), [] if biases is None else list(biases),
-        subset_mask, sample_mask, activation,
+        list(xs),
+        list(weights),
+        [] if biases is None else list(biases),
+        subset_mask,
+        sample_mask,
+        activation,
     )
 
 
@@ -105,8 +109,9 @@ def _project_concat_fake(xs, weights, biases, subset_mask, sample_mask, activati
 
 
 @torch.library.register_fake("mmkernels::concat_project_backward")
-def _concat_project_backward_fake(grad_out, out, xs, weight, subset_mask, sample_mask,
-                                  activation, output_mask):
+def _concat_project_backward_fake(
+    grad_out, out, xs, weight, subset_mask, sample_mask, activation, output_mask
+):
     grad_xs = [torch.empty_like(x) for x in xs] if output_mask[0] else []
     grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty([0])
     grad_b = weight.new_empty(weight.shape[:-1]) if output_mask[2] else weight.new_empty([0])
@@ -114,8 +119,9 @@ def _concat_project_backward_fake(grad_out, out, xs, weight, subset_mask, sample
 
 
 @torch.library.register_fake("mmkernels::project_concat_backward")
-def _project_concat_backward_fake(grad_out, out, xs, weights, subset_mask, sample_mask,
-                                  activation, output_mask):
+def _project_concat_backward_fake(
+    grad_out, out, xs, weights, subset_mask, sample_mask, activation, output_mask
+):
     grad_xs = [torch.empty_like(x) for x in xs] if output_mask[0] else []
     grad_ws = [torch.empty_like(w) for w in weights] if output_mask[1] else []
     grad_bs = [w.new_empty(w.shape[:-1]) for w in weights] if output_mask[2] else []
@@ -145,7 +151,9 @@ def _concat_project_backward(ctx, grad):
         grad_xs if need_x else [None] * len(xs),
         grad_w if need_w else None,
         grad_b if need_b else None,
-        None, None, None,
+        None,
+        None,
+        None,
     )
 
 
@@ -170,7 +178,9 @@ def _project_concat_backward(ctx, grad):
         grad_xs if need_x else [None] * len(xs),
         grad_ws if need_w else [None] * len(weights),
         grad_bs if need_b else [None] * ctx.num_biases,
-        None, None, None,
+        None,
+        None,
+        None,
     )
 
 

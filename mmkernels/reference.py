@@ -25,7 +25,10 @@ def _activate(z: Tensor, activation: str) -> Tensor:
 
 
 def presence(
-    num_rows: int, num_modalities: int, subset_row: Tensor | None, sample_mask: Tensor | None,
+    num_rows: int,
+    num_modalities: int,
+    subset_row: Tensor | None,
+    sample_mask: Tensor | None,
     device: torch.device,
 ) -> Tensor:
     """present(b, k) for one subset row: bool [B, K]."""

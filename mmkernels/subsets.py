@@ -36,13 +36,15 @@ def subset_mask(
     for i, row in enumerate(rows):
         for k in row:
             if not 0 <= k < num_modalities:
-                raise ValueError(f"subset {row} names modality {k}, expected 0..{num_modalities - 1}")
+                raise ValueError(
+                    f"subset {row} names modality {k}, expected 0..{num_modalities - 1}"
+                )
             mask[i, k] = True
     return mask.to(device)
 
 
 def subset_name(subset: Sequence[int], letters: Sequence[str]) -> str:
-    """"TVA"-style name: the letters of the subset's modalities, in modality order."""
+    """ "TVA"-style name: the letters of the subset's modalities, in modality order."""
     return "".join(letters[k] for k in sorted(subset))
 
 

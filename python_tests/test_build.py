@@ -22,8 +22,12 @@ def test_build_info_reports_torch_and_cuda():
 
 
 def test_ops_are_registered_with_the_dispatcher():
-    for name in ["concat_project", "concat_project_backward", "project_concat",
-                 "project_concat_backward"]:
+    for name in [
+        "concat_project",
+        "concat_project_backward",
+        "project_concat",
+        "project_concat_backward",
+    ]:
         assert hasattr(torch.ops.mmkernels, name)
 
 
@@ -32,8 +36,11 @@ def test_missing_extension_says_how_to_rebuild(monkeypatch):
         raise ModuleNotFoundError(f"No module named '{name}'")
 
     monkeypatch.setattr(importlib, "import_module", missing)
-    with pytest.raises(ImportError, match=r"mmkernels._C .* was not found.*pip install "
-                                          r"--no-build-isolation"):
+    with pytest.raises(
+        ImportError,
+        match=r"mmkernels._C .* was not found.*pip install "
+        r"--no-build-isolation",
+    ):
         _native.load()
 
 

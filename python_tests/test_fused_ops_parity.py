@@ -112,13 +112,15 @@ def check(problem: Problem) -> None:
 
     # The ReLU's kink is where rounding can flip a unit on or off; take the pattern from our
     # forward so every implementation differentiates the same piecewise-linear function.
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(problem.seed + 1),
-                           dtype=torch.float64).to(problem.dtype)
+    grad_out = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(problem.seed + 1), dtype=torch.float64
+    ).to(problem.dtype)
     effective = grad_out * (out > 0) if problem.activation == "relu" else grad_out
     ours_g = grads(out, ours_in, grad_out)
     same_g = grads(call(problem, reference, *split(same_in), *masks, "none"), same_in, effective)
-    oracle_g = grads(call(problem, reference, *split(oracle_in), *masks, "none"), oracle_in,
-                     effective.double())
+    oracle_g = grads(
+        call(problem, reference, *split(oracle_in), *masks, "none"), oracle_in, effective.double()
+    )
     for i, (a, b, c) in enumerate(zip(ours_g, same_g, oracle_g)):
         assert_matches_oracle(a, b, c, f"gradient of input {i}")
 
@@ -138,8 +140,19 @@ def test_project_concat_matches_reference(problem: Problem) -> None:
 @pytest.mark.parametrize("op", ["concat_project", "project_concat"])
 def test_absent_rows_never_reach_the_output(op: str) -> None:
     """Whatever an absent row holds (here NaN) cannot change the forward result."""
-    problem = Problem(op, [4, 6, 3], 9, [5] if op == "concat_project" else [2, 3, 4], 4, True,
-                      0.5, True, "relu", torch.float32, 7)
+    problem = Problem(
+        op,
+        [4, 6, 3],
+        9,
+        [5] if op == "concat_project" else [2, 3, 4],
+        4,
+        True,
+        0.5,
+        True,
+        "relu",
+        torch.float32,
+        7,
+    )
     xs, weights, biases, subset_mask, sample_mask = problem.tensors()
     poisoned = [torch.where(sample_mask[:, k : k + 1], x, torch.nan) for k, x in enumerate(xs)]
     clean = [torch.where(sample_mask[:, k : k + 1], x, 0.0) for k, x in enumerate(xs)]
@@ -155,8 +168,12 @@ def test_row_with_every_modality_absent() -> None:
     bias = torch.randn(5)
     out = mmkernels.concat_project(xs, torch.randn(5, 6), bias, sample_mask=mask, activation="none")
     assert torch.equal(out[1], bias)
-    late = mmkernels.project_concat(xs, [torch.randn(3, 4), torch.randn(2, 2)],
-                                    [torch.randn(3), torch.randn(2)], sample_mask=mask)
+    late = mmkernels.project_concat(
+        xs,
+        [torch.randn(3, 4), torch.randn(2, 2)],
+        [torch.randn(3), torch.randn(2)],
+        sample_mask=mask,
+    )
     assert torch.equal(late[1], torch.zeros(5))
     assert torch.equal(late[2, 3:], torch.zeros(2))
 

@@ -18,8 +18,10 @@ def sample(per_subset: bool, with_subsets: bool, with_sample_mask: bool, seed: i
     lead = [smask.shape[0]] if per_subset else []
     weight = torch.randn(*lead, hidden, sum(dims), generator=gen, dtype=torch.float64)
     bias = torch.randn(*lead, hidden, generator=gen, dtype=torch.float64)
-    weights = [torch.randn(*lead, h, d, generator=gen, dtype=torch.float64)
-               for h, d in zip([2, 3, 4], dims)]
+    weights = [
+        torch.randn(*lead, h, d, generator=gen, dtype=torch.float64)
+        for h, d in zip([2, 3, 4], dims)
+    ]
     biases = [torch.randn(*lead, h, generator=gen, dtype=torch.float64) for h in [2, 3, 4]]
     present = torch.rand(batch, 3, generator=gen) < 0.6 if with_sample_mask else None
     return xs, weight, bias, weights, biases, smask, present
@@ -45,8 +47,14 @@ def test_gradcheck_concat_project(per_subset, with_subsets, with_sample_mask, ac
     inputs = leaf([*xs, weight, bias])
 
     def fn(*ts):
-        return mmkernels.concat_project(list(ts[:3]), ts[3], ts[4], subset_mask=smask,
-                                        sample_mask=present, activation=activation)
+        return mmkernels.concat_project(
+            list(ts[:3]),
+            ts[3],
+            ts[4],
+            subset_mask=smask,
+            sample_mask=present,
+            activation=activation,
+        )
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -58,9 +66,14 @@ def test_gradcheck_project_concat(per_subset, with_subsets, with_sample_mask, ac
     inputs = leaf([*xs, *weights, *biases])
 
     def fn(*ts):
-        return mmkernels.project_concat(list(ts[:3]), list(ts[3:6]), list(ts[6:]),
-                                        subset_mask=smask, sample_mask=present,
-                                        activation=activation)
+        return mmkernels.project_concat(
+            list(ts[:3]),
+            list(ts[3:6]),
+            list(ts[6:]),
+            subset_mask=smask,
+            sample_mask=present,
+            activation=activation,
+        )
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -68,34 +81,45 @@ def test_gradcheck_project_concat(per_subset, with_subsets, with_sample_mask, ac
 @pytest.mark.parametrize("per_subset,with_subsets,with_sample_mask", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_forward_ops(per_subset, with_subsets, with_sample_mask, dtype):
-    xs, weight, bias, weights, biases, smask, present = sample(per_subset, with_subsets,
-                                                               with_sample_mask)
-    xs, weights, biases = [[t.to(dtype).requires_grad_(True) for t in ts]
-                           for ts in (xs, weights, biases)]
+    xs, weight, bias, weights, biases, smask, present = sample(
+        per_subset, with_subsets, with_sample_mask
+    )
+    xs, weights, biases = [
+        [t.to(dtype).requires_grad_(True) for t in ts] for ts in (xs, weights, biases)
+    ]
     weight, bias = weight.to(dtype).requires_grad_(True), bias.to(dtype).requires_grad_(True)
-    torch.library.opcheck(torch.ops.mmkernels.concat_project.default,
-                          (xs, weight, bias, smask, present, "relu"))
-    torch.library.opcheck(torch.ops.mmkernels.concat_project.default,
-                          (xs, weight, None, smask, present, "none"))
-    torch.library.opcheck(torch.ops.mmkernels.project_concat.default,
-                          (xs, weights, biases, smask, present, "relu"))
-    torch.library.opcheck(torch.ops.mmkernels.project_concat.default,
-                          (xs, weights, [], smask, present, "none"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.concat_project.default, (xs, weight, bias, smask, present, "relu")
+    )
+    torch.library.opcheck(
+        torch.ops.mmkernels.concat_project.default, (xs, weight, None, smask, present, "none")
+    )
+    torch.library.opcheck(
+        torch.ops.mmkernels.project_concat.default, (xs, weights, biases, smask, present, "relu")
+    )
+    torch.library.opcheck(
+        torch.ops.mmkernels.project_concat.default, (xs, weights, [], smask, present, "none")
+    )
 
 
 @pytest.mark.parametrize("per_subset,with_subsets,with_sample_mask", LAYOUTS)
-@pytest.mark.parametrize("output_mask", [[True, True, True], [False, True, False], [True, False, True]])
+@pytest.mark.parametrize(
+    "output_mask", [[True, True, True], [False, True, False], [True, False, True]]
+)
 def test_opcheck_backward_ops(per_subset, with_subsets, with_sample_mask, output_mask):
-    xs, weight, bias, weights, biases, smask, present = sample(per_subset, with_subsets,
-                                                               with_sample_mask)
+    xs, weight, bias, weights, biases, smask, present = sample(
+        per_subset, with_subsets, with_sample_mask
+    )
     out = mmkernels.concat_project(xs, weight, bias, subset_mask=smask, sample_mask=present)
-    torch.library.opcheck(torch.ops.mmkernels.concat_project_backward.default,
-                          (torch.randn_like(out), out, xs, weight, smask, present, "relu",
-                           output_mask))
+    torch.library.opcheck(
+        torch.ops.mmkernels.concat_project_backward.default,
+        (torch.randn_like(out), out, xs, weight, smask, present, "relu", output_mask),
+    )
     out = mmkernels.project_concat(xs, weights, biases, subset_mask=smask, sample_mask=present)
-    torch.library.opcheck(torch.ops.mmkernels.project_concat_backward.default,
-                          (torch.randn_like(out), out, xs, weights, smask, present, "relu",
-                           output_mask))
+    torch.library.opcheck(
+        torch.ops.mmkernels.project_concat_backward.default,
+        (torch.randn_like(out), out, xs, weights, smask, present, "relu", output_mask),
+    )
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -107,8 +131,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
     def model(xs, weight, bias, weights, biases):
         early = mmkernels.concat_project(xs, weight, bias, subset_mask=smask, sample_mask=present)
-        late = mmkernels.project_concat(xs, weights, biases, subset_mask=smask,
-                                        sample_mask=present)
+        late = mmkernels.project_concat(xs, weights, biases, subset_mask=smask, sample_mask=present)
         return early.square().sum() + late.sum()
 
     compiled = torch.compile(model, fullgraph=True)
@@ -121,4 +144,5 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(got, want)
     ref = reference.concat_project(xs, weight, bias, subset_mask=smask, sample_mask=present)
     torch.testing.assert_close(
-        mmkernels.concat_project(xs, weight, bias, subset_mask=smask, sample_mask=present), ref)
+        mmkernels.concat_project(xs, weight, bias, subset_mask=smask, sample_mask=present), ref
+    )

@@ -15,7 +15,9 @@ from mmkernels.bench.timing import machine, median_ms
 
 
 def run(args: argparse.Namespace) -> dict:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+        args.dtype
+    ]
     results = {"machine": machine(), "dtype": args.dtype, "scale": args.scale, "cases": []}
     cases = cpu_cases(scale=args.scale, dtype=dtype)
     if args.only:
@@ -30,13 +32,23 @@ def run(args: argparse.Namespace) -> dict:
             speedup = ms / ours
             target = case.targets.get(name)
             ok = "" if target is None else ("ok" if speedup >= target else "MISS")
-            rows.append({"runner": name, "median_ms": ms, "speedup": speedup, "target": target,
-                         "gflops": case.gflop / (ms / 1e3)})
+            rows.append(
+                {
+                    "runner": name,
+                    "median_ms": ms,
+                    "speedup": speedup,
+                    "target": target,
+                    "gflops": case.gflop / (ms / 1e3),
+                }
+            )
             tgt = f"{target:.1f}x" if target else ""
-            print(f"{case.name:32} {name:12} {ms:10.2f} {speedup:8.2f}x {tgt:>7} {ok:4} "
-                  f"{case.gflop / (ms / 1e3):6.1f}")
-        results["cases"].append({"name": case.name, "shapes": case.shapes, "gflop": case.gflop,
-                                 "runners": rows})
+            print(
+                f"{case.name:32} {name:12} {ms:10.2f} {speedup:8.2f}x {tgt:>7} {ok:4} "
+                f"{case.gflop / (ms / 1e3):6.1f}"
+            )
+        results["cases"].append(
+            {"name": case.name, "shapes": case.shapes, "gflop": case.gflop, "runners": rows}
+        )
         sys.stdout.flush()
     return results
 
@@ -44,8 +56,12 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmkernels.bench", description=__doc__)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="batch size factor (1.0 = the shapes of the targets)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="batch size factor (1.0 = the shapes of the targets)",
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     parser.add_argument("--out", type=Path, default=Path("bench-results/fused_ops_cpu.json"))

@@ -100,8 +100,10 @@ def grouped_concat(xs, weight, bias, smask, sample_mask=None):
 
 def shared_subsets_composition(xs, weight, bias, smask):
     """One shared weight under S subsets: partial products once, then a sum per subset."""
-    parts = [x @ weight[:, o : o + x.shape[1]].t()
-             for x, o in zip(xs, _offsets([x.shape[1] for x in xs]))]
+    parts = [
+        x @ weight[:, o : o + x.shape[1]].t()
+        for x, o in zip(xs, _offsets([x.shape[1] for x in xs]))
+    ]
     outs = []
     for row in smask.tolist():
         acc = bias
@@ -131,7 +133,9 @@ def grouped_late(xs, weights, biases, smask):
         hidden = w.shape[1]
         users = torch.nonzero(smask[:, k]).flatten().tolist()
         stack = w[users].reshape(len(users) * hidden, w.shape[2])
-        ys = torch.relu(torch.addmm(b[users].reshape(-1), x, stack.t())).view(batch, len(users), hidden)
+        ys = torch.relu(torch.addmm(b[users].reshape(-1), x, stack.t())).view(
+            batch, len(users), hidden
+        )
         for s in range(num_subsets):
             blocks[s].append(ys[:, users.index(s)] if s in users else x.new_zeros(batch, hidden))
     return torch.stack([torch.cat(bl, dim=1) for bl in blocks])
@@ -154,15 +158,23 @@ def cpu_cases(scale: float = 1.0, dtype: torch.dtype = torch.float32) -> list[Ca
     present = torch.rand(batch, 3, generator=gen) < 0.7
     args = [*xs, w, b]
     gflop = 3 * 2 * batch * sum(dims3) * hidden * 0.7 / 1e9
-    cases.append(Case(
-        "a_concat_project_sample_mask", f"dims {dims3}, B {batch}, H {hidden}, 70% present, fwd+bwd",
-        {
-            "mmkernels": _fwd_bwd(lambda: ops.concat_project(xs, w, b, sample_mask=present), args),
-            "eager": _fwd_bwd(lambda: reference.concat_project(xs, w, b, sample_mask=present), args),
-            "composition": _fwd_bwd(lambda: partial_products(xs, w, b, present), args),
-        },
-        {"eager": 2.5, "composition": 1.1}, gflop,
-    ))
+    cases.append(
+        Case(
+            "a_concat_project_sample_mask",
+            f"dims {dims3}, B {batch}, H {hidden}, 70% present, fwd+bwd",
+            {
+                "mmkernels": _fwd_bwd(
+                    lambda: ops.concat_project(xs, w, b, sample_mask=present), args
+                ),
+                "eager": _fwd_bwd(
+                    lambda: reference.concat_project(xs, w, b, sample_mask=present), args
+                ),
+                "composition": _fwd_bwd(lambda: partial_products(xs, w, b, present), args),
+            },
+            {"eager": 2.5, "composition": 1.1},
+            gflop,
+        )
+    )
 
     # (b) concat_project, per-subset weights, all 7 subsets of 3 modalities.
     subsets = subset_mask(all_subsets(3), 3)
@@ -171,15 +183,23 @@ def cpu_cases(scale: float = 1.0, dtype: torch.dtype = torch.float32) -> list[Ca
     args = [*xs, ws, bs]
     used = sum(dims3[k] for row in subsets.tolist() for k, u in enumerate(row) if u)
     gflop = 3 * 2 * batch * used * hidden / 1e9
-    cases.append(Case(
-        "b_concat_project_per_subset", f"dims {dims3}, S 7, B {batch}, H {hidden}, fwd+bwd",
-        {
-            "mmkernels": _fwd_bwd(lambda: ops.concat_project(xs, ws, bs, subset_mask=subsets), args),
-            "eager": _fwd_bwd(lambda: reference.concat_project(xs, ws, bs, subset_mask=subsets), args),
-            "composition": _fwd_bwd(lambda: grouped_concat(xs, ws, bs, subsets), args),
-        },
-        {"eager": 3.0, "composition": 1.1}, gflop,
-    ))
+    cases.append(
+        Case(
+            "b_concat_project_per_subset",
+            f"dims {dims3}, S 7, B {batch}, H {hidden}, fwd+bwd",
+            {
+                "mmkernels": _fwd_bwd(
+                    lambda: ops.concat_project(xs, ws, bs, subset_mask=subsets), args
+                ),
+                "eager": _fwd_bwd(
+                    lambda: reference.concat_project(xs, ws, bs, subset_mask=subsets), args
+                ),
+                "composition": _fwd_bwd(lambda: grouped_concat(xs, ws, bs, subsets), args),
+            },
+            {"eager": 3.0, "composition": 1.1},
+            gflop,
+        )
+    )
 
     # (c) one shared weight under all 15 subsets of 4 x 100 dims, forward.
     dims4, batch_c = [100] * 4, max(64, int(7_000 * scale))
@@ -187,39 +207,59 @@ def cpu_cases(scale: float = 1.0, dtype: torch.dtype = torch.float32) -> list[Ca
     w4 = _param(hidden, sum(dims4), dtype=dtype, gen=gen).detach()
     b4 = _param(hidden, dtype=dtype, gen=gen).detach()
     subsets4 = subset_mask(all_subsets(4), 4)
-    cases.append(Case(
-        "c_shared_weight_15_subsets", f"dims {dims4}, S 15, B {batch_c}, H {hidden}, fwd",
-        {
-            "mmkernels": _fwd(lambda: ops.concat_project(xs4, w4, b4, subset_mask=subsets4)),
-            "eager": _fwd(lambda: reference.concat_project(xs4, w4, b4, subset_mask=subsets4)),
-            "composition": _fwd(lambda: shared_subsets_composition(xs4, w4, b4, subsets4)),
-        },
-        {"eager": 5.0}, 2 * batch_c * sum(dims4) * hidden / 1e9,
-    ))
+    cases.append(
+        Case(
+            "c_shared_weight_15_subsets",
+            f"dims {dims4}, S 15, B {batch_c}, H {hidden}, fwd",
+            {
+                "mmkernels": _fwd(lambda: ops.concat_project(xs4, w4, b4, subset_mask=subsets4)),
+                "eager": _fwd(lambda: reference.concat_project(xs4, w4, b4, subset_mask=subsets4)),
+                "composition": _fwd(lambda: shared_subsets_composition(xs4, w4, b4, subsets4)),
+            },
+            {"eager": 5.0},
+            2 * batch_c * sum(dims4) * hidden / 1e9,
+        )
+    )
 
     # (d) project_concat on the shapes of (a) and (b), H_k = 128 per modality.
     wl = [_param(hidden, d, dtype=dtype, gen=gen) for d in dims3]
     bl = [_param(hidden, dtype=dtype, gen=gen) for _ in dims3]
     args = [*xs, *wl, *bl]
-    cases.append(Case(
-        "d1_project_concat_sample_mask", f"dims {dims3}, B {batch}, H_k {hidden}, 70% present, fwd+bwd",
-        {
-            "mmkernels": _fwd_bwd(lambda: ops.project_concat(xs, wl, bl, sample_mask=present), args),
-            "eager": _fwd_bwd(lambda: reference.project_concat(xs, wl, bl, sample_mask=present), args),
-            "composition": _fwd_bwd(lambda: per_modality_late(xs, wl, bl, present), args),
-        },
-        {"eager": 2.5, "composition": 1.1}, 3 * 2 * batch * sum(dims3) * hidden * 0.7 / 1e9,
-    ))
+    cases.append(
+        Case(
+            "d1_project_concat_sample_mask",
+            f"dims {dims3}, B {batch}, H_k {hidden}, 70% present, fwd+bwd",
+            {
+                "mmkernels": _fwd_bwd(
+                    lambda: ops.project_concat(xs, wl, bl, sample_mask=present), args
+                ),
+                "eager": _fwd_bwd(
+                    lambda: reference.project_concat(xs, wl, bl, sample_mask=present), args
+                ),
+                "composition": _fwd_bwd(lambda: per_modality_late(xs, wl, bl, present), args),
+            },
+            {"eager": 2.5, "composition": 1.1},
+            3 * 2 * batch * sum(dims3) * hidden * 0.7 / 1e9,
+        )
+    )
     wls = [_param(len(subsets), hidden, d, dtype=dtype, gen=gen) for d in dims3]
     bls = [_param(len(subsets), hidden, dtype=dtype, gen=gen) for _ in dims3]
     args = [*xs, *wls, *bls]
-    cases.append(Case(
-        "d2_project_concat_per_subset", f"dims {dims3}, S 7, B {batch}, H_k {hidden}, fwd+bwd",
-        {
-            "mmkernels": _fwd_bwd(lambda: ops.project_concat(xs, wls, bls, subset_mask=subsets), args),
-            "eager": _fwd_bwd(lambda: reference.project_concat(xs, wls, bls, subset_mask=subsets), args),
-            "composition": _fwd_bwd(lambda: grouped_late(xs, wls, bls, subsets), args),
-        },
-        {"eager": 3.0, "composition": 1.1}, 3 * 2 * batch * used * hidden / 1e9,
-    ))
+    cases.append(
+        Case(
+            "d2_project_concat_per_subset",
+            f"dims {dims3}, S 7, B {batch}, H_k {hidden}, fwd+bwd",
+            {
+                "mmkernels": _fwd_bwd(
+                    lambda: ops.project_concat(xs, wls, bls, subset_mask=subsets), args
+                ),
+                "eager": _fwd_bwd(
+                    lambda: reference.project_concat(xs, wls, bls, subset_mask=subsets), args
+                ),
+                "composition": _fwd_bwd(lambda: grouped_late(xs, wls, bls, subsets), args),
+            },
+            {"eager": 3.0, "composition": 1.1},
+            3 * 2 * batch * used * hidden / 1e9,
+        )
+    )
     return cases

@@ -28,8 +28,10 @@ def demo(args: argparse.Namespace) -> int:
     out = mmkernels.concat_project(xs, weight, subset_mask=mask, sample_mask=present)
     ref = reference.concat_project(xs, weight, subset_mask=mask, sample_mask=present)
     names = ", ".join(subset_name(s, letters) for s in subsets)
-    print(f"concat_project: {len(subsets)} subsets ({names}) x batch {batch} -> {tuple(out.shape)}, "
-          f"max |ours - reference| = {(out - ref).abs().max().item():.2e}")
+    print(
+        f"concat_project: {len(subsets)} subsets ({names}) x batch {batch} -> {tuple(out.shape)}, "
+        f"max |ours - reference| = {(out - ref).abs().max().item():.2e}"
+    )
     bench_args = ["--scale", str(args.scale), "--repeats", str(args.repeats)]
     return bench_main(bench_args)
 
@@ -48,8 +50,9 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmkernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmkernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")
     p.add_argument("--scale", type=float, default=1.0, help="benchmark batch-size factor")

@@ -1,31 +1,20 @@
 // concat_project on the CPU: act(sum_k present * x_k @ W_k^T + bias), per subset.
 #include "gemm_engine.h"
 
+#include <mmkernels/weight_stacks.h>
+
 #include <torch/library.h>
 
 namespace mmkernels::cpu {
 namespace {
 
-// Modality k multiplies the column block W[..., o_k : o_k + d_k]; with per-subset weights
-// the blocks of the subsets that use k are stacked so that one GEMM serves all of them.
 std::vector<Operand> concat_operands(const FusionPlan& p, at::TensorList xs,
                                      const at::Tensor& weight, at::ScalarType acc) {
   std::vector<Operand> ops(p.K);
-  const int64_t H = p.widths[0];
   for (int64_t k = 0; k < p.K; ++k) {
     ops[k].x = xs[k].contiguous();
     ops[k].active = p.modality_used(k);
-    if (!ops[k].active) continue;
-    at::Tensor stack;
-    if (p.per_subset) {
-      const auto idx = at::tensor(p.block_subsets[k], at::kLong).to(weight.device());
-      stack = weight.index_select(0, idx).narrow(2, p.offsets[k], p.dims[k]);
-      stack = stack.reshape({p.nblocks(k) * H, p.dims[k]});
-    } else {
-      stack = weight.narrow(1, p.offsets[k], p.dims[k]);
-    }
-    ops[k].w = stack.to(acc);
-    if (ops[k].w.stride(1) != 1) ops[k].w = ops[k].w.contiguous();
+    if (ops[k].active) ops[k].w = concat_weight_stack(p, weight, k).to(acc).contiguous();
   }
   return ops;
 }
@@ -109,20 +98,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
   std::vector<at::Tensor> grad_xs;
   if (need_x) grad_xs = res.grad_x;
   at::Tensor grad_w = at::empty({0}, weight.options()), grad_b = at::empty({0}, weight.options());
-  if (need_w) {
-    at::Tensor gw = at::zeros(weight.sizes(), res.grad_stack[0].options());
-    for (int64_t k = 0; k < p.K; ++k) {
-      if (!ops[k].active) continue;
-      if (!p.per_subset) {
-        gw.narrow(1, p.offsets[k], p.dims[k]).copy_(res.grad_stack[k]);
-        continue;
-      }
-      for (int64_t j = 0; j < p.nblocks(k); ++j)
-        gw[p.block_subsets[k][j]].narrow(1, p.offsets[k], p.dims[k])
-            .copy_(res.grad_stack[k].narrow(0, j * H, H));
-    }
-    grad_w = gw.to(weight.scalar_type());
-  }
+  if (need_w) grad_w = concat_unstack(p, res.grad_stack, weight);
   if (need_b) {
     std::vector<int64_t> bshape(weight.sizes().begin(), weight.sizes().end() - 1);
     grad_b = res.grad_bias.view(bshape).to(weight.scalar_type());

@@ -1,21 +1,12 @@
 // project_concat on the CPU: cat_k( present * act(x_k @ W_k^T + b_k) ), per subset.
 #include "gemm_engine.h"
 
+#include <mmkernels/weight_stacks.h>
+
 #include <torch/library.h>
 
 namespace mmkernels::cpu {
 namespace {
-
-// The weight blocks of modality k: weights[k] itself, or with per-subset weights the blocks of
-// the subsets that use k, stacked as [nblocks * H_k, d_k].
-at::Tensor block_stack(const FusionPlan& p, const at::Tensor& t, int64_t k) {
-  if (!p.per_subset) return t;
-  const auto idx = at::tensor(p.block_subsets[k], at::kLong).to(t.device());
-  at::Tensor picked = t.index_select(0, idx);
-  std::vector<int64_t> shape{p.nblocks(k) * t.size(1)};
-  if (t.dim() == 3) shape.push_back(t.size(2));
-  return picked.reshape(shape);
-}
 
 std::vector<Operand> project_operands(const FusionPlan& p, at::TensorList xs,
                                       at::TensorList weights, at::ScalarType acc) {
@@ -23,7 +14,7 @@ std::vector<Operand> project_operands(const FusionPlan& p, at::TensorList xs,
   for (int64_t k = 0; k < p.K; ++k) {
     ops[k].x = xs[k].contiguous();
     ops[k].active = p.modality_used(k);
-    if (ops[k].active) ops[k].w = block_stack(p, weights[k], k).to(acc).contiguous();
+    if (ops[k].active) ops[k].w = project_stack(p, weights[k], k).to(acc).contiguous();
   }
   return ops;
 }
@@ -46,7 +37,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
   std::vector<const acc_t*> bptr(p.K, nullptr);
   for (int64_t k = 0; k < p.K; ++k)
     if (!biases.empty() && ops[k].active) {
-      bias_stacks[k] = block_stack(p, biases[k], k).to(acc).contiguous();
+      bias_stacks[k] = project_stack(p, biases[k], k).to(acc).contiguous();
       bptr[k] = bias_stacks[k].data_ptr<acc_t>();
     }
   at::Tensor mask_holder;
@@ -120,25 +111,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       }
   });
 
-  // Scatter each modality's stacked gradient back to the layout of weights[k] / biases[k].
-  auto unstack = [&](const at::Tensor& stacked, const at::Tensor& like, int64_t k) {
-    at::Tensor full = at::zeros(like.sizes(), stacked.options());
-    if (!ops[k].active) return full.to(like.scalar_type());
-    // A fresh tensor: the bias gradients are slices of one buffer and must not alias.
-    if (!p.per_subset) return stacked.view(like.sizes()).to(like.scalar_type(), false, true);
-    const int64_t Hk = p.widths[k];
-    for (int64_t j = 0; j < p.nblocks(k); ++j)
-      full[p.block_subsets[k][j]].copy_(stacked.narrow(0, j * Hk, Hk).view(like.sizes().slice(1)));
-    return full.to(like.scalar_type());
-  };
   std::vector<at::Tensor> grad_xs, grad_ws, grad_bs;
   if (need_x) grad_xs = res.grad_x;
   for (int64_t k = 0; k < p.K; ++k) {
-    if (need_w) grad_ws.push_back(unstack(res.grad_stack[k], weights[k], k));
+    if (need_w) grad_ws.push_back(project_unstack(p, res.grad_stack[k], weights[k], k));
     if (need_b) {
       std::vector<int64_t> bshape(weights[k].sizes().begin(), weights[k].sizes().end() - 1);
       const at::Tensor like = at::empty(bshape, weights[k].options());
-      grad_bs.push_back(unstack(res.grad_bias.narrow(0, bias_off[k], ops[k].ncols()), like, k));
+      grad_bs.push_back(
+          project_unstack(p, res.grad_bias.narrow(0, bias_off[k], ops[k].ncols()), like, k));
     }
   }
   return {grad_xs, grad_ws, grad_bs};

@@ -60,7 +60,6 @@ def extension() -> cpp_extension.CppExtension:
         include_dirs=[str(ROOT / "csrc" / "include")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
-        libraries=["cublas"],
     )
 
 

@@ -30,6 +30,7 @@ class Problem:
     activation: str
     dtype: torch.dtype
     seed: int
+    device: str = "cpu"
 
     def tensors(self):
         """Fresh random inputs in self.dtype (bfloat16 values are exactly representable)."""
@@ -37,7 +38,8 @@ class Problem:
         K = len(self.dims)
 
         def rand(*shape):
-            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(self.dtype)
+            t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+            return t.to(device=self.device, dtype=self.dtype)
 
         xs = [rand(self.batch, d) for d in self.dims]
         lead = [self.num_subsets] if self.per_subset else []
@@ -49,15 +51,16 @@ class Problem:
             biases = [rand(*lead, h) for h in self.widths] if self.bias else []
         subset_mask = None
         if self.num_subsets is not None:
-            subset_mask = torch.rand(self.num_subsets, K, generator=gen) < 0.6
+            subset_mask = (torch.rand(self.num_subsets, K, generator=gen) < 0.6).to(self.device)
         sample_mask = None
         if self.sample_present is not None:
             sample_mask = torch.rand(self.batch, K, generator=gen) < self.sample_present
+            sample_mask = sample_mask.to(self.device)
         return xs, weights, biases, subset_mask, sample_mask
 
 
 @st.composite
-def problems(draw, op: str) -> Problem:
+def problems(draw, op: str, device: str = "cpu", dtypes=tuple(DTYPES)) -> Problem:
     K = draw(st.integers(1, 6))
     dims = draw(st.lists(st.integers(1, 24), min_size=K, max_size=K))
     layout = draw(st.sampled_from(["plain", "shared_subsets", "per_subset"]))
@@ -76,8 +79,9 @@ def problems(draw, op: str) -> Problem:
         sample_present=draw(st.sampled_from([None, 0.0, 0.3, 0.7, 1.0])),
         bias=draw(st.booleans()),
         activation=draw(st.sampled_from(["relu", "none"])),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         seed=draw(st.integers(0, 2**31 - 1)),
+        device=device,
     )
 
 
@@ -114,7 +118,7 @@ def check(problem: Problem) -> None:
     # forward so every implementation differentiates the same piecewise-linear function.
     grad_out = torch.randn(
         out.shape, generator=torch.Generator().manual_seed(problem.seed + 1), dtype=torch.float64
-    ).to(problem.dtype)
+    ).to(device=problem.device, dtype=problem.dtype)
     effective = grad_out * (out > 0) if problem.activation == "relu" else grad_out
     ours_g = grads(out, ours_in, grad_out)
     same_g = grads(call(problem, reference, *split(same_in), *masks, "none"), same_in, effective)

@@ -1,0 +1,170 @@
+"""The CUDA kernels: parity with the reference on fresh random inputs (float16 included),
+outputs poisoned beforehand and every element checked, float64 gradcheck, opcheck and
+torch.compile. Run on a machine with a GPU (scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from test_fused_ops_parity import DTYPES, Problem, call, check, problems
+
+import mmkernels
+from mmkernels import reference
+from mmkernels.subsets import all_subsets, subset_mask
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_DTYPES = (*DTYPES, torch.float16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems("concat_project", device="cuda", dtypes=CUDA_DTYPES))
+def test_concat_project_cuda_matches_reference(problem: Problem) -> None:
+    check(problem)
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems("project_concat", device="cuda", dtypes=CUDA_DTYPES))
+def test_project_concat_cuda_matches_reference(problem: Problem) -> None:
+    check(problem)
+
+
+def poison_allocator() -> None:
+    """Leave NaN in the blocks the caching allocator hands out next."""
+    for numel in (1 << 12, 1 << 16, 1 << 20, 1 << 24):
+        torch.full((numel,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("op", ["concat_project", "project_concat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_output_element_is_written(op: str, dtype: torch.dtype) -> None:
+    widths = [64] if op == "concat_project" else [16, 32, 8]
+    problem = Problem(
+        op, [100, 100, 500], 3000, widths, 7, True, 0.7, True, "relu", dtype, 3, "cuda"
+    )
+    xs, weights, biases, smask, present = problem.tensors()
+    poison_allocator()
+    out = call(problem, mmkernels, xs, weights, biases, smask, present, "relu")
+    ref = call(
+        problem,
+        reference,
+        [x.double() for x in xs],
+        [w.double() for w in weights],
+        [b.double() for b in biases],
+        smask,
+        present,
+        "relu",
+    )
+    assert torch.isfinite(out).all(), "an output element was never written"
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(
+        call(
+            problem,
+            mmkernels,
+            *[[t.requires_grad_(True) for t in ts] for ts in (xs, weights, biases)],
+            smask,
+            present,
+            "relu",
+        ).sum(),
+        [*xs, *weights, *biases],
+    )
+    assert all(torch.isfinite(g).all() for g in grads), "a gradient element was never written"
+
+
+def cuda_sample():
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, d, generator=gen, dtype=torch.float64).cuda() for d in (3, 4, 2)]
+    smask = subset_mask(all_subsets(3), 3).cuda()
+    present = (torch.rand(6, 3, generator=gen) < 0.6).cuda()
+    weight = torch.randn(7, 5, 9, generator=gen, dtype=torch.float64).cuda()
+    weights = [
+        torch.randn(7, h, d, generator=gen, dtype=torch.float64).cuda()
+        for h, d in zip((2, 3, 4), (3, 4, 2))
+    ]
+    return xs, smask, present, weight, weights
+
+
+def test_gradcheck_float64_on_cuda() -> None:
+    xs, smask, present, weight, weights = cuda_sample()
+    inputs = [t.requires_grad_(True) for t in (*xs, weight, *weights)]
+
+    def fn(*ts):
+        early = mmkernels.concat_project(
+            list(ts[:3]), ts[3], subset_mask=smask, sample_mask=present
+        )
+        late = mmkernels.project_concat(
+            list(ts[:3]), list(ts[4:]), subset_mask=smask, sample_mask=present
+        )
+        return early, late
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_opcheck_on_cuda() -> None:
+    xs, smask, present, weight, weights = cuda_sample()
+    xs = [x.float().requires_grad_(True) for x in xs]
+    weight = weight.float().requires_grad_(True)
+    weights = [w.float().requires_grad_(True) for w in weights]
+    torch.library.opcheck(
+        torch.ops.mmkernels.concat_project.default, (xs, weight, None, smask, present, "relu")
+    )
+    torch.library.opcheck(
+        torch.ops.mmkernels.project_concat.default, (xs, weights, [], smask, present, "relu")
+    )
+    out = mmkernels.concat_project(xs, weight, subset_mask=smask, sample_mask=present)
+    torch.library.opcheck(
+        torch.ops.mmkernels.concat_project_backward.default,
+        (
+            torch.randn_like(out),
+            out.detach(),
+            xs,
+            weight,
+            smask,
+            present,
+            "relu",
+            [True, True, True],
+        ),
+    )
+
+
+def test_compile_fullgraph_on_cuda() -> None:
+    xs, smask, present, weight, _ = cuda_sample()
+    xs = [x.float() for x in xs]
+    weight = weight.float().requires_grad_(True)
+
+    def loss(xs, weight):
+        return (
+            mmkernels.concat_project(xs, weight, subset_mask=smask, sample_mask=present)
+            .square()
+            .sum()
+        )
+
+    got = torch.compile(loss, fullgraph=True)(xs, weight)
+    torch.testing.assert_close(got, loss(xs, weight))
+
+
+def test_backward_is_deterministic_on_cuda() -> None:
+    problem = Problem(
+        "concat_project",
+        [100, 100, 500],
+        4096,
+        [128],
+        7,
+        False,
+        0.7,
+        True,
+        "relu",
+        torch.float32,
+        5,
+        "cuda",
+    )
+    xs, weights, biases, smask, present = problem.tensors()
+    inputs = [t.requires_grad_(True) for t in (*xs, *weights, *biases)]
+
+    def run():
+        out = call(problem, mmkernels, xs, weights, biases, smask, present, "relu")
+        return torch.autograd.grad(out.square().sum(), inputs)
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -134,7 +134,7 @@ def _concat_project_backward(ctx, grad):
         grad, out, xs, weight, subset_mask, sample_mask, ctx.activation, [need_x, need_w, need_b]
     )
     return (
-        grad_xs if need_x else None,
+        grad_xs if need_x else [None] * len(xs),
         grad_w if need_w else None,
         grad_b if need_b else None,
         None, None, None,
@@ -146,21 +146,22 @@ def _setup_project_concat(ctx, inputs, output):
     ctx.save_for_backward(output, subset_mask, sample_mask, *xs, *weights)
     ctx.activation = activation
     ctx.num_modalities = len(xs)
-    ctx.has_biases = len(biases) > 0
+    ctx.num_biases = len(biases)
 
 
 def _project_concat_backward(ctx, grad):
     out, subset_mask, sample_mask, *rest = ctx.saved_tensors
     xs, weights = rest[: ctx.num_modalities], rest[ctx.num_modalities :]
     need_x, need_w, need_b = (_any(f) for f in ctx.needs_input_grad[:3])
-    need_b = need_b and ctx.has_biases
+    need_b = need_b and ctx.num_biases > 0
     grad_xs, grad_ws, grad_bs = _ops.project_concat_backward(
         grad, out, xs, weights, subset_mask, sample_mask, ctx.activation, [need_x, need_w, need_b]
     )
+    # Gradients of list inputs are lists of the same length (the autograd tree must match).
     return (
-        grad_xs if need_x else None,
-        grad_ws if need_w else None,
-        grad_bs if need_b else None,
+        grad_xs if need_x else [None] * len(xs),
+        grad_ws if need_w else [None] * len(weights),
+        grad_bs if need_b else [None] * ctx.num_biases,
         None, None, None,
     )
 

@@ -21,6 +21,11 @@ DIMS = [5, 3, 4]
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # MaskedFusion initialises from the global RNG, like nn.Linear
+
+
 def _data(n=24, dims=DIMS, seed=0, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, d, generator=g, dtype=dtype) for d in dims]

@@ -105,3 +105,36 @@ def test_split_and_argument_errors():
         fit(model, xs, y, task="ranking", progress=False)
     with pytest.raises(ValueError, match="rows"):
         fit(model, xs, y[:5], progress=False)
+
+
+def test_bench_ensemble_quick_writes_table_json_and_plot(tmp_path, capsys):
+    from mmkernels.bench import ensemble as bench
+
+    png, out = tmp_path / "scaling.png", tmp_path / "bench.json"
+    assert bench.main(["--quick", "--repeats", "1", "--plot", str(png), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "eager-masked" in printed and "eager-present" in printed
+    assert png.stat().st_size > 1000
+    import json
+
+    data = json.loads(out.read_text())
+    assert [r["fusion"] for r in data["iemocap"]] == ["early", "late"]
+    assert [r["S"] for r in data["scaling"]] == [15, 31]
+
+
+def test_bench_eager_models_match_ensemble_semantics():
+    from mmkernels.bench.ensemble import _EagerModel
+
+    xs = [torch.randn(6, d, dtype=F64) for d in DIMS]
+    ens = SubsetEnsemble(DIMS, 4, 3, fusion="late", dtype=F64)
+    for s, subset in enumerate(ens.subsets):
+        eager = _EagerModel(DIMS, subset, 4, 3, "late", present_only=True).double()
+        ref = ens.subset_model(s)
+        with torch.no_grad():
+            for j, k in enumerate(subset):
+                eager.encs[j].weight.copy_(ref[0].linears[k].weight)
+                eager.encs[j].bias.copy_(ref[0].linears[k].bias)
+            cols = torch.cat([torch.arange(4 * k, 4 * k + 4) for k in subset])
+            eager.head.weight.copy_(ref[1].weight[:, cols])
+            eager.head.bias.copy_(ref[1].bias)
+        torch.testing.assert_close(eager(xs), ens(xs)[s])

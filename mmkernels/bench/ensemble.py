@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
           "batch 2048, H=128, 6 classes, Adam lr 0.01), float32; median of "
           f"{args.repeats} epochs, runners interleaved")
     print(f"{'fusion':7} {'runner':14} {'s/epoch':>9} {'speed-up':>9} {'target':>7}")
-    kw = {"n": 600, "batch": 128} if args.quick else {}
+    kw = {"n": 256, "batch": 128} if args.quick else {}
     for fusion in ("early", "late"):
         r = iemocap_epoch(fusion, repeats=args.repeats, **kw)
         results["iemocap"].append(r)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fusion:7} {name:14} {sec:9.3f} {r['speedup'][name]:8.2f}x {target:>7} {ok}",
                   flush=True)
     ks = (4, 5) if args.quick else (4, 5, 6, 7, 8)
-    n, batch = (256, 128) if args.quick else (args.scaling_n, args.scaling_batch)
+    n, batch = (128, 64) if args.quick else (args.scaling_n, args.scaling_batch)
     print(f"\n# scaling: early fusion, K modalities of width 100, all S = 2^K - 1 subsets, "
           f"n={n}, batch {batch}, H=128, 6 classes; one warm-up and one timed epoch each, "
           "interleaved")

@@ -187,6 +187,8 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
                     xytext=(4, -12), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(s, [str(v) for v in s])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("subsets trained, S = 2^K - 1")
     ax.set_ylabel("seconds per epoch")
     ax.set_title("Training all subsets: cost against S (CPU)", fontsize=10)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmkernels import reference
 from mmkernels.nn import (
@@ -248,3 +250,71 @@ def test_ensemble_argument_errors():
         ens([torch.randn(2, 5)])
     with pytest.raises(ValueError, match="mask"):
         ens([torch.randn(2, d) for d in DIMS], torch.ones(3, 3, dtype=torch.bool))
+
+
+# ---- property tests against plain PyTorch ------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    hidden=st.integers(1, 5),
+    batch=st.integers(0, 7),
+    fusion=st.sampled_from(["early", "late"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_ensemble_forward_equals_subset_models(dims, hidden, batch, fusion, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(batch, d, generator=g, dtype=F64) for d in dims]
+    mask = torch.rand(batch, len(dims), generator=g) < 0.6
+    ens = SubsetEnsemble(dims, hidden, 2, fusion=fusion, dtype=F64, seed=seed)
+    out = ens(xs, mask)
+    assert out.shape == (2 ** len(dims) - 1, batch, 2)
+    for s in range(ens.num_subsets):
+        torch.testing.assert_close(out[s], ens.subset_model(s)(xs, mask))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    batch=st.integers(1, 7),
+    fusion=st.sampled_from(["early", "late"]),
+    fill=st.sampled_from(["zero", "learned", "mean"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fusion_fill_semantics(dims, batch, fusion, fill, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(batch, d, generator=g, dtype=F64) for d in dims]
+    mask = torch.rand(batch, len(dims), generator=g) < 0.6
+    mod = MaskedFusion(dims, 3, fusion=fusion, fill=fill, dtype=F64)
+    if fill == "learned":
+        with torch.no_grad():
+            for t in mod.tokens:
+                t.normal_(generator=g)
+    out = mod(xs, mask)
+    k = len(dims)
+    # plain PyTorch, row by row
+    for b in range(batch):
+        present = [j for j in range(k) if mask[b, j]]
+        if fusion == "early":
+            blocks = []
+            for j in range(k):
+                if j in present:
+                    scale = k / len(present) if fill == "mean" else 1.0
+                    blocks.append(xs[j][b] * scale)
+                elif fill == "learned":
+                    blocks.append(mod.tokens[j])
+                else:
+                    blocks.append(torch.zeros(dims[j], dtype=F64))
+            want = torch.relu(F.linear(torch.cat(blocks), mod.weight, mod.bias))
+        else:
+            outs = []
+            for j in range(k):
+                src = xs[j][b] if (j in present or fill != "learned") else mod.tokens[j]
+                outs.append(torch.relu(F.linear(src, mod.weights[j], mod.biases[j])))
+            for j in range(k):
+                if j not in present and fill != "learned":
+                    outs[j] = (torch.stack([outs[i] for i in present]).mean(0)
+                               if fill == "mean" and present else torch.zeros(3, dtype=F64))
+            want = torch.cat(outs)
+        torch.testing.assert_close(out[b], want.detach())

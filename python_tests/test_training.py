@@ -138,3 +138,16 @@ def test_bench_eager_models_match_ensemble_semantics():
             eager.head.weight.copy_(ref[1].weight[:, cols])
             eager.head.bias.copy_(ref[1].bias)
         torch.testing.assert_close(eager(xs), ens(xs)[s])
+
+
+def test_fit_learns_and_more_modalities_help():
+    # the label needs all three modalities; the full subset should beat the unimodal ones
+    xs, y, _ = _data(n=400, seed=9)
+    model = SubsetEnsemble(DIMS, 16, 3, dtype=F64, seed=0)
+    res = fit(model, xs, y, epochs=30, batch_size=64, lr=0.02, val_fraction=0.25, seed=0,
+              progress=False)
+    acc = res.history["val_acc"][res.best_epoch, torch.arange(7)]
+    names = res.subset_names
+    assert acc[names.index("123")] > 0.8
+    assert acc[names.index("123")] > acc[names.index("1")] + 0.05
+    assert acc[names.index("123")] > acc[names.index("3")] + 0.05

@@ -16,6 +16,9 @@ Two parts, each ratio measured in the same run on the same tensors and batch ord
    (early fusion, H = 128, 6 classes, n and batch below, smaller than IEMOCAP to stay within a
    couple of minutes); the eager-masked loop is timed up to K = ``baseline_max_k``.
 
+"FLOP bound" = the eager runner's GEMM FLOPs over ours (:func:`gemm_gflop`): the speed-up the
+skipped zero blocks alone give at equal GEMM efficiency.
+
 Call :func:`main` (argv list) from ``python -m mmkernels.bench --suite ensemble``.
 """
 
@@ -109,6 +112,24 @@ def _setup(dims: Sequence[int], n: int, batch: int, classes: int, seed: int):
     return xs, y, batches
 
 
+def gemm_gflop(dims: Sequence[int], subsets: Sequence[Sequence[int]], n: int, hidden: int,
+               classes: int, fusion: str, runner: str) -> float:
+    """GEMM GFLOP of one training epoch: forward plus weight-gradient backward (the inputs need
+    no gradient), encoders and heads. "mmkernels" and "eager-present" touch only the subset's
+    modalities; "eager-masked" multiplies the zero blocks too (early: all of D; late: every
+    modality's Linear). The ratio of two runners' GFLOP bounds the speed-up from FLOPs alone."""
+    total = 0.0
+    for sub in subsets:
+        used = range(len(dims)) if runner == "eager-masked" else sub
+        d_in = sum(dims[k] for k in used)
+        enc = 2.0 * n * d_in * hidden
+        latent = hidden if fusion == "early" else hidden * (
+            len(dims) if runner != "eager-present" else len(sub))
+        total += 2 * (enc + 2.0 * n * latent * classes)  # forward + weight gradient
+        total += 2.0 * n * latent * classes  # the head's input gradient
+    return total / 1e9
+
+
 def iemocap_epoch(
     fusion: str, *, dims: Sequence[int] = (100, 100, 500), n: int = 13200, batch: int = 2048,
     hidden: int = 128, classes: int = 6, lr: float = 0.01, repeats: int = 3, seed: int = 0,
@@ -129,6 +150,10 @@ def iemocap_epoch(
     result["seconds"] = _time(fns, repeats)
     ours = result["seconds"]["mmkernels"]
     result["speedup"] = {k: v / ours for k, v in result["seconds"].items()}
+    result["gflop"] = {k: gemm_gflop(dims, subsets, n, hidden, classes, fusion, k)
+                       for k in result["seconds"]}
+    result["flop_bound"] = {k: g / result["gflop"]["mmkernels"] for k, g in
+                            result["gflop"].items()}
     return result
 
 
@@ -154,6 +179,9 @@ def scaling(
             fns["eager-masked"] = lambda m=models, o=opts, x=xs, t=y, b=batches: _eager_epoch(
                 m, o, x, t, b)
         row: dict = {"K": k, "S": len(subsets), **_time(fns, repeats)}
+        row["gflop"] = gemm_gflop(dims, subsets, n, hidden, classes, "early", "mmkernels")
+        row["flop_bound"] = gemm_gflop(dims, subsets, n, hidden, classes, "early",
+                                       "eager-masked") / row["gflop"]
         if "eager-masked" in row:
             row["speedup"] = row["eager-masked"] / row["mmkernels"]
         rows.append(row)
@@ -165,7 +193,9 @@ def _scaling_line(row: dict) -> str:
     base = f"{row['eager-masked']:12.3f} {row['speedup']:8.2f}x" if "speedup" in row else \
         f"{'-':>12} {'-':>9}"
     per = row["mmkernels"] / row["S"] * 1e3
-    return f"{row['K']:3d} {row['S']:5d} {row['mmkernels']:12.3f} {per:12.2f} {base}"
+    rate = row["gflop"] / row["mmkernels"]
+    return (f"{row['K']:3d} {row['S']:5d} {row['mmkernels']:12.3f} {per:12.2f} {rate:9.1f} "
+            f"{base} {row['flop_bound']:9.2f}x")
 
 
 def plot_scaling(rows: list[dict], path: Path) -> None:
@@ -209,34 +239,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-n", type=int, default=2048)
     parser.add_argument("--scaling-batch", type=int, default=512)
     parser.add_argument("--baseline-max-k", type=int, default=6)
+    parser.add_argument("--parts", nargs="+", default=["iemocap", "scaling"],
+                        choices=["iemocap", "scaling"], help="which parts to run")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     args = parser.parse_args(argv)
     machine = f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
     results: dict = {"machine": machine, "iemocap": [], "scaling": []}
     print(f"# {machine}")
-    print("# one epoch, all 7 subsets, IEMOCAP-shaped random data (100/100/500, n=13200, "
-          "batch 2048, H=128, 6 classes, Adam lr 0.01), float32; median of "
+    kw = {"n": 256, "batch": 128} if args.quick else {"n": 13200, "batch": 2048}
+    print(f"# one epoch, all 7 subsets, IEMOCAP-shaped random data (100/100/500, n={kw['n']}, "
+          f"batch {kw['batch']}, H=128, 6 classes, Adam lr 0.01), float32; median of "
           f"{args.repeats} epochs, runners interleaved")
-    print(f"{'fusion':7} {'runner':14} {'s/epoch':>9} {'speed-up':>9} {'target':>7}")
-    kw = {"n": 256, "batch": 128} if args.quick else {}
-    for fusion in ("early", "late"):
+    print(f"{'fusion':7} {'runner':14} {'s/epoch':>9} {'speed-up':>9} {'target':>7}      "
+          f"{'GFLOP':>6} {'GFLOP/s':>8} {'FLOP bound':>10}")
+    for fusion in ("early", "late") if "iemocap" in args.parts else ():
         r = iemocap_epoch(fusion, repeats=args.repeats, **kw)
         results["iemocap"].append(r)
         for name, sec in r["seconds"].items():
             target = "" if name == "mmkernels" else "4.0x"
             ok = "" if name == "mmkernels" else ("ok" if r["speedup"][name] >= 4 else "MISS")
-            print(f"{fusion:7} {name:14} {sec:9.3f} {r['speedup'][name]:8.2f}x {target:>7} {ok}",
-                  flush=True)
+            gf = r["gflop"][name]
+            print(f"{fusion:7} {name:14} {sec:9.3f} {r['speedup'][name]:8.2f}x {target:>7} "
+                  f"{ok:4} {gf:6.1f} {gf / sec:8.1f} {r['flop_bound'][name]:9.2f}x", flush=True)
     ks = (4, 5) if args.quick else (4, 5, 6, 7, 8)
     n, batch = (128, 64) if args.quick else (args.scaling_n, args.scaling_batch)
     print(f"\n# scaling: early fusion, K modalities of width 100, all S = 2^K - 1 subsets, "
           f"n={n}, batch {batch}, H=128, 6 classes; one warm-up and one timed epoch each, "
           "interleaved")
-    print(f"{'K':>3} {'S':>5} {'s/epoch':>12} {'ms/subset':>12} {'eager s/ep':>12} "
-          f"{'speed-up':>9}")
-    results["scaling"] = scaling(ks, n=n, batch=batch, baseline_max_k=args.baseline_max_k)
-    plot_scaling(results["scaling"], args.plot)
+    print(f"{'K':>3} {'S':>5} {'s/epoch':>12} {'ms/subset':>12} {'GFLOP/s':>9} "
+          f"{'eager s/ep':>12} {'speed-up':>9} {'FLOP bound':>10}")
+    if "scaling" in args.parts:
+        results["scaling"] = scaling(ks, n=n, batch=batch, baseline_max_k=args.baseline_max_k)
+        plot_scaling(results["scaling"], args.plot)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"# wrote {args.out} and {args.plot}")

@@ -1,0 +1,591 @@
+"""Modules on the fused ops: MaskedFusion (one model, per-sample masks) and SubsetEnsemble
+(one model per modality subset, all trained at once as a single batched model).
+
+    MaskedFusion(dims, hidden, *, fusion="early", fill="zero", dropout=0.0, ...)
+        forward(xs, mask=None) -> [B, H]           an encoder for users' own training code
+    SubsetEnsemble(dims, hidden, num_outputs, *, subsets=None, fusion="early", seed=0, ...)
+        forward(xs, mask=None) -> [S, B, C]        every subset's encoder + head at once
+        latents(xs, mask=None) -> [S, n, H]        frozen per-subset latents (no grad, chunked)
+        subset_model(s) -> nn.Module               the equivalent plain-PyTorch model
+        losses(out, y) -> [S]                      per-subset mean loss; backprop their sum
+    clip_grad_norm_per_subset(ensemble, max_norm) -> [S]
+
+Modalities are given as a list in a fixed order (the order of ``dims``) or, when the module
+was built with names (``dims`` a mapping name -> width), as a dict name -> tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmkernels.ops import concat_project, project_concat
+from mmkernels.subsets import all_subsets, subset_mask, subset_name
+
+__all__ = [
+    "MaskedFusion",
+    "SubsetEnsemble",
+    "MaskedConcat",
+    "MaskedLateEncoder",
+    "clip_grad_norm_per_subset",
+    "modality_dropout",
+    "linear_init_",
+]
+
+Modalities = Sequence[Tensor] | Mapping[str, Tensor]
+
+
+def _parse_dims(dims: Sequence[int] | Mapping[str, int]) -> tuple[list[str] | None, list[int]]:
+    if isinstance(dims, Mapping):
+        names, widths = list(dims.keys()), [int(d) for d in dims.values()]
+    else:
+        names, widths = None, [int(d) for d in dims]
+    if not widths or any(d < 1 for d in widths):
+        raise ValueError(f"dims must list at least one modality width >= 1, got {widths}")
+    return names, widths
+
+
+def _as_list(xs: Modalities, names: list[str] | None, dims: list[int]) -> list[Tensor]:
+    """The modality tensors in the module's order; checks count and widths."""
+    if isinstance(xs, Mapping):
+        if names is None:
+            raise ValueError("this module was built with unnamed dims: pass xs as a list")
+        missing = [n for n in names if n not in xs]
+        extra = [n for n in xs if n not in names]
+        if missing or extra:
+            raise ValueError(
+                f"xs must have the keys {names}, missing {missing}, unexpected {extra}"
+            )
+        out = [xs[n] for n in names]
+    else:
+        out = list(xs)
+    if len(out) != len(dims):
+        raise ValueError(f"xs: expected {len(dims)} modality tensors, got {len(out)}")
+    for k, (x, d) in enumerate(zip(out, dims, strict=True)):
+        if x.dim() != 2 or x.shape[1] != d:
+            raise ValueError(f"xs[{k}]: expected shape [B, {d}], got {list(x.shape)}")
+    return out
+
+
+def _as_mask(
+    mask: Tensor | Mapping[str, Tensor] | None, names: list[str] | None, batch: int, k: int,
+    device: torch.device,
+) -> Tensor | None:
+    """A bool [B, K] presence mask, or None (every modality present)."""
+    if mask is None:
+        return None
+    if isinstance(mask, Mapping):
+        if names is None:
+            raise ValueError("this module was built with unnamed dims: pass mask as [B, K]")
+        mask = torch.stack([mask[n].to(torch.bool) for n in names], dim=1)
+    if mask.shape != (batch, k):
+        raise ValueError(f"mask: expected shape [{batch}, {k}], got {list(mask.shape)}")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def linear_init_(weight: Tensor, bias: Tensor | None, generator: torch.Generator) -> None:
+    """Initialise like ``nn.Linear.reset_parameters`` with its random draws taken from generator.
+
+    nn.Linear draws weight ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with
+    a = sqrt(5)) and then the bias from the same interval; this draws the same numbers in the
+    same order, so ``linear_init_(lin.weight, lin.bias, torch.Generator().manual_seed(q))``
+    on a separate nn.Linear reproduces the ensemble's slice for the same seed q.
+    """
+    fan_in = weight.shape[1]
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        weight.uniform_(-bound, bound, generator=generator)
+        if bias is not None:
+            bias.uniform_(-bound, bound, generator=generator)
+
+
+def modality_dropout(
+    mask: Tensor, p: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Drop present modalities at random, never all of a sample's modalities.
+
+    Each present modality k of each sample is dropped independently with probability p[k].
+    Rule for the all-dropped case: when every present modality of a sample was drawn to be
+    dropped, that sample keeps exactly one of them, chosen uniformly at random among its
+    present modalities. Samples that had no modality present stay empty.
+
+    Args:
+        mask: bool [B, K] presence before dropout.
+        p: float [K] drop probabilities in [0, 1].
+        generator: optional torch.Generator for the draws (else the global RNG).
+
+    Returns:
+        bool [B, K] presence after dropout (a subset of mask).
+    """
+    u = torch.rand(mask.shape, generator=generator, device=mask.device)
+    keep = mask & (u >= p.to(u.device).view(1, -1))
+    lost_all = mask.any(dim=1) & ~keep.any(dim=1)
+    if bool(lost_all.any()):
+        scores = torch.rand(mask.shape, generator=generator, device=mask.device)
+        scores = torch.where(mask, scores, torch.full_like(scores, -1.0))
+        pick = F.one_hot(scores.argmax(dim=1), mask.shape[1]).to(torch.bool)
+        keep = torch.where(lost_all.view(-1, 1), pick, keep)
+    return keep
+
+
+class MaskedFusion(nn.Module):
+    """Multi-modal encoder with per-sample presence masks, on the fused ops.
+
+    ``fusion="early"``: out = act(W cat(x_1..x_K) + b), one [H, D] weight (concat_project).
+    ``fusion="late"``:  out = cat_k act(W_k x_k + b_k), weights [H_k, d_k] (project_concat);
+    ``hidden`` is then each modality's width H_k (an int for all, or one per modality) and the
+    output width is sum_k H_k.
+
+    Missing modalities (mask False) are filled according to ``fill``:
+
+    - ``"zero"`` (default): an absent modality contributes nothing, exactly the fused ops'
+      semantics: in early fusion its input block is zero; in late fusion its output block is
+      zero (after the activation, so the bias does not leak).
+    - ``"learned"``: a learned token t_k (nn.Parameter [d_k], initialised to zero) replaces
+      the absent rows of x_k (torch.where before the op); the op then sees every modality as
+      present, so in late fusion the absent block is act(W_k t_k + b_k).
+    - ``"mean"``: renormalise by the present modalities. Early fusion: each present block's
+      contribution is scaled by K / n_b, n_b = number of present modalities of sample b:
+      out = act(K/n_b * sum_{k present} W_{:,k} x_k + b). Late fusion (all H_k equal): an
+      absent modality's block is the mean of the present modalities' blocks,
+      (1/n_b) sum_{k present} act(W_k x_k + b_k). A sample with no modality present gives
+      act(b) (early) or zeros (late), as with "zero".
+
+    Modality dropout (training mode only): ``dropout`` is a probability per modality (a float
+    for all, a sequence in modality order, or a mapping by name). Each present modality is
+    dropped independently with its probability; a sample never loses all its modalities: when
+    every present one was drawn, it keeps one chosen uniformly at random among them (see
+    :func:`modality_dropout`). Dropped modalities are then treated exactly like missing ones.
+
+    Inputs: ``xs`` a list of [B, d_k] tensors in the order of ``dims``, or a dict name -> tensor
+    when ``dims`` was a mapping name -> width; ``mask`` bool [B, K] (or dict name -> bool [B]),
+    None = everything present.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int] | Mapping[str, int],
+        hidden: int | Sequence[int],
+        *,
+        fusion: str = "early",
+        activation: str = "relu",
+        fill: str = "zero",
+        dropout: float | Sequence[float] | Mapping[str, float] = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.names, self.dims = _parse_dims(dims)
+        k = len(self.dims)
+        if fusion not in ("early", "late"):
+            raise ValueError(f'fusion must be "early" or "late", got "{fusion}"')
+        if fill not in ("zero", "learned", "mean"):
+            raise ValueError(f'fill must be "zero", "learned" or "mean", got "{fill}"')
+        self.fusion, self.activation, self.fill = fusion, activation, fill
+        factory = {"device": device, "dtype": dtype}
+        if fusion == "early":
+            if not isinstance(hidden, int):
+                raise ValueError("early fusion takes one int hidden width")
+            self.hidden = [hidden]
+            self.weight = nn.Parameter(torch.empty(hidden, sum(self.dims), **factory))
+            self.bias = nn.Parameter(torch.empty(hidden, **factory)) if bias else None
+            linear_init_(self.weight, self.bias, torch.default_generator)
+        else:
+            widths = [hidden] * k if isinstance(hidden, int) else [int(h) for h in hidden]
+            if len(widths) != k:
+                raise ValueError(f"hidden: expected {k} widths for late fusion, got {len(widths)}")
+            if fill == "mean" and len(set(widths)) != 1:
+                raise ValueError(f'fill="mean" with late fusion needs equal widths, got {widths}')
+            self.hidden = widths
+            self.weights = nn.ParameterList(
+                [nn.Parameter(torch.empty(h, d, **factory)) for h, d in zip(widths, self.dims,
+                                                                            strict=True)]
+            )
+            self.biases = (
+                nn.ParameterList([nn.Parameter(torch.empty(h, **factory)) for h in widths])
+                if bias else None
+            )
+            for j in range(k):
+                linear_init_(self.weights[j], None if self.biases is None else self.biases[j],
+                             torch.default_generator)
+        if fill == "learned":
+            self.tokens = nn.ParameterList(
+                [nn.Parameter(torch.zeros(d, **factory)) for d in self.dims]
+            )
+        if isinstance(dropout, Mapping):
+            if self.names is None:
+                raise ValueError("dropout by name needs dims given as a mapping name -> width")
+            probs = [float(dropout.get(n, 0.0)) for n in self.names]
+        elif isinstance(dropout, (int, float)):
+            probs = [float(dropout)] * k
+        else:
+            probs = [float(p) for p in dropout]
+        if len(probs) != k or any(not 0.0 <= p <= 1.0 for p in probs):
+            raise ValueError(f"dropout: expected {k} probabilities in [0, 1], got {probs}")
+        self.register_buffer(
+            "dropout_p", torch.tensor(probs, dtype=torch.float32), persistent=False
+        )
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output: H (early) or sum H_k (late)."""
+        return sum(self.hidden)
+
+    def forward(
+        self, xs: Modalities, mask: Tensor | Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Encode a batch: [B, H] (early) or [B, sum H_k] (late)."""
+        x = _as_list(xs, self.names, self.dims)
+        batch, k = x[0].shape[0], len(x)
+        m = _as_mask(mask, self.names, batch, k, x[0].device)
+        if self.training and bool((self.dropout_p > 0).any()):
+            base = m if m is not None else torch.ones(
+                batch, k, dtype=torch.bool, device=x[0].device
+            )
+            m = modality_dropout(base, self.dropout_p)
+        if self.fill == "learned" and m is not None:
+            x = [torch.where(m[:, j : j + 1], x[j], self.tokens[j].to(x[j].dtype).expand_as(x[j]))
+                 for j in range(k)]
+            m = None
+        if self.fill == "mean" and m is not None:
+            num = m.sum(dim=1, keepdim=True).to(x[0].dtype)
+            if self.fusion == "early":
+                scale = torch.where(num > 0, k / num.clamp(min=1), torch.ones_like(num))
+                x = [xj * scale for xj in x]
+                return self._op(x, m)
+            out = self._op(x, m).view(batch, k, self.hidden[0])
+            mean = out.sum(dim=1, keepdim=True) / num.clamp(min=1).unsqueeze(2)
+            out = torch.where(m.unsqueeze(2), out, mean)
+            return out.reshape(batch, k * self.hidden[0])
+        return self._op(x, m)
+
+    def _op(self, x: list[Tensor], m: Tensor | None) -> Tensor:
+        if self.fusion == "early":
+            return concat_project(x, self.weight, self.bias, sample_mask=m,
+                                  activation=self.activation)
+        return project_concat(x, list(self.weights),
+                              None if self.biases is None else list(self.biases),
+                              sample_mask=m, activation=self.activation)
+
+
+# ---- the plain-PyTorch per-subset model (for equivalence tests and for users) ------------------
+
+
+class MaskedConcat(nn.Module):
+    """cat of the modality tensors with the ones outside ``subset`` (or absent) zeroed."""
+
+    def __init__(self, subset: Sequence[int], num_modalities: int) -> None:
+        super().__init__()
+        self.subset = tuple(subset)
+        self.num_modalities = num_modalities
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        blocks = []
+        for k, x in enumerate(xs):
+            if k not in self.subset:
+                blocks.append(torch.zeros_like(x))
+            elif mask is not None:
+                blocks.append(torch.where(mask[:, k : k + 1], x, torch.zeros_like(x)))
+            else:
+                blocks.append(x)
+        return torch.cat(blocks, dim=1)
+
+
+class MaskedLateEncoder(nn.Module):
+    """cat_k of act(Linear_k(x_k)) with the blocks outside ``subset`` (or absent) zeroed.
+
+    The layers of modalities outside the subset are kept (the output never depends on them)
+    and receive zero gradients, as their slices in a SubsetEnsemble do.
+    """
+
+    def __init__(self, subset: Sequence[int], linears: Sequence[nn.Linear], activation: str):
+        super().__init__()
+        self.subset = tuple(subset)
+        self.linears = nn.ModuleList(linears)
+        self.activation = activation
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        blocks = []
+        for k, (x, lin) in enumerate(zip(xs, self.linears, strict=True)):
+            y = lin(x)
+            y = torch.relu(y) if self.activation == "relu" else y
+            if k not in self.subset:
+                # torch.where (not zeros_like) so this unused layer gets a zero gradient, not
+                # None, exactly like its slice in the ensemble (matters for weight decay).
+                y = torch.where(torch.zeros_like(y, dtype=torch.bool), y, torch.zeros_like(y))
+            elif mask is not None:
+                y = torch.where(mask[:, k : k + 1], y, torch.zeros_like(y))
+            blocks.append(y)
+        return torch.cat(blocks, dim=1)
+
+
+class _SubsetModel(nn.Sequential):
+    """nn.Sequential whose first module takes (xs, mask)."""
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        modules = list(self)
+        z = modules[0](list(xs), mask)
+        for mod in modules[1:]:
+            z = mod(z)
+        return z
+
+
+# ---- the ensemble -----------------------------------------------------------------------------
+
+
+class SubsetEnsemble(nn.Module):
+    """One encoder + linear head per modality subset, all S of them as one batched model.
+
+    Model of subset s (the paper's setting: each subset has its own encoder and head):
+      early fusion: logits = Linear_s2( act( Linear_s1( cat(masked xs) ) ) ), Linear_s1 [H, D];
+      late fusion:  logits = Linear_s2( cat_k masked act(Linear_{s,k}(x_k)) ), [H_k, d_k].
+    Absent modalities (outside the subset, or mask False) are zero blocks as in the fused ops;
+    the encoder columns / head columns of a modality outside the subset therefore never get a
+    gradient (as in the equivalent separate model, built by :meth:`subset_model`).
+
+    Parameters (stored batched, nn.Linear layout [out, in] per subset):
+      early: enc_weight [S, H, D], enc_bias [S, H];
+      late:  enc_weights[k] [S, H_k, d_k], enc_biases[k] [S, H_k];
+      head_weight [S, C, L], head_bias [S, C] with L = H (early) or sum H_k (late).
+    The forward pass is one concat_project / project_concat with ``subset_mask`` and a
+    torch.baddbmm for the heads: output [S, B, C].
+
+    Initialisation: each subset's layers are initialised exactly as separate nn.Linear layers
+    would be (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight, then bias), with draws from a
+    torch.Generator seeded ``seed * 2**20 + code(subset)``, code = sum_k 2**k over the subset's
+    modalities (K <= 20). Draw order: encoder (early: weight, bias; late: for k in order,
+    weight_k, bias_k), then head weight, head bias. A subset's initialisation thus depends only
+    on (seed, subset), not on which other subsets are in the ensemble.
+
+    Training equivalence: the loss is the sum over subsets of each subset's own loss
+    (:meth:`losses` then ``.sum()``), so each subset's parameter slice gets exactly the
+    gradient it would get alone. What holds for optimisers and tricks with global state:
+    - element-wise optimisers (SGD, momentum, Adam, AdamW, RMSprop, Adagrad) are exact: their
+      state is per parameter element and the step count is shared by all subsets;
+    - weight decay (L2 or decoupled) is element-wise, so exact;
+    - gradient-norm clipping must be per subset: use :func:`clip_grad_norm_per_subset`, never
+      torch.nn.utils.clip_grad_norm_ over the whole ensemble (a global norm couples subsets);
+    - per-subset early stopping is exact when the stopped subset's slice is frozen (the
+      trainer in mmkernels.training restores it after every step);
+    - anything that couples subsets breaks equivalence: global-norm clipping, LAMB/LARS-style
+      per-tensor trust ratios (a tensor spans all subsets), Shampoo/K-FAC, a loss normalised
+      by the sum over subsets, batch norm across the S axis, schedulers reacting to the summed loss.
+    Results then agree with separate training up to floating-point rounding (the batched
+    GEMMs sum in another order), not bitwise.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int] | Mapping[str, int],
+        hidden: int | Sequence[int],
+        num_outputs: int,
+        *,
+        subsets: Sequence[Sequence[int]] | None = None,
+        fusion: str = "early",
+        activation: str = "relu",
+        letters: Sequence[str] | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.names, self.dims = _parse_dims(dims)
+        k = len(self.dims)
+        if k > 20:
+            raise ValueError(f"at most 20 modalities are supported, got {k}")
+        if fusion not in ("early", "late"):
+            raise ValueError(f'fusion must be "early" or "late", got "{fusion}"')
+        self.fusion, self.activation, self.seed = fusion, activation, int(seed)
+        self.subsets: list[tuple[int, ...]] = (
+            all_subsets(k) if subsets is None else [tuple(sorted(set(s))) for s in subsets]
+        )
+        if not self.subsets or any(len(s) == 0 for s in self.subsets):
+            raise ValueError("subsets must be non-empty lists of modality indices")
+        self.register_buffer("subset_mask", subset_mask(self.subsets, k, device or "cpu"))
+        if letters is None:
+            letters = [n[0].upper() for n in self.names] if self.names else None
+        if letters is None or len(set(letters)) != k:
+            letters = [str(j + 1) for j in range(k)] if k < 10 else [chr(65 + j) for j in range(k)]
+        self.letters = list(letters)
+        self.num_outputs = int(num_outputs)
+        s_count = len(self.subsets)
+        factory = {"device": device, "dtype": dtype}
+        if fusion == "early":
+            if not isinstance(hidden, int):
+                raise ValueError("early fusion takes one int hidden width")
+            self.hidden = [hidden]
+            self.enc_weight = nn.Parameter(torch.empty(s_count, hidden, sum(self.dims), **factory))
+            self.enc_bias = nn.Parameter(torch.empty(s_count, hidden, **factory))
+        else:
+            widths = [hidden] * k if isinstance(hidden, int) else [int(h) for h in hidden]
+            if len(widths) != k:
+                raise ValueError(f"hidden: expected {k} widths for late fusion, got {len(widths)}")
+            self.hidden = widths
+            self.enc_weights = nn.ParameterList(
+                [nn.Parameter(torch.empty(s_count, h, d, **factory))
+                 for h, d in zip(widths, self.dims, strict=True)]
+            )
+            self.enc_biases = nn.ParameterList(
+                [nn.Parameter(torch.empty(s_count, h, **factory)) for h in widths]
+            )
+        latent = sum(self.hidden)
+        self.head_weight = nn.Parameter(torch.empty(s_count, self.num_outputs, latent, **factory))
+        self.head_bias = nn.Parameter(torch.empty(s_count, self.num_outputs, **factory))
+        self.reset_parameters()
+
+    # -- construction helpers --
+
+    @property
+    def num_subsets(self) -> int:
+        """S, the number of subset models."""
+        return len(self.subsets)
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of each subset's latent: H (early) or sum H_k (late)."""
+        return sum(self.hidden)
+
+    @property
+    def subset_names(self) -> list[str]:
+        """"TVA"-style names of the subsets, in order."""
+        return [subset_name(s, self.letters) for s in self.subsets]
+
+    def subset_generator(self, s: int) -> torch.Generator:
+        """The generator the initialisation of subset s draws from (see the class docstring)."""
+        code = sum(1 << j for j in self.subsets[s])
+        return torch.Generator().manual_seed(self.seed * (1 << 20) + code)
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise every subset as separate nn.Linear layers would be."""
+        with torch.no_grad():
+            for s in range(self.num_subsets):
+                g = self.subset_generator(s)
+                for w, b in self._subset_layers(s):
+                    w_cpu, b_cpu = torch.empty(w.shape, dtype=w.dtype), torch.empty(b.shape,
+                                                                                   dtype=b.dtype)
+                    linear_init_(w_cpu, b_cpu, g)
+                    w.copy_(w_cpu)
+                    b.copy_(b_cpu)
+
+    def _subset_layers(self, s: int) -> list[tuple[Tensor, Tensor]]:
+        """Views (weight [out, in], bias [out]) of subset s's layers in initialisation order."""
+        if self.fusion == "early":
+            layers = [(self.enc_weight[s], self.enc_bias[s])]
+        else:
+            layers = [(w[s], b[s]) for w, b in zip(self.enc_weights, self.enc_biases, strict=True)]
+        return [*layers, (self.head_weight[s], self.head_bias[s])]
+
+    # -- forward --
+
+    def encode(self, xs: Modalities, mask: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
+        """Every subset's latent: [S, B, L], with gradients."""
+        x = _as_list(xs, self.names, self.dims)
+        m = _as_mask(mask, self.names, x[0].shape[0], len(x), x[0].device)
+        if self.fusion == "early":
+            return concat_project(x, self.enc_weight, self.enc_bias, subset_mask=self.subset_mask,
+                                  sample_mask=m, activation=self.activation)
+        return project_concat(x, list(self.enc_weights), list(self.enc_biases),
+                              subset_mask=self.subset_mask, sample_mask=m,
+                              activation=self.activation)
+
+    def head(self, z: Tensor) -> Tensor:
+        """Apply every subset's head to its latent: [S, B, L] -> [S, B, C]."""
+        return torch.baddbmm(self.head_bias.unsqueeze(1), z, self.head_weight.transpose(1, 2))
+
+    def forward(self, xs: Modalities, mask: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
+        """Outputs (logits or regression predictions) of every subset model: [S, B, C]."""
+        return self.head(self.encode(xs, mask))
+
+    @torch.no_grad()
+    def latents(
+        self, xs: Modalities, mask: Tensor | Mapping[str, Tensor] | None = None, *,
+        chunk_size: int = 4096,
+    ) -> Tensor:
+        """Frozen per-subset latents [S, n, L], computed without gradients in chunks of rows.
+
+        This is the encoder callable an eta refit needs: ``ensemble.latents(list_of_xs)``.
+        """
+        x = _as_list(xs, self.names, self.dims)
+        n = x[0].shape[0]
+        m = _as_mask(mask, self.names, n, len(x), x[0].device)
+        out = x[0].new_empty(self.num_subsets, n, self.latent_dim, dtype=self.head_weight.dtype)
+        for lo in range(0, n, max(1, chunk_size)):
+            hi = min(n, lo + chunk_size)
+            out[:, lo:hi] = self.encode([t[lo:hi] for t in x], None if m is None else m[lo:hi])
+        return out
+
+    # -- losses --
+
+    @staticmethod
+    def losses(out: Tensor, y: Tensor, task: str = "classification") -> Tensor:
+        """Per-subset mean loss [S]: cross-entropy (y long [B]) or MSE (y [B] or [B, C]).
+
+        Backpropagate ``losses(...).sum()`` so each subset gets exactly its own gradient.
+        """
+        s, b, c = out.shape
+        if task == "classification":
+            flat = F.cross_entropy(out.reshape(s * b, c), y.repeat(s), reduction="none")
+            return flat.view(s, b).mean(dim=1)
+        if task == "regression":
+            target = y.view(1, b, -1).to(out.dtype)
+            if target.shape[2] != c:
+                raise ValueError(
+                    f"y: expected {c} regression targets per row, got {target.shape[2]}"
+                )
+            return ((out - target) ** 2).mean(dim=(1, 2))
+        raise ValueError(f'task must be "classification" or "regression", got "{task}"')
+
+    # -- the equivalent separate model --
+
+    def subset_model(self, s: int) -> nn.Module:
+        """A plain-PyTorch model equal to subset s, with copies of its current parameters.
+
+        early: Sequential(MaskedConcat, Linear(D, H), ReLU, Linear(H, C));
+        late:  Sequential(MaskedLateEncoder(K Linear(d_k, H_k) + ReLU), Linear(sum H_k, C)).
+        Call it as ``model(xs, mask=None)`` with xs a list in modality order.
+        """
+        subset, k = self.subsets[s], len(self.dims)
+        ref = self.head_weight
+        factory = {"device": ref.device, "dtype": ref.dtype}
+        act: list[nn.Module] = [nn.ReLU()] if self.activation == "relu" else []
+        with torch.no_grad():
+            head = nn.Linear(self.latent_dim, self.num_outputs, **factory)
+            head.weight.copy_(self.head_weight[s])
+            head.bias.copy_(self.head_bias[s])
+            if self.fusion == "early":
+                enc = nn.Linear(sum(self.dims), self.hidden[0], **factory)
+                enc.weight.copy_(self.enc_weight[s])
+                enc.bias.copy_(self.enc_bias[s])
+                return _SubsetModel(MaskedConcat(subset, k), enc, *act, head)
+            lins = []
+            for j in range(k):
+                lin = nn.Linear(self.dims[j], self.hidden[j], **factory)
+                lin.weight.copy_(self.enc_weights[j][s])
+                lin.bias.copy_(self.enc_biases[j][s])
+                lins.append(lin)
+            return _SubsetModel(MaskedLateEncoder(subset, lins, self.activation), head)
+
+
+def clip_grad_norm_per_subset(
+    ensemble: nn.Module, max_norm: float, eps: float = 1e-6
+) -> Tensor:
+    """Clip each subset's gradient to norm max_norm, as clip_grad_norm_ on each separate model.
+
+    Every parameter of the ensemble has the subset axis first; subset s's norm is the 2-norm
+    over all its slices. Like torch.nn.utils.clip_grad_norm_, gradients are scaled by
+    min(1, max_norm / (norm + eps)). Returns the per-subset norms before clipping, [S].
+    """
+    grads = [p.grad for p in ensemble.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads]).sum(dim=0)
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + eps)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return norms

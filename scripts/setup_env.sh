@@ -12,6 +12,6 @@ PY="$VENV/bin/python"
 # torch is pinned so pip never swaps it for the newest CUDA build.
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" \
-  "numpy>=1.24" "scikit-learn>=1.3" "pytest>=7" "hypothesis>=6" "ruff>=0.5" \
+  "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.6" "pytest>=7" "hypothesis>=6" "ruff>=0.5" \
   ninja setuptools wheel
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

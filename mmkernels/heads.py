@@ -490,6 +490,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], S: int, 
             trial = th0[p] + step[p, None] * d[p]
             ft, gt = evaluate(trial, idx[p])
             ok = torch.isfinite(ft) & (ft <= f0[p] + 1e-4 * step[p] * gd[p])
+            # Near the optimum the decrease drowns in float64 rounding of f; then a step that
+            # keeps f within rounding and shrinks the gradient is progress too.
+            flat = (ft <= f0[p] + 1e-14 * f0[p].abs()) & (gt.abs().amax(1) < gi[p].abs().amax(1))
+            ok |= torch.isfinite(ft) & flat
             acc = p[ok]
             new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
             pending[acc] = False

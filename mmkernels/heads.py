@@ -19,10 +19,14 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
 * task="classification" (cross-entropy): multinomial logistic regression, sklearn's
   LogisticRegression objective exactly (sum-of-losses scaling, l2 = 1/C):
       sum_i sw_i CE(z_i W + b, y_i) + l2/2 ||W||^2      (intercept b not penalised)
-  Default l2 = 1.0 (sklearn's default C = 1). Solver: batched L-BFGS (history 10) with a
-  per-subset backtracking Armijo line search and per-subset convergence masks; only the
-  still-active subsets are evaluated. Newton was rejected: its Hessian costs n (H C)^2 per
-  iteration, ~8 GFLOP per subset at H = 128, C = 6. Stopping rule (sklearn's gtol):
+  Default l2 = 1.0 (sklearn's default C = 1). With two classes sklearn fits one binomial
+  vector w instead; our symmetric fit at l2 equals it at C = 2 / l2, with W = [-w/2, w/2].
+  The multinomial gradient keeps sum_c W[:, c] = 0 and sum_c b_c = 0 from the zero start, so
+  the (otherwise unidentified) intercept is the sum-to-zero one, as in sklearn.
+  Solver: batched L-BFGS (history 10) with a per-subset backtracking Armijo line search and
+  per-subset convergence masks; only the still-active subsets are evaluated. Newton was
+  rejected: its Hessian costs n (H C)^2 per iteration, ~8 GFLOP per subset at H = 128,
+  C = 6. Stopping rule (sklearn's gtol):
       max_j |d objective / d theta_j| / sum_i sw_i <= tol,
   default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (the loss and gradient are
   computed in float32 then). Each evaluation is the fused native op
@@ -113,7 +117,12 @@ def encoded(encoder: Callable[[list[Tensor]], Tensor], xs: Sequence[Tensor], *,
 ZLike = Tensor | Encoded
 
 
-def _check_z_tensor(z: Tensor, name: str = "Z") -> None:
+def _check_z_tensor(z: Tensor, name: str = "Z", finite: bool = True) -> None:
+    """Type, shape and dtype of Z; with finite=True also NaN/Inf (a full pass over Z).
+
+    Tensor Z given to fit/risk/predict is not scanned up front: NaN or Inf in Z always reaches
+    the Gram diagonal, the first loss (W = 0 multiplies every entry) or the outputs, which are
+    checked instead, and only then is Z scanned to name the offending subsets."""
     if not isinstance(z, Tensor):
         raise ValueError(f"{name} must be a tensor [S, n, H] or an Encoded source, got "
                          f"{type(z).__name__}")
@@ -123,7 +132,7 @@ def _check_z_tensor(z: Tensor, name: str = "Z") -> None:
         raise ValueError(f"{name} must be float32, float64 or bfloat16, got {z.dtype}")
     if z.shape[0] == 0:
         raise ValueError(f"{name} has no subsets (S = 0): the subsets list is empty")
-    if not bool(torch.isfinite(z).all()):
+    if finite and not bool(torch.isfinite(z).all()):
         bad = (~torch.isfinite(z)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} holds NaN or Inf values (in subsets {bad[:10]})")
 
@@ -183,7 +192,7 @@ class Heads:
     def _check_z(self, z: ZLike) -> None:
         S, H = self.coef.shape[0], self.coef.shape[1]
         if not isinstance(z, Encoded):
-            _check_z_tensor(z)
+            _check_z_tensor(z, finite=False)
             if z.shape[0] != S or z.shape[2] != H:
                 raise ValueError(f"Z must be [S={S}, n, H={H}] like the fitted heads, got "
                                  f"shape {tuple(z.shape)}")
@@ -191,7 +200,10 @@ class Heads:
     def decision_function(self, z: Tensor) -> Tensor:
         """Z @ coef + intercept: [S, n, T] (regression) or logits [S, n, C]."""
         self._check_z(z)
-        return self._decision(z)
+        out = self._decision(z)
+        if not bool(torch.isfinite(out).all()):
+            _check_z_tensor(z)
+        return out
 
     def _decision(self, z: Tensor) -> Tensor:
         dt = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -203,6 +215,8 @@ class Heads:
         outs = []
         for _, chunk in _chunks(z):
             out = self._decision(chunk)
+            if not bool(torch.isfinite(out).all()):
+                _check_z_tensor(chunk)
             if self.task == "classification":
                 outs.append(out.argmax(-1))
             else:
@@ -232,6 +246,8 @@ class Heads:
                 loss, _, _ = _ops.softmax_regression_loss_grad(
                     chunk, yc, self.coef.to(dt), self.intercept.to(dt), None, 0.0)
                 total += loss.double()
+            if not bool(torch.isfinite(total).all()):
+                _check_z_tensor(chunk)
         return total / n
 
     def accuracy(self, z: ZLike, y: Tensor) -> Tensor:
@@ -304,7 +320,7 @@ def fit(
     if l2 is not None and not (math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be finite and >= 0, got {l2}")
     if not isinstance(z, Encoded):
-        _check_z_tensor(z)
+        _check_z_tensor(z, finite=False)
     n = _num_rows(z)
     if n == 0:
         raise ValueError("Z has no rows (n = 0): nothing to fit")
@@ -322,6 +338,10 @@ def _fit_ridge(z: ZLike, y: Tensor, l2: float | None) -> Heads:
     y2 = y.reshape(y.shape[0], -1)
     for r0, chunk in _chunks(z, extra_per_row=8 * y2.shape[1]):
         g, r = _ops.gram(chunk, y2[r0:r0 + chunk.shape[1]].to(chunk.dtype))
+        if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(r).all())):
+            _check_z_tensor(chunk)  # names the subsets holding NaN/Inf
+            raise ValueError("the Gram matrix of Z overflowed (entries of Z too large for "
+                             f"{g.dtype} accumulation); pass float64 Z or rescale it")
         G = g.double() if G is None else G + g.double()
         R = r.double() if R is None else R + r.double()
     assert G is not None and R is not None
@@ -448,6 +468,9 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], S: int, 
     everyone = torch.arange(S)
     theta = torch.zeros(S, P, dtype=torch.float64)
     f, g = evaluate(theta, everyone)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError("the loss at W = 0 is not finite: Z holds NaN or Inf values (in "
+                         f"subsets {(~torch.isfinite(f)).nonzero().flatten().tolist()[:10]})")
     gmax = g.abs().amax(1)
     converged = gmax <= tol
     active = ~converged

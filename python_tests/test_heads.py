@@ -213,6 +213,14 @@ def test_nan_or_inf_in_z_is_a_value_error(bad):
     z[1, 4, 0] = bad
     with pytest.raises(ValueError, match=r"Z holds NaN or Inf values \(in subsets \[1\]\)"):
         heads.fit(z, torch.randn(10), task="regression")
+    with pytest.raises(ValueError, match=r"Z holds NaN or Inf values \(in subsets \[1\]\)"):
+        heads.fit(z, torch.arange(10) % 3, task="classification")
+    fitted = heads.fit(torch.randn(3, 10, 2), torch.arange(10) % 3, task="classification")
+    for method in (fitted.predict, fitted.decision_function):
+        with pytest.raises(ValueError, match=r"Z holds NaN or Inf values \(in subsets \[1\]\)"):
+            method(z)
+    with pytest.raises(ValueError, match=r"Z holds NaN or Inf values \(in subsets \[1\]\)"):
+        fitted.risk(z, torch.arange(10) % 3)
     with pytest.raises(ValueError, match="encoder's output for rows 0:10\\) holds NaN or Inf"):
         heads.fit(heads.encoded(lambda xs: z[:, :len(xs[0])], [torch.zeros(10, 1)]),
                   torch.randn(10),

@@ -62,7 +62,9 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
     const at::Tensor yc = y2.narrow(0, r0, r);
     zz.baddbmm_(zc.transpose(1, 2), zc);
     zsum.add_(zc.sum(1));
-    zy.add_(at::matmul(zc.transpose(1, 2), yc));
+    // bmm against y expanded over subsets (a stride-0 view): matmul would fold the transposed
+    // z into one matrix and copy all of it.
+    zy.baddbmm_(zc.transpose(1, 2), yc.unsqueeze(0).expand({S, r, T}));
   }
   // The GEMM result is symmetric up to rounding; make it exactly so for the Cholesky solve.
   zz.copy_((zz + zz.transpose(1, 2)) * 0.5);

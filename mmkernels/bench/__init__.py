@@ -1,0 +1,1 @@
+"""Benchmarks against the baselines of DESIGN.md: `python -m mmkernels.bench --help`."""

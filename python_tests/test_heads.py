@@ -252,21 +252,25 @@ def test_opcheck_softmax_regression_loss_grad(dtype, weighted):
     torch.library.opcheck(ops.softmax_regression_loss_grad, (z, y, w, b, sw, 0.5))
 
 
-def test_softmax_op_matches_autograd():
-    z = torch.randn(2, 40, 5, dtype=torch.float64)
-    y = torch.randint(0, 4, (40,))
-    w = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    sw = torch.rand(40, dtype=torch.float64)
+@pytest.mark.parametrize("C, H", [(4, 5), (12, 19), (40, 37)])  # the 8-, 16-lane and generic
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_op_matches_autograd(C, H, dtype):
+    z = torch.randn(2, 300, H, dtype=torch.float64)
+    y = torch.randint(0, C, (300,))
+    w = torch.randn(2, H, C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, C, dtype=torch.float64, requires_grad=True)
+    sw = torch.rand(300, dtype=torch.float64)
     logits = torch.baddbmm(b.unsqueeze(1), z, w)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(2, 40),
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.expand(2, 300),
                                            reduction="none")
     ref = (ce * sw).sum(1) + 0.35 * w.square().sum((1, 2))
     ref.sum().backward()
-    loss, gw, gb = ops.softmax_regression_loss_grad(z, y, w.detach(), b.detach(), sw, 0.7)
-    torch.testing.assert_close(loss, ref.detach())
-    torch.testing.assert_close(gw, w.grad)
-    torch.testing.assert_close(gb, b.grad)
+    loss, gw, gb = ops.softmax_regression_loss_grad(
+        z.to(dtype), y, w.detach().to(dtype), b.detach().to(dtype), sw.to(dtype), 0.7)
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(gw.double(), w.grad, **tol)
+    torch.testing.assert_close(gb.double(), b.grad, **tol)
 
 
 def _softmax_args(**kw):

@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <thread>
 #include <limits>
 #include <vector>
 
@@ -73,6 +75,27 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
   G.select(1, H).select(1, H).fill_(static_cast<double>(n));
   R.select(1, H).copy_(y2.sum(0).unsqueeze(0).expand({S, T}));
   return {G, R};
+}
+
+// Runs task(0..tasks-1) on up to `threads` threads (the caller's among them), dynamically.
+// std::thread rather than at::parallel_for: the extension is compiled without -fopenmp, and
+// ATen's OpenMP backend is an inline `#pragma omp parallel`, so parallel_for runs serially here.
+template <typename F>
+void run_tasks(int64_t tasks, int64_t threads, const F& task) {
+  const int64_t workers = std::min(tasks, threads);
+  if (workers <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    for (int64_t t = next++; t < tasks; t = next++) task(t);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int64_t k = 1; k < workers; ++k) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
 }
 
 // ---- fused multinomial-logistic pass ------------------------------------------------------
@@ -316,17 +339,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const int64_t ss = zc.stride(0), ld = zc.stride(1);
     const scalar_t* swp = sw.defined() ? sw.data_ptr<scalar_t>() : nullptr;
-    // Parallel over subsets when there are enough of them, else over row blocks of one subset.
-    const int64_t threads = at::get_num_threads();
-    const int64_t splits = S >= threads ? 1 : std::min<int64_t>(threads, (n + 1023) / 1024);
+    // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its
+    // own partial sums, added in task order, so a given thread count gives fixed results.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t splits = std::max<int64_t>(
+        1, std::min<int64_t>((4 * threads + S - 1) / S, (n + 1023) / 1024));
     std::vector<double> part_loss(S * splits, 0.0), part_w(S * splits * wsize, 0.0),
         part_b(S * splits * C, 0.0);
     const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
-    at::parallel_for(0, S * std::max<int64_t>(splits, 1), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
+    run_tasks(S * splits, threads, [&](int64_t t) {
+      {  // one (subset, row block) task
         const int64_t s = t / splits, part = t % splits;
         const int64_t r0 = std::min(n, part * per), r1 = std::min(n, r0 + per);
-        if (r1 <= r0) continue;
+        if (r1 <= r0) return;
         const scalar_t* swr = swp ? swp + r0 : nullptr;
         softmax_subset<scalar_t>(zp + s * ss + r0 * ld, ld, r1 - r0, H, C,
                                  wl.data_ptr<scalar_t>() + s * wsize,

@@ -30,7 +30,7 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("gram(Tensor z, Tensor y) -> (Tensor, Tensor)");
   m.def(
       "softmax_regression_loss_grad(Tensor z, Tensor y, Tensor w, Tensor b, "
-      "Tensor? sample_weight, float l2) -> (Tensor, Tensor, Tensor)");
+      "Tensor? sample_weight, float l2, Tensor? subset_index=None) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef MMKERNELS_NO_PYTHON

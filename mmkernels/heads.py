@@ -428,20 +428,18 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
         loss = torch.zeros(len(idx), dtype=torch.float64)
         gw = torch.zeros(len(idx), H, C, dtype=torch.float64)
         gb = torch.zeros(len(idx), C, dtype=torch.float64)
-        runs = _runs(idx.tolist())
+        # subset_index lets the op read only the active subsets of Z in place: gathering them
+        # with index_select would copy as many bytes as the op reads.
+        pick = None if len(idx) == S else idx
         for r0, chunk in _chunks(z, extra_per_row=16 * C):
             rows = slice(r0, r0 + chunk.shape[1])
             swr = None if sw_c is None else sw_c[rows]
-            # One op call per run of consecutive subsets, on a view of Z: gathering the
-            # active subsets with index_select would copy as many bytes as the op reads.
-            for at, first, count in runs:
-                part = slice(at, at + count)
-                with _threads(threads):
-                    lo, gwc, gbc = _ops.softmax_regression_loss_grad(
-                        chunk.narrow(0, first, count), y[rows], W[part], b[part], swr, 0.0)
-                loss[part] += lo.double()
-                gw[part] += gwc.double()
-                gb[part] += gbc.double()
+            with _threads(threads):
+                lo, gwc, gbc = _ops.softmax_regression_loss_grad(
+                    chunk, y[rows], W, b, swr, 0.0, pick)
+            loss += lo.double()
+            gw += gwc.double()
+            gb += gbc.double()
         Wd = theta[:, : H * C].reshape(-1, H, C)
         loss += 0.5 * l2 * Wd.square().sum((1, 2))
         gw += l2 * Wd
@@ -452,18 +450,6 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
     threads = torch.get_num_threads()
     with _threads(1):
         return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
-    """(position in indices, first index, length) of each run of consecutive indices."""
-    runs: list[tuple[int, int, int]] = []
-    for pos, i in enumerate(indices):
-        if runs and runs[-1][1] + runs[-1][2] == i:
-            at, first, count = runs[-1]
-            runs[-1] = (at, first, count + 1)
-        else:
-            runs.append((pos, i, 1))
-    return runs
 
 
 @contextmanager

@@ -125,7 +125,7 @@ def _gram_fake(z, y):
 
 
 @torch.library.register_fake("mmkernels::softmax_regression_loss_grad")
-def _softmax_regression_loss_grad_fake(z, y, w, b, sample_weight, l2):
+def _softmax_regression_loss_grad_fake(z, y, w, b, sample_weight, l2, subset_index=None):
     # No autograd for the head-refit ops: they are solver internals (mmkernels/heads.py).
     return w.new_empty([w.shape[0]]), torch.empty_like(w), torch.empty_like(b)
 

@@ -252,6 +252,18 @@ def test_opcheck_softmax_regression_loss_grad(dtype, weighted):
     torch.library.opcheck(ops.softmax_regression_loss_grad, (z, y, w, b, sw, 0.5))
 
 
+def test_softmax_op_subset_index_reads_picked_subsets():
+    z = torch.randn(5, 30, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+    pick = torch.tensor([3, 0, 3])
+    w, b = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    got = ops.softmax_regression_loss_grad(z, y, w, b, None, 0.2, pick)
+    ref = ops.softmax_regression_loss_grad(z[pick], y, w, b, None, 0.2)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r)
+    torch.library.opcheck(ops.softmax_regression_loss_grad, (z, y, w, b, None, 0.2, pick))
+
+
 @pytest.mark.parametrize("C, H", [(4, 5), (12, 19), (40, 37)])  # the 8-, 16-lane and generic
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_op_matches_autograd(C, H, dtype):
@@ -275,7 +287,8 @@ def test_softmax_op_matches_autograd(C, H, dtype):
 
 def _softmax_args(**kw):
     args = dict(z=torch.randn(2, 6, 3), y=torch.zeros(6, dtype=torch.long),
-                w=torch.zeros(2, 3, 4), b=torch.zeros(2, 4), sample_weight=None, l2=1.0)
+                w=torch.zeros(2, 3, 4), b=torch.zeros(2, 4), sample_weight=None, l2=1.0,
+                subset_index=None)
     args.update(kw)
     return tuple(args.values())
 
@@ -293,6 +306,9 @@ def _softmax_args(**kw):
     (dict(y=torch.tensor([0, 1, 2, 3, 4, 0])), r"y must hold labels in \[0, 3\].*\[0, 4\]"),
     (dict(sample_weight=torch.ones(5)), r"sample_weight must have shape \[6\]"),
     (dict(l2=-1.0), "l2 must be finite and >= 0, got -1"),
+    (dict(subset_index=torch.tensor([0, 2])), r"subset_index must hold subsets in \[0, 1\]"),
+    (dict(subset_index=torch.tensor([[0, 1]])), "subset_index must be a 1-d int64 tensor"),
+    (dict(subset_index=torch.tensor([1])), r"w must have shape \[1, 3, 4\] \(\[len\(subset_index"),
 ])
 def test_softmax_op_argument_messages(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -310,19 +310,36 @@ void softmax_subset(const T* z, int64_t ld, int64_t n, int64_t H, int64_t C, con
 // loss[s] = sum_i sw_i * CE(z_si W_s + b_s, y_i) + l2/2 ||W_s||^2 and its gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const at::Tensor& z, const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
-    const c10::optional<at::Tensor>& sample_weight, double l2) {
+    const c10::optional<at::Tensor>& sample_weight, double l2,
+    const c10::optional<at::Tensor>& subset_index) {
   const char* op = "mmkernels::softmax_regression_loss_grad";
   check_z(op, z);
   const int64_t S = z.size(0), n = z.size(1), H = z.size(2);
+  // subset_index picks which subsets of z to evaluate (w and b then hold one row per pick),
+  // so a solver can skip converged subsets without copying z.
+  at::Tensor index;
+  if (subset_index.has_value()) {
+    index = subset_index->contiguous();
+    MMK_CHECK(index.scalar_type() == at::kLong && index.dim() == 1, op,
+              ": subset_index must be a 1-d int64 tensor, got ", index.scalar_type(), " ",
+              shape_str(index.sizes()));
+    if (index.numel() > 0) {
+      const int64_t lo = index.min().item<int64_t>(), hi = index.max().item<int64_t>();
+      MMK_CHECK(lo >= 0 && hi < S, op, ": subset_index must hold subsets in [0, ", S - 1,
+                "] (S = dim 0 of z), got values in [", lo, ", ", hi, "]");
+    }
+  }
+  const int64_t K = index.defined() ? index.size(0) : S;
   MMK_CHECK(w.dim() == 3, op, ": w must be 3-d [S, H, C], got shape ", shape_str(w.sizes()));
   MMK_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op,
             ": w must be float32 or float64 (it sets the compute dtype), got ", w.scalar_type());
   const int64_t C = w.size(2);
   MMK_CHECK(C >= 1, op, ": w must have at least one class (dim 2), got shape ",
             shape_str(w.sizes()));
-  check_shape(op, "w", w, {S, H, C}, "[S, H, C] with S, H from z");
+  check_shape(op, "w", w, {K, H, C},
+              index.defined() ? "[len(subset_index), H, C]" : "[S, H, C] with S, H from z");
   check_same(op, "b", b, w, "w");
-  check_shape(op, "b", b, {S, C}, "[S, C]");
+  check_shape(op, "b", b, {K, C}, index.defined() ? "[len(subset_index), C]" : "[S, C]");
   MMK_CHECK(w.device() == z.device(), op, ": w is on ", w.device(), ", expected ", z.device(),
             " (the device of z)");
   MMK_CHECK(y.scalar_type() == at::kLong, op, ": y must be int64 class labels, got ",
@@ -345,39 +362,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   // z in the compute dtype with unit-stride rows (a no-op for contiguous float32/float64 z).
   at::Tensor zc = z.to(acc);
   if (zc.stride(2) != 1) zc = zc.contiguous();
-  // Weights in the kernel's layout: [S, H, CP] zero-padded, or [S, C, H] for large C.
+  // Weights in the kernel's layout: [K, H, CP] zero-padded, or [K, C, H] for large C.
   const int64_t CP = padded_lanes(C);
   at::Tensor wl;
   if (CP) {
-    wl = at::zeros({S, H, CP}, w.options());
+    wl = at::zeros({K, H, CP}, w.options());
     wl.narrow(2, 0, C).copy_(w);
   } else {
     wl = w.transpose(1, 2).contiguous();
   }
   const int64_t wsize = H * (CP ? CP : C);
   const at::Tensor bc = b.contiguous();
-  at::Tensor loss = at::zeros({S}, w.options().dtype(at::kDouble));
+  at::Tensor loss = at::zeros({K}, w.options().dtype(at::kDouble));
   at::Tensor gw_l = at::zeros(wl.sizes(), w.options().dtype(at::kDouble));
-  at::Tensor gb = at::zeros({S, C}, w.options().dtype(at::kDouble));
+  at::Tensor gb = at::zeros({K, C}, w.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "softmax_regression_loss_grad", [&] {
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const int64_t ss = zc.stride(0), ld = zc.stride(1);
     const scalar_t* swp = sw.defined() ? sw.data_ptr<scalar_t>() : nullptr;
+    const int64_t* pick = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its
     // own partial sums, added in task order, so a given thread count gives fixed results.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t splits = std::max<int64_t>(
-        1, std::min<int64_t>((4 * threads + S - 1) / S, (n + 1023) / 1024));
-    std::vector<double> part_loss(S * splits, 0.0), part_w(S * splits * wsize, 0.0),
-        part_b(S * splits * C, 0.0);
+    const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
+    std::vector<double> part_loss(K * splits, 0.0), part_w(K * splits * wsize, 0.0),
+        part_b(K * splits * C, 0.0);
     const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
-    run_tasks(S * splits, threads, [&](int64_t t) {
+    run_tasks(K * splits, threads, [&](int64_t t) {
       {  // one (subset, row block) task
         const int64_t s = t / splits, part = t % splits;
         const int64_t r0 = std::min(n, part * per), r1 = std::min(n, r0 + per);
         if (r1 <= r0) return;
         const scalar_t* swr = swp ? swp + r0 : nullptr;
-        softmax_subset<scalar_t>(zp + s * ss + r0 * ld, ld, r1 - r0, H, C,
+        const int64_t zs = pick ? pick[s] : s;
+        softmax_subset<scalar_t>(zp + zs * ss + r0 * ld, ld, r1 - r0, H, C,
                                  wl.data_ptr<scalar_t>() + s * wsize,
                                  bc.data_ptr<scalar_t>() + s * C, yc.data_ptr<int64_t>() + r0,
                                  swr, &part_loss[t], part_w.data() + t * wsize,
@@ -387,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     double* lp = loss.data_ptr<double>();
     double* gwp = gw_l.data_ptr<double>();
     double* gbp = gb.data_ptr<double>();
-    for (int64_t t = 0; t < S * splits; ++t) {
+    for (int64_t t = 0; t < K * splits; ++t) {
       const int64_t s = t / splits;
       lp[s] += part_loss[t];
       for (int64_t j = 0; j < wsize; ++j) gwp[s * wsize + j] += part_w[t * wsize + j];

@@ -487,18 +487,21 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], S: int, 
         if len(idx) == 0:
             break
         # Two-loop recursion, newest pair first; an empty slot has rho = 0 and does nothing.
+        # The active rows of the history are gathered once (views when all are active).
+        every = len(idx) == S
+        sh, yh, rh = (s_hist, y_hist, rho) if every else (s_hist[idx], y_hist[idx], rho[idx])
         gi = g[idx]
         q = gi.clone()
         alphas = []
         order = [(pos - 1 - j) % history for j in range(history)]
         for j in order:
-            a = rho[idx, j] * (s_hist[idx, j] * q).sum(1)
-            q -= a[:, None] * y_hist[idx, j]
+            a = rh[:, j] * (sh[:, j] * q).sum(1)
+            q -= a[:, None] * yh[:, j]
             alphas.append(a)
         r = gamma[idx, None] * q
         for j, a in zip(reversed(order), reversed(alphas), strict=True):
-            beta = rho[idx, j] * (y_hist[idx, j] * r).sum(1)
-            r += s_hist[idx, j] * (a - beta)[:, None]
+            beta = rh[:, j] * (yh[:, j] * r).sum(1)
+            r += sh[:, j] * (a - beta)[:, None]
         d = -r
         gd = (gi * d).sum(1)
         uphill = gd >= 0

@@ -314,6 +314,12 @@ def fit(
             drives its probability toward 0 (to the gradient tolerance).
         tol: classification gradient tolerance (see the module docstring).
         max_iter, history: L-BFGS iteration limit and memory.
+
+    Memory: an Encoded source is materialised once when all of Z fits its memory_budget;
+    otherwise ridge streams it once, and the classifier re-encodes it chunk by chunk at every
+    loss evaluation (slower, but never more than the budget of Z at once). Solver state on
+    top: Gram [S, H+1, H+1]; L-BFGS history 2 * history * S * (H+1) * C float64. bfloat16 Z
+    is converted to float32 inside each op call.
     """
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")

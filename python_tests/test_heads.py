@@ -116,6 +116,17 @@ def test_float32_and_bfloat16_gram_accumulate_in_float32():
     assert G64.dtype == torch.float64 and G64[0, 8, 8].item() == 500
 
 
+def test_bfloat16_z_fits_like_its_float32_upcast():
+    z = torch.randn(3, 200, 6).bfloat16()
+    y = (z[0, :, 0] > 0).long()
+    torch.testing.assert_close(heads.fit(z, y, task="classification").coef,
+                               heads.fit(z.float(), y, task="classification").coef)
+    yr = z[1, :, 1].float()
+    torch.testing.assert_close(heads.fit(z, yr, task="regression").coef,
+                               heads.fit(z.double(), yr.double(), task="regression").coef,
+                               rtol=1e-5, atol=1e-6)
+
+
 # ---- streaming ---------------------------------------------------------------------------------
 
 

@@ -437,15 +437,15 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
         # subset_index lets the op read only the active subsets of Z in place: gathering them
         # with index_select would copy as many bytes as the op reads.
         pick = None if len(idx) == S else idx
-        for r0, chunk in _chunks(z, extra_per_row=16 * C):
-            rows = slice(r0, r0 + chunk.shape[1])
-            swr = None if sw_c is None else sw_c[rows]
-            with _threads(threads):
+        with _threads(threads):  # the op and a streaming encoder get the caller's threads
+            for r0, chunk in _chunks(z, extra_per_row=16 * C):
+                rows = slice(r0, r0 + chunk.shape[1])
+                swr = None if sw_c is None else sw_c[rows]
                 lo, gwc, gbc = _ops.softmax_regression_loss_grad(
                     chunk, y[rows], W, b, swr, 0.0, pick)
-            loss += lo.double()
-            gw += gwc.double()
-            gb += gbc.double()
+                loss += lo.double()
+                gw += gwc.double()
+                gb += gbc.double()
         Wd = theta[:, : H * C].reshape(-1, H, C)
         loss += 0.5 * l2 * Wd.square().sum((1, 2))
         gw += l2 * Wd

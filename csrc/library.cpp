@@ -26,6 +26,11 @@ TORCH_LIBRARY(mmkernels, m) {
       "project_concat_backward(Tensor grad_out, Tensor out, Tensor[] xs, Tensor[] weights, "
       "Tensor? subset_mask, Tensor? sample_mask, str activation, bool[3] output_mask) "
       "-> (Tensor[], Tensor[], Tensor[])");
+  // Head refits (mmkernels/heads.py); no autograd: they are solver internals.
+  m.def("gram(Tensor z, Tensor y) -> (Tensor, Tensor)");
+  m.def(
+      "softmax_regression_loss_grad(Tensor z, Tensor y, Tensor w, Tensor b, "
+      "Tensor? sample_weight, float l2, Tensor? subset_index=None) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef MMKERNELS_NO_PYTHON

@@ -128,6 +128,22 @@ def _project_concat_backward_fake(
     return grad_xs, grad_ws, grad_bs
 
 
+@torch.library.register_fake("mmkernels::gram")
+def _gram_fake(z, y):
+    # float32 accumulation for float32/bfloat16 z, float64 for float64 (as the CPU kernel).
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    width = z.shape[2] + 1
+    outputs = 1 if y.dim() == 1 else y.shape[1]
+    return (z.new_empty([z.shape[0], width, width], dtype=acc),
+            z.new_empty([z.shape[0], width, outputs], dtype=acc))
+
+
+@torch.library.register_fake("mmkernels::softmax_regression_loss_grad")
+def _softmax_regression_loss_grad_fake(z, y, w, b, sample_weight, l2, subset_index=None):
+    # No autograd for the head-refit ops: they are solver internals (mmkernels/heads.py).
+    return w.new_empty([w.shape[0]]), torch.empty_like(w), torch.empty_like(b)
+
+
 # ---- autograd ---------------------------------------------------------------------------------
 
 

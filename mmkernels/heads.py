@@ -1,0 +1,555 @@
+"""Batched head refits: the best linear head on each subset's frozen representation.
+
+eta and gamma (PAPER.md) need inf_h r(h o g_s) for every subset s. This module fits that head
+for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encoder):
+
+* task="regression" (squared loss): ridge in closed form. The native op mmkernels::gram builds
+  the intercept-augmented Gram [Z_s 1]^T [Z_s 1] and [Z_s 1]^T Y for all subsets, accumulating
+  in float32 (float32/bfloat16 Z) or float64 (float64 Z), summed over chunks. The solve is in
+  float64: the intercept is eliminated exactly (Schur complement, i.e. the data are centred in
+  the solve, not in the accumulation), then a batched Cholesky (cholesky_ex + cholesky_solve);
+  where cholesky_ex reports failure (rank-deficient Z with l2 = 0, or a float32 Gram that
+  rounding made indefinite) that subset falls back to an eigh-based pseudo-inverse (the
+  minimum-norm solution). Objective, per subset and output, sklearn Ridge's scaling:
+      ||y - Z w - b||^2 + l2 ||w||^2          (intercept b not penalised)
+  Default l2: 1e-6 * trace(centred Gram) / H per subset (tiny and scale-free).
+  Centring in the solve means float32 Z with a large mean loses digits to cancellation; pass
+  float64 Z when you need agreement to many digits.
+
+* task="classification" (cross-entropy): multinomial logistic regression, sklearn's
+  LogisticRegression objective exactly (sum-of-losses scaling, l2 = 1/C):
+      sum_i sw_i CE(z_i W + b, y_i) + l2/2 ||W||^2      (intercept b not penalised)
+  Default l2 = 1.0 (sklearn's default C = 1). With two classes sklearn fits one binomial
+  vector w instead; our symmetric fit at l2 equals it at C = 2 / l2, with W = [-w/2, w/2].
+  The multinomial gradient keeps sum_c W[:, c] = 0 and sum_c b_c = 0 from the zero start, so
+  the (otherwise unidentified) intercept is the sum-to-zero one, as in sklearn.
+  Solver: batched L-BFGS (history 10) with a per-subset backtracking Armijo line search and
+  per-subset convergence masks; only the still-active subsets are evaluated. Newton was
+  rejected: its Hessian costs n (H C)^2 per iteration, ~8 GFLOP per subset at H = 128,
+  C = 6. Stopping rule (sklearn's gtol):
+      max_j |d objective / d theta_j| / sum_i sw_i <= tol,
+  default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (the loss and gradient are
+  computed in float32 then). Each evaluation is the fused native op
+  mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass).
+
+Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
+(averaged over outputs) for regression, the mean cross-entropy (nats) for classification.
+
+The native ops have fake kernels (torch.library.opcheck passes) and no autograd: they are
+solver internals, never differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
+
+_ops = torch.ops.mmkernels
+DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Z (and per-chunk op buffers) held at once
+_TASKS = ("regression", "classification")
+
+
+# ---- sources of Z: a tensor, or an encoder applied chunk by chunk ---------------------------
+
+
+@dataclass
+class Encoded:
+    """Z produced on demand: encoder(list of modality chunks [r, d_k]) -> [S, r, H].
+
+    Rows are encoded in chunks so that Z's chunk plus the ops' per-chunk buffers stay within
+    memory_budget bytes (the encoder's own intermediates come on top). The encoder runs under
+    torch.no_grad(); put modules in eval mode first.
+    """
+
+    encoder: Callable[[list[Tensor]], Tensor]
+    xs: Sequence[Tensor]
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    _shape: tuple[int, int, torch.dtype] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.xs, (list, tuple)) or not self.xs:
+            raise ValueError("xs must be a non-empty list of modality tensors [n, d_k]")
+        n = self.xs[0].shape[0]
+        for k, x in enumerate(self.xs):
+            if x.shape[0] != n:
+                raise ValueError(f"xs[{k}] has {x.shape[0]} rows, expected {n} (rows of xs[0])")
+        if self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be > 0 bytes, got {self.memory_budget}")
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.xs[0].shape[0])
+
+    def encode(self, r0: int, r1: int) -> Tensor:
+        with torch.no_grad():
+            z = self.encoder([x[r0:r1] for x in self.xs])
+        if not isinstance(z, Tensor) or z.dim() != 3 or z.shape[1] != r1 - r0:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"encoder must return [S, {r1 - r0}, H] for {r1 - r0} rows, got {got}")
+        return z.detach()
+
+    def shape(self) -> tuple[int, int, torch.dtype]:
+        """(S, H, dtype) of the encoder's output, from a probe of the first rows."""
+        if self._shape is None:
+            z = self.encode(0, min(self.num_rows, 2))
+            self._shape = (int(z.shape[0]), int(z.shape[2]), z.dtype)
+        return self._shape
+
+    def rows_per_chunk(self, extra_per_row: int = 0) -> int:
+        S, H, dtype = self.shape()
+        per_row = S * (H * (dtype.itemsize + 4) + extra_per_row)
+        return max(1, self.memory_budget // max(1, per_row))
+
+
+def encoded(encoder: Callable[[list[Tensor]], Tensor], xs: Sequence[Tensor], *,
+            memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Encoded:
+    """Wrap an encoder and its inputs so fit/risk/accuracy stream Z in chunks."""
+    return Encoded(encoder, list(xs), memory_budget)
+
+
+ZLike = Tensor | Encoded
+
+
+def _check_z_tensor(z: Tensor, name: str = "Z", finite: bool = True) -> None:
+    """Type, shape and dtype of Z; with finite=True also NaN/Inf (a full pass over Z).
+
+    Tensor Z given to fit/risk/predict is not scanned up front: NaN or Inf in Z always reaches
+    the Gram diagonal, the first loss (W = 0 multiplies every entry) or the outputs, which are
+    checked instead, and only then is Z scanned to name the offending subsets."""
+    if not isinstance(z, Tensor):
+        raise ValueError(f"{name} must be a tensor [S, n, H] or an Encoded source, got "
+                         f"{type(z).__name__}")
+    if z.dim() != 3:
+        raise ValueError(f"{name} must be 3-d [S, n, H], got shape {tuple(z.shape)}")
+    if z.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float64 or bfloat16, got {z.dtype}")
+    if z.shape[0] == 0:
+        raise ValueError(f"{name} has no subsets (S = 0): the subsets list is empty")
+    if finite and not bool(torch.isfinite(z).all()):
+        bad = (~torch.isfinite(z)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds NaN or Inf values (in subsets {bad[:10]})")
+
+
+def _num_rows(z: ZLike) -> int:
+    return z.num_rows if isinstance(z, Encoded) else int(z.shape[1])
+
+
+def _chunks(z: ZLike, extra_per_row: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(first row, Z chunk [S, r, H]) over all rows. Encoded chunks are checked for NaN/Inf
+    as they are produced; a tensor Z is checked once by the public entry points."""
+    if isinstance(z, Tensor):
+        yield 0, z
+        return
+    n, step = z.num_rows, z.rows_per_chunk(extra_per_row)
+    for r0 in range(0, n, step):
+        chunk = z.encode(r0, min(n, r0 + step))
+        _check_z_tensor(chunk, f"Z (the encoder's output for rows {r0}:{min(n, r0 + step)})")
+        yield r0, chunk
+
+
+def _materialise_if_fits(z: ZLike, extra_per_row: int) -> ZLike:
+    """The whole Z when it fits the budget (iterative solvers then encode once)."""
+    if isinstance(z, Tensor):
+        return z
+    if z.rows_per_chunk(extra_per_row) >= z.num_rows:
+        full = z.encode(0, z.num_rows)
+        _check_z_tensor(full, "Z (the encoder's output)")
+        return full
+    return z
+
+
+# ---- the fitted heads -------------------------------------------------------------------------
+
+
+@dataclass
+class Heads:
+    """S fitted linear heads. coef [S, H, T or C], intercept [S, T or C] (float64).
+
+    converged / n_iter [S]: per-subset solver status (ridge: always True / 0; a ridge subset
+    solved by the pseudo-inverse fallback is listed in pinv_fallback).
+    """
+
+    task: str
+    coef: Tensor
+    intercept: Tensor
+    l2: Tensor
+    converged: Tensor
+    n_iter: Tensor
+    y_1d: bool = False
+    pinv_fallback: list[int] = field(default_factory=list)
+
+    @property
+    def num_subsets(self) -> int:
+        return int(self.coef.shape[0])
+
+    def _check_z(self, z: ZLike) -> None:
+        S, H = self.coef.shape[0], self.coef.shape[1]
+        if not isinstance(z, Encoded):
+            _check_z_tensor(z, finite=False)
+            if z.shape[0] != S or z.shape[2] != H:
+                raise ValueError(f"Z must be [S={S}, n, H={H}] like the fitted heads, got "
+                                 f"shape {tuple(z.shape)}")
+
+    def decision_function(self, z: Tensor) -> Tensor:
+        """Z @ coef + intercept: [S, n, T] (regression) or logits [S, n, C]."""
+        self._check_z(z)
+        out = self._decision(z)
+        if not bool(torch.isfinite(out).all()):
+            _check_z_tensor(z)
+        return out
+
+    def _decision(self, z: Tensor) -> Tensor:
+        dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        return torch.baddbmm(self.intercept.to(dt).unsqueeze(1), z.to(dt), self.coef.to(dt))
+
+    def predict(self, z: ZLike) -> Tensor:
+        """Regression: [S, n, T] ([S, n] when fitted on 1-d y). Classification: labels [S, n]."""
+        self._check_z(z)
+        outs = []
+        for _, chunk in _chunks(z):
+            out = self._decision(chunk)
+            if not bool(torch.isfinite(out).all()):
+                _check_z_tensor(chunk)
+            if self.task == "classification":
+                outs.append(out.argmax(-1))
+            else:
+                outs.append(out.squeeze(-1) if self.y_1d else out)
+        return torch.cat(outs, 1)
+
+    def risk(self, z: ZLike, y: Tensor) -> Tensor:
+        """Unpenalised mean risk per subset, float64 [S]: MSE (mean over samples and outputs)
+        for regression, mean cross-entropy in nats for classification."""
+        self._check_z(z)
+        n = _num_rows(z)
+        y = _check_y(y, n, self.task)
+        if n == 0:
+            raise ValueError("Z has no rows (n = 0): the risk is undefined")
+        total = torch.zeros(self.num_subsets, dtype=torch.float64)
+        for r0, chunk in _chunks(z, extra_per_row=8 * self.coef.shape[2]):
+            yc = y[r0:r0 + chunk.shape[1]]
+            if self.task == "regression":
+                pred = self._decision(chunk).double()
+                yt = yc.double().reshape(yc.shape[0], -1)
+                total += (pred - yt).square().mean(-1).sum(-1)
+            else:
+                if int(yc.max()) >= self.coef.shape[2]:
+                    raise ValueError(f"y holds label {int(yc.max())} but the heads have "
+                                     f"{self.coef.shape[2]} classes")
+                dt = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+                loss, _, _ = _ops.softmax_regression_loss_grad(
+                    chunk, yc, self.coef.to(dt), self.intercept.to(dt), None, 0.0)
+                total += loss.double()
+            if not bool(torch.isfinite(total).all()):
+                _check_z_tensor(chunk)
+        return total / n
+
+    def accuracy(self, z: ZLike, y: Tensor) -> Tensor:
+        """Fraction of correct labels per subset, float64 [S] (classification only)."""
+        if self.task != "classification":
+            raise ValueError("accuracy is defined for task='classification' only; these heads "
+                             "were fitted with task='regression' (use risk)")
+        self._check_z(z)
+        n = _num_rows(z)
+        y = _check_y(y, n, self.task)
+        if n == 0:
+            raise ValueError("Z has no rows (n = 0): the accuracy is undefined")
+        return (self.predict(z) == y.unsqueeze(0)).double().mean(1)
+
+
+def _check_y(y: Tensor, n: int, task: str) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise ValueError(f"y must be a tensor, got {type(y).__name__}")
+    if y.shape[:1] != (n,):
+        raise ValueError(f"y must have n = {n} rows (dim 1 of Z), got shape {tuple(y.shape)}")
+    if task == "classification":
+        if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"y must be 1-d integer class labels for classification, got "
+                             f"dtype {y.dtype} and shape {tuple(y.shape)}")
+        y = y.long()
+        if n and int(y.min()) < 0:
+            raise ValueError(f"y must hold labels >= 0, got {int(y.min())}")
+        return y
+    if y.dim() not in (1, 2) or not y.is_floating_point():
+        raise ValueError(f"y must be a float tensor [n] or [n, T] for regression, got dtype "
+                         f"{y.dtype} and shape {tuple(y.shape)}")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("y holds NaN or Inf values")
+    return y
+
+
+# ---- fitting ----------------------------------------------------------------------------------
+
+
+def fit(
+    z: ZLike,
+    y: Tensor,
+    *,
+    task: str,
+    l2: float | None = None,
+    class_weight: str | Tensor | None = None,
+    num_classes: int | None = None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    history: int = 10,
+) -> Heads:
+    """Fit one linear head per subset on Z [S, n, H] (a tensor, or encoded(encoder, xs)).
+
+    Args:
+        z: [S, n, H] float32/float64/bfloat16, or an Encoded source streamed in chunks.
+        y: regression: float [n] or [n, T]; classification: int labels [n] in [0, C).
+        task: "regression" or "classification".
+        l2: penalty on the weights (never on the intercept), sum-of-losses scaling. Ridge:
+            sklearn Ridge(alpha=l2); default 1e-6 * trace(centred Gram) / H per subset.
+            Classification: l2 = 1 / sklearn's C; default 1.0.
+        class_weight: classification only: None, "balanced" (n / (n_present_classes *
+            count_c), sklearn's rule) or a tensor [C] of per-class weights.
+        num_classes: C; default max(y) + 1. A class absent from y gets a head whose intercept
+            drives its probability toward 0 (to the gradient tolerance).
+        tol: classification gradient tolerance (see the module docstring).
+        max_iter, history: L-BFGS iteration limit and memory.
+
+    Memory: an Encoded source is materialised once when all of Z fits its memory_budget;
+    otherwise ridge streams it once, and the classifier re-encodes it chunk by chunk at every
+    loss evaluation (slower, but never more than the budget of Z at once). Solver state on
+    top: Gram [S, H+1, H+1]; L-BFGS history 2 * history * S * (H+1) * C float64. bfloat16 Z
+    is converted to float32 inside each op call.
+    """
+    if task not in _TASKS:
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    if l2 is not None and not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be finite and >= 0, got {l2}")
+    if not isinstance(z, Encoded):
+        _check_z_tensor(z, finite=False)
+    n = _num_rows(z)
+    if n == 0:
+        raise ValueError("Z has no rows (n = 0): nothing to fit")
+    y = _check_y(y, n, task)
+    if task == "regression":
+        if class_weight is not None:
+            raise ValueError("class_weight applies to task='classification' only")
+        return _fit_ridge(z, y, l2)
+    return _fit_softmax(z, y, l2=1.0 if l2 is None else l2, class_weight=class_weight,
+                        num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
+
+
+def _fit_ridge(z: ZLike, y: Tensor, l2: float | None) -> Heads:
+    G = R = None
+    y2 = y.reshape(y.shape[0], -1)
+    for r0, chunk in _chunks(z, extra_per_row=8 * y2.shape[1]):
+        g, r = _ops.gram(chunk, y2[r0:r0 + chunk.shape[1]].to(chunk.dtype))
+        if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(r).all())):
+            _check_z_tensor(chunk)  # names the subsets holding NaN/Inf
+            raise ValueError("the Gram matrix of Z overflowed (entries of Z too large for "
+                             f"{g.dtype} accumulation); pass float64 Z or rescale it")
+        G = g.double() if G is None else G + g.double()
+        R = r.double() if R is None else R + r.double()
+    assert G is not None and R is not None
+    S, H = G.shape[0], G.shape[1] - 1
+    n = G[:, H, H]
+    mu = G[:, :H, H] / n[:, None]                                   # [S, H]
+    ybar = R[:, H, :] / n[:, None]                                  # [S, T]
+    A = G[:, :H, :H] - n[:, None, None] * mu.unsqueeze(2) * mu.unsqueeze(1)
+    rhs = R[:, :H, :] - n[:, None, None] * mu.unsqueeze(2) * ybar.unsqueeze(1)
+    if l2 is None:
+        lam = 1e-6 * A.diagonal(dim1=1, dim2=2).sum(1).clamp_min(0) / max(H, 1)
+    else:
+        lam = torch.full((S,), float(l2), dtype=torch.float64)
+    eye = torch.eye(H, dtype=torch.float64)
+    A = A + lam[:, None, None] * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    coef = torch.empty_like(rhs)
+    ok = info == 0
+    if bool(ok.any()):
+        coef[ok] = torch.cholesky_solve(rhs[ok], L[ok])
+    failed = (~ok).nonzero().flatten().tolist()
+    for s in failed:
+        # Minimum-norm solution: drop eigen-directions at the rounding level of the Gram.
+        evals, evecs = torch.linalg.eigh(A[s])
+        cutoff = evals.abs().max() * H * torch.finfo(torch.float32).eps
+        inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+        coef[s] = evecs @ (inv[:, None] * (evecs.T @ rhs[s]))
+    intercept = ybar - (mu.unsqueeze(1) @ coef).squeeze(1)
+    return Heads("regression", coef, intercept, lam, torch.ones(S, dtype=torch.bool),
+                 torch.zeros(S, dtype=torch.int64), y_1d=y.dim() == 1, pinv_fallback=failed)
+
+
+def _class_weights(class_weight: str | Tensor | None, y: Tensor, C: int) -> Tensor | None:
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight must be None, 'balanced' or a tensor [C], got "
+                             f"{class_weight!r}")
+        counts = torch.bincount(y, minlength=C).double()
+        present = int((counts > 0).sum())
+        cw = torch.where(counts > 0, y.shape[0] / (present * counts.clamp_min(1)), 0.0)
+    else:
+        if not isinstance(class_weight, Tensor) or class_weight.shape != (C,):
+            got = tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight
+            raise ValueError(f"class_weight tensor must have shape [C] = [{C}], got {got}")
+        cw = class_weight.double()
+        if not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
+            raise ValueError("class_weight must hold finite values >= 0")
+    return cw[y]
+
+
+def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor | None,
+                 num_classes: int | None, tol: float | None, max_iter: int,
+                 history: int) -> Heads:
+    n = y.shape[0]
+    C = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if C < 1 or int(y.max()) >= C:
+        raise ValueError(f"num_classes must be >= 1 and above every label of y (max "
+                         f"{int(y.max())}), got {num_classes}")
+    if max_iter < 0 or history < 1:
+        raise ValueError(f"max_iter must be >= 0 and history >= 1, got {max_iter}, {history}")
+    sw = _class_weights(class_weight, y, C)
+    z = _materialise_if_fits(z, extra_per_row=16 * C)
+    if isinstance(z, Tensor):
+        S, H, zdtype = z.shape[0], z.shape[2], z.dtype
+    else:
+        S, H, zdtype = z.shape()
+    dt = torch.float64 if zdtype == torch.float64 else torch.float32
+    if tol is None:
+        tol = 1e-6 if dt == torch.float64 else 1e-4
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be finite and > 0, got {tol}")
+    sw_c = None if sw is None else sw.to(dt)
+    scale = float(n if sw is None else sw.sum())
+    if scale <= 0:
+        raise ValueError("class_weight gives every sample weight 0")
+    P = (H + 1) * C
+
+    def evaluate(theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean-scaled objective [k] and gradient [k, P] of the subsets idx (float64)."""
+        W = theta[:, : H * C].reshape(-1, H, C).to(dt)
+        b = theta[:, H * C:].to(dt)
+        loss = torch.zeros(len(idx), dtype=torch.float64)
+        gw = torch.zeros(len(idx), H, C, dtype=torch.float64)
+        gb = torch.zeros(len(idx), C, dtype=torch.float64)
+        # subset_index lets the op read only the active subsets of Z in place: gathering them
+        # with index_select would copy as many bytes as the op reads.
+        pick = None if len(idx) == S else idx
+        with _threads(threads):  # the op and a streaming encoder get the caller's threads
+            for r0, chunk in _chunks(z, extra_per_row=16 * C):
+                rows = slice(r0, r0 + chunk.shape[1])
+                swr = None if sw_c is None else sw_c[rows]
+                lo, gwc, gbc = _ops.softmax_regression_loss_grad(
+                    chunk, y[rows], W, b, swr, 0.0, pick)
+                loss += lo.double()
+                gw += gwc.double()
+                gb += gbc.double()
+        Wd = theta[:, : H * C].reshape(-1, H, C)
+        loss += 0.5 * l2 * Wd.square().sum((1, 2))
+        gw += l2 * Wd
+        return loss / scale, torch.cat([gw.flatten(1), gb], 1) / scale
+
+    # The solver's own algebra is on [S, P] tensors: intra-op threads only cost there (and a
+    # lot on a busy machine), so it runs on one thread; the native op gets the caller's count.
+    threads = torch.get_num_threads()
+    with _threads(1):
+        return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+def _lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], S: int, P: int, H: int,
+           C: int, l2: float, tol: float, max_iter: int, history: int) -> Heads:
+    """Batched L-BFGS over S independent problems with parameters theta [S, P]."""
+    everyone = torch.arange(S)
+    theta = torch.zeros(S, P, dtype=torch.float64)
+    f, g = evaluate(theta, everyone)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError("the loss at W = 0 is not finite: Z holds NaN or Inf values (in "
+                         f"subsets {(~torch.isfinite(f)).nonzero().flatten().tolist()[:10]})")
+    gmax = g.abs().amax(1)
+    converged = gmax <= tol
+    active = ~converged
+    n_iter = torch.zeros(S, dtype=torch.int64)
+    s_hist = torch.zeros(S, history, P, dtype=torch.float64)
+    y_hist = torch.zeros(S, history, P, dtype=torch.float64)
+    rho = torch.zeros(S, history, dtype=torch.float64)
+    gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
+    pos = 0
+    for _ in range(max_iter):
+        idx = active.nonzero().flatten()
+        if len(idx) == 0:
+            break
+        # Two-loop recursion, newest pair first; an empty slot has rho = 0 and does nothing.
+        # The active rows of the history are gathered once (views when all are active).
+        every = len(idx) == S
+        sh, yh, rh = (s_hist, y_hist, rho) if every else (s_hist[idx], y_hist[idx], rho[idx])
+        gi = g[idx]
+        q = gi.clone()
+        alphas = []
+        order = [(pos - 1 - j) % history for j in range(history)]
+        for j in order:
+            a = rh[:, j] * (sh[:, j] * q).sum(1)
+            q -= a[:, None] * yh[:, j]
+            alphas.append(a)
+        r = gamma[idx, None] * q
+        for j, a in zip(reversed(order), reversed(alphas), strict=True):
+            beta = rh[:, j] * (yh[:, j] * r).sum(1)
+            r += sh[:, j] * (a - beta)[:, None]
+        d = -r
+        gd = (gi * d).sum(1)
+        uphill = gd >= 0
+        if bool(uphill.any()):  # a stale history; restart those subsets on steepest descent
+            d[uphill] = -gi[uphill] / gi[uphill].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            gd = (gi * d).sum(1)
+        # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
+        th0, f0 = theta[idx], f[idx]
+        step = torch.ones(len(idx), dtype=torch.float64)
+        new_th, new_f, new_g = th0.clone(), f0.clone(), gi.clone()
+        pending = torch.ones(len(idx), dtype=torch.bool)
+        for _ls in range(40):
+            p = pending.nonzero().flatten()
+            trial = th0[p] + step[p, None] * d[p]
+            ft, gt = evaluate(trial, idx[p])
+            ok = torch.isfinite(ft) & (ft <= f0[p] + 1e-4 * step[p] * gd[p])
+            # Near the optimum the decrease drowns in float64 rounding of f; then a step that
+            # keeps f within rounding and shrinks the gradient is progress too.
+            flat = (ft <= f0[p] + 1e-14 * f0[p].abs()) & (gt.abs().amax(1) < gi[p].abs().amax(1))
+            ok |= torch.isfinite(ft) & flat
+            acc = p[ok]
+            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
+            pending[acc] = False
+            if not bool(pending.any()):
+                break
+            step[pending] *= 0.5
+        failed = pending
+        sv, yv = new_th - th0, new_g - gi
+        sy = (sv * yv).sum(1)
+        good = ~failed & (sy > 1e-10 * sv.norm(dim=1) * yv.norm(dim=1))
+        s_hist[idx, pos] = torch.where(good[:, None], sv, 0.0)
+        y_hist[idx, pos] = torch.where(good[:, None], yv, 0.0)
+        rho[idx, pos] = torch.where(good, 1.0 / sy.where(good, 1.0), 0.0)
+        gamma[idx] = torch.where(good, sy / yv.square().sum(1).clamp_min(1e-300), gamma[idx])
+        pos = (pos + 1) % history
+        theta[idx], f[idx], g[idx] = new_th, new_f, new_g
+        n_iter[idx] += (~failed).long()
+        done = g[idx].abs().amax(1) <= tol
+        converged[idx] = done
+        # A failed line search means no decrease is representable any more: stop that subset.
+        active[idx] = ~done & ~failed
+    coef = theta[:, : H * C].reshape(S, H, C).clone()
+    intercept = theta[:, H * C:].clone()
+    return Heads("classification", coef, intercept, torch.full((S,), float(l2)), converged,
+                 n_iter)

@@ -1,0 +1,149 @@
+"""mmkernels.eta.refit_quality: the table, its reference, the signs of eta and gamma, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmkernels  # noqa: F401
+from mmkernels import eta, heads
+
+SUBSETS = [(0,), (1,), (0, 1)]
+
+
+def _masking_encoder(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Subset s sees its modalities' columns, zeros elsewhere: [3, r, 5]."""
+    x = torch.cat(chunks, 1)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=x.dtype)
+    return x.unsqueeze(0) * keep.unsqueeze(1)
+
+
+def _data(n: int, seed: int, task: str):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, 3, generator=g, dtype=torch.float64),
+          torch.randn(n, 2, generator=g, dtype=torch.float64)]
+    signal = xs[0][:, 0] + 0.5 * xs[1][:, 1]
+    y = (signal > 0).long() if task == "classification" else signal
+    return xs, y
+
+
+@pytest.fixture(scope="module")
+def cls_table():
+    train_xs, train_y = _data(300, 0, "classification")
+    test_xs, test_y = _data(200, 1, "classification")
+    table = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                              task="classification", subsets=SUBSETS, pairs=[("B", "A")])
+    return table, (train_xs, train_y, test_xs, test_y)
+
+
+def test_rows_match_direct_refits(cls_table):
+    table, (train_xs, train_y, test_xs, test_y) = cls_table
+    z_tr, z_te = _masking_encoder(train_xs), _masking_encoder(test_xs)
+    fitted = heads.fit(z_tr, train_y, task="classification")
+    risk, acc = fitted.risk(z_te, test_y), fitted.accuracy(z_te, test_y)
+    assert [r["subset"] for r in table.rows] == ["A", "B", "AB"]
+    for i, row in enumerate(table.rows):
+        assert row["test_risk"] == pytest.approx(risk[i].item(), rel=1e-9)
+        assert row["test_accuracy"] == pytest.approx(acc[i].item())
+        assert row["train_risk"] == pytest.approx(fitted.risk(z_tr, train_y)[i].item(), rel=1e-9)
+        assert row["converged"]
+
+
+def test_eta_reference_is_the_full_subset_and_said(cls_table):
+    table, _ = cls_table
+    full = table.rows[2]["test_risk"]
+    assert table.reference_risk == full and "subset AB" in table.reference
+    for row in table.rows:
+        assert row["eta"] == pytest.approx(row["test_risk"] - full)
+    assert table.rows[2]["eta"] == 0.0
+
+
+def test_gamma_signs(cls_table):
+    table, _ = cls_table
+    rows = {r["subset"]: r for r in table.rows}
+    pairs = {(p["M"], p["N"]): p for p in table.pairs}
+    assert set(pairs) == {("A", "AB"), ("B", "AB"), ("B", "A")}  # nested pairs + the asked one
+    for (m, n), p in pairs.items():
+        assert p["gamma_loss"] == pytest.approx(rows[m]["test_risk"] - rows[n]["test_risk"])
+        assert p["gamma_acc_points"] == pytest.approx(
+            100 * (rows[m]["test_accuracy"] - rows[n]["test_accuracy"]))
+        assert p["nested"] == (n == "AB")
+    # The full subset is better: gamma(A, AB) > 0 in loss units, < 0 in accuracy points.
+    assert pairs[("A", "AB")]["gamma_loss"] > 0 > pairs[("A", "AB")]["gamma_acc_points"]
+
+
+def test_reports_state_reference_and_signs(cls_table):
+    table, _ = cls_table
+    md = table.to_markdown()
+    assert "eta reference: refit test risk of subset AB" in md
+    assert "negative = M better" in md and "positive = M better" in md
+    assert "| A | AB | True |" in md
+    csv_rows = table.to_csv("subsets").splitlines()
+    assert csv_rows[0].startswith("# task: classification") and "negative = M better" in csv_rows[0]
+    assert csv_rows[1].startswith("subset,modalities,train_risk")
+    assert table.to_csv("pairs").splitlines()[1] == "M,N,nested,gamma_loss,gamma_acc_points"
+    with pytest.raises(ValueError, match="table must be 'subsets' or 'pairs'"):
+        table.to_csv("other")
+
+
+def test_regression_with_bayes_risk_and_streaming():
+    train_xs, train_y = _data(200, 2, "regression")
+    test_xs, test_y = _data(100, 3, "regression")
+    table = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                              task="regression", subsets=SUBSETS, bayes_risk=0.0)
+    assert table.reference == "Bayes risk (given)" and table.reference_risk == 0.0
+    assert table.rows[2]["test_risk"] < 1e-10          # y is linear in the full subset
+    assert all(r["eta"] == r["test_risk"] for r in table.rows)
+    assert all(r["test_accuracy"] is None for r in table.rows)
+    assert all(p["gamma_acc_points"] is None for p in table.pairs)
+    # A budget of ~10 rows per chunk gives the same table.
+    small = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                              task="regression", subsets=SUBSETS, bayes_risk=0.0,
+                              memory_budget=10 * 3 * 5 * 12)
+    for a, b in zip(table.rows, small.rows, strict=True):
+        assert a["test_risk"] == pytest.approx(b["test_risk"], rel=1e-6, abs=1e-12)
+
+
+def test_reference_by_name_and_default_names():
+    train_xs, train_y = _data(120, 4, "regression")
+    table = eta.refit_quality(_masking_encoder, train_xs, train_y, train_xs, train_y,
+                              task="regression", reference="B")
+    assert [r["subset"] for r in table.rows] == ["A", "B", "AB"]   # all_subsets(2) by default
+    assert table.rows[1]["eta"] == 0.0 and "subset B" in table.reference
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(task="ranking"), "task must be 'regression' or 'classification'"),
+    (dict(subsets=[]), "subsets must not be empty"),
+    (dict(subsets=[(0,), (2,)]), r"subsets entry \(2,\) must name modalities in 0..1"),
+    (dict(subsets=[(0,), (1,), (0, 1), (1,)], names=list("ABCD")),
+     "encoder returns S = 3 subsets, expected 4"),
+    (dict(names=["x"]), "names has 1 entries, expected 3"),
+    (dict(pairs=[("A", "Z")]), r"pairs names subset 'Z', which is not among"),
+    (dict(reference=(0, 2)), r"reference names subset \(0, 2\)"),
+    (dict(bayes_risk=float("nan")), "bayes_risk must be finite"),
+])
+def test_argument_messages(kw, message):
+    xs, y = _data(20, 5, "regression")
+    args = dict(task="regression")
+    args.update(kw)
+    with pytest.raises(ValueError, match=message):
+        eta.refit_quality(_masking_encoder, xs, y, xs, y, **args)
+
+
+def test_no_full_subset_needs_a_reference():
+    xs, y = _data(20, 5, "regression")
+    two = lambda chunks: _masking_encoder(chunks)[:2]  # noqa: E731
+    with pytest.raises(ValueError, match="no subset holds every modality and no bayes_risk"):
+        eta.refit_quality(two, xs, y, xs, y, task="regression", subsets=[(0,), (1,)])
+    table = eta.refit_quality(two, xs, y, xs, y, task="regression", subsets=[(0,), (1,)],
+                              bayes_risk=0.1)
+    assert table.pairs == [] and table.rows[0]["eta"] == table.rows[0]["test_risk"] - 0.1
+
+
+def test_modality_count_mismatch():
+    xs, y = _data(20, 5, "regression")
+    with pytest.raises(ValueError, match="test_xs has 1 modalities, expected 2"):
+        eta.refit_quality(_masking_encoder, xs, y, xs[:1], y, task="regression")
+    with pytest.raises(ValueError, match="train_xs must hold at least one modality"):
+        eta.refit_quality(_masking_encoder, [], y, [], y, task="regression")

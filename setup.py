@@ -43,7 +43,9 @@ def extension() -> cpp_extension.CppExtension:
     sources = read_sources()
     with_cuda = want_cuda()
     macros = [("MMKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp at compile time only: at::parallel_for is an inline OpenMP region, serial
+    # without it; the GOMP symbols then resolve to the OpenMP runtime torch itself loads.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "mmkernels._C",

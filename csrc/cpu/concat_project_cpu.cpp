@@ -27,30 +27,30 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
   at::Tensor out = at::empty(output_shape(p, true), xs[0].options());
   const int64_t B = p.B, H = p.widths[0];
   if (out.numel() == 0) return out;
-  const auto ops = concat_operands(p, xs, weight, acc_type(xs[0].scalar_type()));
-  at::Tensor bias_acc, mask_holder;
+  const auto acc = acc_type(xs[0].scalar_type());
+  const auto ops = concat_operands(p, xs, weight, acc);
+  at::Tensor bias_acc;
   const acc_t* bptr = nullptr;
   if (bias.has_value()) {
-    bias_acc = bias->to(acc_type(xs[0].scalar_type())).contiguous();
+    bias_acc = bias->to(acc).contiguous();
     bptr = bias_acc.data_ptr<acc_t>();
   }
   const int64_t bias_step = p.per_subset ? H : 0;
-  const bool* present = mask_ptr(sample_mask, mask_holder);
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v) {
+  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
     std::vector<acc_t> z(H);
-    for (int64_t s = 0; s < p.S; ++s)
-      for (int64_t i = 0; i < v.rows; ++i) {
-        const int64_t b = v.r0 + i;
+    for (int64_t b = r0; b < r1; ++b)
+      for (int64_t s = 0; s < p.S; ++s) {
         for (int64_t h = 0; h < H; ++h) z[h] = bptr ? bptr[s * bias_step + h] : acc_t(0);
         for (int64_t k = 0; k < p.K; ++k) {
-          if (!v.live[k] || !p.used(s, k) || (present && !present[b * p.K + k])) continue;
-          const acc_t* t = v.T[k] + i * v.ld[k] + p.block_of[k][s] * H;
+          if (!p.used(s, k) || !v.present(k, b)) continue;
+          const acc_t* t = v.row(k, b) + p.block_of[k][s] * H;
           for (int64_t h = 0; h < H; ++h) z[h] += t[h];
         }
         scalar_t* o = optr + (s * B + b) * H;
-        for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(p.relu && z[h] < 0 ? acc_t(0) : z[h]);
+        for (int64_t h = 0; h < H; ++h)
+          o[h] = static_cast<scalar_t>(p.relu && z[h] < 0 ? acc_t(0) : z[h]);
       }
   });
   return out;
@@ -61,49 +61,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
     const FusionPlan& p, const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
     const at::Tensor& weight, const c10::optional<at::Tensor>& sample_mask,
     std::array<bool, 3> output_mask) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, H = p.widths[0];
-  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  const auto acc = acc_type(xs[0].scalar_type());
-  const auto ops = concat_operands(p, xs, weight, acc);
-  at::Tensor mask_holder;
-  const bool* present = mask_ptr(sample_mask, mask_holder);
-  const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
-  const scalar_t* gptr = g.data_ptr<scalar_t>();
-  const scalar_t* optr = o.data_ptr<scalar_t>();
-  const int64_t nbias = p.per_subset ? p.S * H : H;
-
-  auto res = backward_gemms<acc_t>(p, ops, sample_mask, need_x, need_w, need_b ? nbias : 0,
-                                    [&](const RowView<acc_t>& v, acc_t* gb) {
-    std::vector<acc_t> dz(H);
-    for (int64_t s = 0; s < p.S; ++s)
-      for (int64_t i = 0; i < v.rows; ++i) {
-        const int64_t b = v.r0 + i;
-        const scalar_t* gr = gptr + (s * B + b) * H;
-        const scalar_t* orow = optr + (s * B + b) * H;
-        for (int64_t h = 0; h < H; ++h)
-          dz[h] = (!p.relu || orow[h] > scalar_t(0)) ? static_cast<acc_t>(gr[h]) : acc_t(0);
-        if (need_b) {
-          acc_t* gbr = gb + (p.per_subset ? s * H : 0);
-          for (int64_t h = 0; h < H; ++h) gbr[h] += dz[h];
-        }
-        for (int64_t k = 0; k < p.K; ++k) {
-          if (!v.live[k] || !p.used(s, k) || (present && !present[b * p.K + k])) continue;
-          acc_t* r = v.T[k] + i * v.ld[k] + p.block_of[k][s] * H;
-          for (int64_t h = 0; h < H; ++h) r[h] += dz[h];
-        }
-      }
-  });
-
-  std::vector<at::Tensor> grad_xs;
-  if (need_x) grad_xs = res.grad_x;
+  const int64_t H = p.widths[0];
+  const auto ops = concat_operands(p, xs, weight, acc_type(xs[0].scalar_type()));
+  auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, H,
+                                      std::vector<int64_t>(p.K, 0), output_mask[0],
+                                      output_mask[1]);
   at::Tensor grad_w = at::empty({0}, weight.options()), grad_b = at::empty({0}, weight.options());
-  if (need_w) grad_w = concat_unstack(p, res.grad_stack, weight);
-  if (need_b) {
-    std::vector<int64_t> bshape(weight.sizes().begin(), weight.sizes().end() - 1);
-    grad_b = res.grad_bias.view(bshape).to(weight.scalar_type());
+  if (output_mask[1]) grad_w = concat_unstack(p, res.grad_stack, weight);
+  if (output_mask[2]) {
+    // The bias sees every row, present or not: the column sums of act'(out) * grad_out.
+    at::Tensor gb = p.per_subset ? res.grad_colsum : res.grad_colsum.sum(0);
+    grad_b = gb.to(weight.scalar_type());
   }
-  return {grad_xs, grad_w, grad_b};
+  return {output_mask[0] ? res.grad_x : std::vector<at::Tensor>{}, grad_w, grad_b};
 }
 
 at::Tensor concat_project_cpu(at::TensorList xs, const at::Tensor& weight,
@@ -122,12 +92,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
     const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs, const at::Tensor& weight,
     const c10::optional<at::Tensor>& subset_mask, const c10::optional<at::Tensor>& sample_mask,
     c10::string_view activation, std::array<bool, 3> output_mask) {
+  const char* op = "concat_project_backward";
   const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
   const auto expected = output_shape(p, true);
-  check_shape("concat_project_backward", "grad_out", grad_out, expected, "the output's shape");
-  check_shape("concat_project_backward", "out", out, expected, "the output's shape");
-  check_same("concat_project_backward", "grad_out", grad_out, xs[0], "xs[0]");
+  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
+  check_shape(op, "out", out, expected, "the output's shape");
+  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weight, sample_mask, output_mask);
   });

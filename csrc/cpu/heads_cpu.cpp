@@ -11,9 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <thread>
 #include <limits>
 #include <vector>
 
@@ -77,25 +75,13 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
   return {G, R};
 }
 
-// Runs task(0..tasks-1) on up to `threads` threads (the caller's among them), dynamically.
-// std::thread rather than at::parallel_for: the extension is compiled without -fopenmp, and
-// ATen's OpenMP backend is an inline `#pragma omp parallel`, so parallel_for runs serially here.
+// Runs task(0..tasks-1) on at most `threads` threads (the caller's among them).
 template <typename F>
 void run_tasks(int64_t tasks, int64_t threads, const F& task) {
-  const int64_t workers = std::min(tasks, threads);
-  if (workers <= 1) {
-    for (int64_t t = 0; t < tasks; ++t) task(t);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (int64_t t = next++; t < tasks; t = next++) task(t);
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int64_t k = 1; k < workers; ++k) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
+  const int64_t grain = std::max<int64_t>(1, tasks / std::max<int64_t>(1, threads));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) task(t);
+  });
 }
 
 // ---- fused multinomial-logistic pass ------------------------------------------------------

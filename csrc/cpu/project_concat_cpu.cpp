@@ -19,11 +19,6 @@ std::vector<Operand> project_operands(const FusionPlan& p, at::TensorList xs,
   return ops;
 }
 
-bool present_in(const FusionPlan& p, const uint8_t* live, const bool* present, int64_t s,
-                int64_t b, int64_t k) {
-  return live[k] && p.used(s, k) && (!present || present[b * p.K + k]);
-}
-
 template <typename scalar_t>
 at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList weights,
                         at::TensorList biases, const c10::optional<at::Tensor>& sample_mask) {
@@ -40,30 +35,26 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
       bias_stacks[k] = project_stack(p, biases[k], k).to(acc).contiguous();
       bptr[k] = bias_stacks[k].data_ptr<acc_t>();
     }
-  at::Tensor mask_holder;
-  const bool* present = mask_ptr(sample_mask, mask_holder);
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v) {
-    for (int64_t s = 0; s < p.S; ++s)
-      for (int64_t i = 0; i < v.rows; ++i) {
-        const int64_t b = v.r0 + i;
+  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b)
+      for (int64_t s = 0; s < p.S; ++s)
         for (int64_t k = 0; k < p.K; ++k) {
           const int64_t Hk = p.widths[k];
           scalar_t* o = optr + (s * B + b) * width + p.offsets[k];
-          if (!present_in(p, v.live, present, s, b, k)) {
+          if (!p.used(s, k) || !v.present(k, b)) {
             std::fill(o, o + Hk, scalar_t(0));
             continue;
           }
           const int64_t blk = p.block_of[k][s];
-          const acc_t* t = v.T[k] + i * v.ld[k] + blk * Hk;
+          const acc_t* t = v.row(k, b) + blk * Hk;
           const acc_t* bk = bptr[k] ? bptr[k] + blk * Hk : nullptr;
           for (int64_t h = 0; h < Hk; ++h) {
             const acc_t z = t[h] + (bk ? bk[h] : acc_t(0));
             o[h] = static_cast<scalar_t>(p.relu && z < 0 ? acc_t(0) : z);
           }
         }
-      }
   });
   return out;
 }
@@ -73,56 +64,23 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const FusionPlan& p, const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
     at::TensorList weights, const c10::optional<at::Tensor>& sample_mask,
     std::array<bool, 3> output_mask) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, width = output_width(p, false);
-  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  const auto ops = project_operands(p, xs, weights, acc_type(xs[0].scalar_type()));
-  at::Tensor mask_holder;
-  const bool* present = mask_ptr(sample_mask, mask_holder);
-  const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
-  const scalar_t* gptr = g.data_ptr<scalar_t>();
-  const scalar_t* optr = o.data_ptr<scalar_t>();
-  // The bias gradient of block j of modality k sits at bias_off[k] + j * H_k.
-  std::vector<int64_t> bias_off(p.K, 0);
-  int64_t nbias = 0;
+  const auto acc = acc_type(xs[0].scalar_type());
+  const auto ops = project_operands(p, xs, weights, acc);
+  auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, output_width(p, false),
+                                      p.offsets, output_mask[0], output_mask[1]);
+  std::vector<at::Tensor> grad_ws, grad_bs;
   for (int64_t k = 0; k < p.K; ++k) {
-    bias_off[k] = nbias;
-    nbias += ops[k].ncols();
-  }
-
-  auto res = backward_gemms<acc_t>(p, ops, sample_mask, need_x, need_w, need_b ? nbias : 0,
-                                    [&](const RowView<acc_t>& v, acc_t* gb) {
-    for (int64_t s = 0; s < p.S; ++s)
-      for (int64_t i = 0; i < v.rows; ++i) {
-        const int64_t b = v.r0 + i;
-        for (int64_t k = 0; k < p.K; ++k) {
-          if (!present_in(p, v.live, present, s, b, k)) continue;
-          const int64_t Hk = p.widths[k], blk = p.block_of[k][s];
-          const scalar_t* gr = gptr + (s * B + b) * width + p.offsets[k];
-          const scalar_t* orow = optr + (s * B + b) * width + p.offsets[k];
-          acc_t* r = v.T[k] + i * v.ld[k] + blk * Hk;
-          acc_t* gbk = need_b ? gb + bias_off[k] + blk * Hk : nullptr;
-          for (int64_t h = 0; h < Hk; ++h) {
-            const acc_t d = (!p.relu || orow[h] > scalar_t(0)) ? static_cast<acc_t>(gr[h]) : acc_t(0);
-            r[h] += d;
-            if (gbk) gbk[h] += d;
-          }
-        }
-      }
-  });
-
-  std::vector<at::Tensor> grad_xs, grad_ws, grad_bs;
-  if (need_x) grad_xs = res.grad_x;
-  for (int64_t k = 0; k < p.K; ++k) {
-    if (need_w) grad_ws.push_back(project_unstack(p, res.grad_stack[k], weights[k], k));
-    if (need_b) {
+    if (output_mask[1]) grad_ws.push_back(project_unstack(p, res.grad_stack[k], weights[k], k));
+    if (output_mask[2]) {
+      // A block's bias sees only the rows where its modality is present: the sums of R_k.
       std::vector<int64_t> bshape(weights[k].sizes().begin(), weights[k].sizes().end() - 1);
-      const at::Tensor like = at::empty(bshape, weights[k].options());
-      grad_bs.push_back(
-          project_unstack(p, res.grad_bias.narrow(0, bias_off[k], ops[k].ncols()), like, k));
+      const at::Tensor& R = res.grad_rows[k];
+      const at::Tensor stacked =
+          R.defined() ? R.sum(0) : at::zeros({ops[k].ncols()}, xs[0].options().dtype(acc));
+      grad_bs.push_back(project_unstack(p, stacked, at::empty(bshape, weights[k].options()), k));
     }
   }
-  return {grad_xs, grad_ws, grad_bs};
+  return {output_mask[0] ? res.grad_x : std::vector<at::Tensor>{}, grad_ws, grad_bs};
 }
 
 at::Tensor project_concat_cpu(at::TensorList xs, at::TensorList weights, at::TensorList biases,
@@ -141,12 +99,13 @@ project_concat_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, a
                             at::TensorList weights, const c10::optional<at::Tensor>& subset_mask,
                             const c10::optional<at::Tensor>& sample_mask,
                             c10::string_view activation, std::array<bool, 3> output_mask) {
+  const char* op = "project_concat_backward";
   const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
   const auto expected = output_shape(p, false);
-  check_shape("project_concat_backward", "grad_out", grad_out, expected, "the output's shape");
-  check_shape("project_concat_backward", "out", out, expected, "the output's shape");
-  check_same("project_concat_backward", "grad_out", grad_out, xs[0], "xs[0]");
+  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
+  check_shape(op, "out", out, expected, "the output's shape");
+  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weights, sample_mask, output_mask);
   });

@@ -25,6 +25,7 @@ struct FusionPlan {
   std::vector<uint8_t> uses;      // [S, K]: subset s uses modality k
   std::vector<std::vector<int64_t>> block_subsets;  // per k: subsets owning a block (per_subset)
   std::vector<std::vector<int64_t>> block_of;       // [K][S]: block index of s in k's stack, -1
+  std::vector<std::vector<std::vector<int64_t>>> members;  // [K][block]: subsets summed into it
 
   bool used(int64_t s, int64_t k) const { return uses[s * K + k] != 0; }
   int64_t nblocks(int64_t k) const { return per_subset ? (int64_t)block_subsets[k].size() : 1; }
@@ -45,16 +46,21 @@ inline void fill_subsets(FusionPlan& p, const c10::optional<at::Tensor>& subset_
   }
   p.block_subsets.assign(p.K, {});
   p.block_of.assign(p.K, std::vector<int64_t>(p.S, -1));
-  for (int64_t k = 0; k < p.K; ++k)
+  p.members.assign(p.K, {});
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (!p.per_subset) p.members[k].emplace_back();
     for (int64_t s = 0; s < p.S; ++s) {
       if (!p.used(s, k)) continue;
       if (p.per_subset) {
         p.block_of[k][s] = (int64_t)p.block_subsets[k].size();
         p.block_subsets[k].push_back(s);
+        p.members[k].push_back({s});
       } else {
         p.block_of[k][s] = 0;
+        p.members[k][0].push_back(s);
       }
     }
+  }
 }
 
 inline void check_masks(const char* op, FusionPlan& p, at::TensorList xs,

@@ -1,9 +1,12 @@
-"""python -m mmkernels.bench: time the fused ops against their baselines, print a table, write
-JSON. Every ratio is measured in the same run on the same tensors."""
+"""python -m mmkernels.bench [fused|heads|ensemble] [options]: time a suite against its
+baselines, print a table, write JSON. Every ratio is measured in the same run on the same
+tensors. Suites: fused (default; the fused ops, --device cpu|cuda), heads (batched head refits
+against scikit-learn), ensemble (all-subset training against the sequential loop)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -94,8 +97,16 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+SUITES = {"heads": "mmkernels.bench.heads", "ensemble": "mmkernels.bench.ensemble"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmkernels.bench", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUITES:
+        return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
+    if argv and argv[0] == "fused":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m mmkernels.bench [fused]", description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--dtype",

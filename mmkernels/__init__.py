@@ -6,7 +6,8 @@ from mmkernels._native import load as _load_native
 
 _C = _load_native()
 
-from mmkernels import ops  # noqa: E402  (registers fake kernels and autograd on import)
+# ops registers the fake kernels and autograd formulas on import.
+from mmkernels import eta, heads, nn, ops, subsets  # noqa: E402
 from mmkernels.ops import concat_project, project_concat  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,4 +23,5 @@ def build_info() -> dict[str, object]:
     return info
 
 
-__all__ = ["build_info", "concat_project", "project_concat", "ops"]
+__all__ = ["build_info", "concat_project", "eta", "heads", "nn", "ops", "project_concat",
+           "subsets"]

@@ -43,14 +43,10 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
     for (int64_t b = r0; b < r1; ++b)
       for (int64_t s = 0; s < p.S; ++s) {
         for (int64_t h = 0; h < H; ++h) z[h] = bptr ? bptr[s * bias_step + h] : acc_t(0);
-        for (int64_t k = 0; k < p.K; ++k) {
-          if (!p.used(s, k) || !v.present(k, b)) continue;
-          const acc_t* t = v.row(k, b) + p.block_of[k][s] * H;
-          for (int64_t h = 0; h < H; ++h) z[h] += t[h];
-        }
-        scalar_t* o = optr + (s * B + b) * H;
-        for (int64_t h = 0; h < H; ++h)
-          o[h] = static_cast<scalar_t>(p.relu && z[h] < 0 ? acc_t(0) : z[h]);
+        for (int64_t k = 0; k < p.K; ++k)
+          if (p.used(s, k) && v.present(k, b))
+            add_into(z.data(), v.row(k, b) + p.block_of[k][s] * H, H);
+        store_activated(optr + (s * B + b) * H, z.data(), H, p.relu);
       }
   });
   return out;

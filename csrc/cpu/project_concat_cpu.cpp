@@ -38,6 +38,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
   scalar_t* optr = out.data_ptr<scalar_t>();
 
   forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
+    std::vector<acc_t> z(*std::max_element(p.widths.begin(), p.widths.end()));
     for (int64_t b = r0; b < r1; ++b)
       for (int64_t s = 0; s < p.S; ++s)
         for (int64_t k = 0; k < p.K; ++k) {
@@ -49,11 +50,12 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
           }
           const int64_t blk = p.block_of[k][s];
           const acc_t* t = v.row(k, b) + blk * Hk;
-          const acc_t* bk = bptr[k] ? bptr[k] + blk * Hk : nullptr;
-          for (int64_t h = 0; h < Hk; ++h) {
-            const acc_t z = t[h] + (bk ? bk[h] : acc_t(0));
-            o[h] = static_cast<scalar_t>(p.relu && z < 0 ? acc_t(0) : z);
+          if (bptr[k]) {
+            std::copy(t, t + Hk, z.data());
+            add_into(z.data(), bptr[k] + blk * Hk, Hk);
+            t = z.data();
           }
+          store_activated(o, t, Hk, p.relu);
         }
   });
   return out;

@@ -2,8 +2,10 @@
 
 The rule (after flash-attention's tests for half precision): the kernel's largest error
 against the float64 oracle may be at most twice the largest error of plain PyTorch run in the
-same dtype, plus a few units of rounding of the dtype at the result's scale. So a kernel passes
-when it is as accurate as PyTorch itself, whatever the dtype.
+same dtype, plus a floor of a few units of rounding of the dtype at the result's scale, grown
+with the square root of the longest sum behind an element (random rounding errors of n terms
+grow like sqrt(n)). So a kernel passes when it is as accurate as PyTorch itself, whatever the
+dtype; the floor matters where PyTorch is the oracle (float64) or happens to be exact.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ EPS = {
 }
 
 
-def assert_matches_oracle(ours: Tensor, same_dtype: Tensor, oracle: Tensor, what: str) -> None:
+def assert_matches_oracle(
+    ours: Tensor, same_dtype: Tensor, oracle: Tensor, what: str, reduction: int = 1
+) -> None:
     assert ours.shape == oracle.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(oracle.shape)}"
     assert ours.dtype == same_dtype.dtype, f"{what}: dtype {ours.dtype} != {same_dtype.dtype}"
     if oracle.numel() == 0:
@@ -28,7 +32,7 @@ def assert_matches_oracle(ours: Tensor, same_dtype: Tensor, oracle: Tensor, what
     ours_err = (ours.double() - oracle).abs().max().item()
     torch_err = (same_dtype.double() - oracle).abs().max().item()
     scale = max(oracle.abs().max().item(), 1.0)
-    bound = 2 * torch_err + 8 * EPS[ours.dtype] * scale
+    bound = 2 * torch_err + 8 * EPS[ours.dtype] * scale * max(reduction, 1) ** 0.5
     assert ours_err <= bound, (
         f"{what}: max error {ours_err:.3g} against float64 exceeds {bound:.3g} "
         f"(PyTorch in {ours.dtype}: {torch_err:.3g}, scale {scale:.3g})"

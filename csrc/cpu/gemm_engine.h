@@ -182,6 +182,26 @@ void forward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
   });
 }
 
+// The rows of `compact` ([n, d], acc dtype) placed at the rows b with pos[b] >= 0 of a
+// [B, d] tensor in scalar_t, zeros elsewhere: one pass that writes every row once.
+template <typename scalar_t>
+at::Tensor scatter_rows(const at::Tensor& compact, const std::vector<int64_t>& pos, int64_t tasks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = (int64_t)pos.size(), d = compact.size(1);
+  at::Tensor full = at::empty({B, d}, compact.options().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  const acc_t* src = compact.data_ptr<acc_t>();
+  scalar_t* dst = full.data_ptr<scalar_t>();
+  for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      scalar_t* row = dst + b * d;
+      if (pos[b] < 0) std::fill(row, row + d, scalar_t(0));
+      else std::transform(src + pos[b] * d, src + (pos[b] + 1) * d, row,
+                          [](acc_t v) { return static_cast<scalar_t>(v); });
+    }
+  });
+  return full;
+}
+
 struct BackwardResult {
   std::vector<at::Tensor> grad_x;      // [B, d_k] in the input dtype (empty when not needed)
   std::vector<at::Tensor> grad_stack;  // [ncols_k, d_k] in the accumulation dtype
@@ -244,9 +264,9 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& op = ops[k];
     if (need_x) {
-      at::Tensor gx = sel.live[k] ? at::mm(R[k], op.w).to(op.x.scalar_type()) : at::zeros_like(op.x);
-      if (sel.index[k].defined()) gx = at::zeros_like(op.x).index_copy_(0, sel.index[k], gx);
-      res.grad_x.push_back(gx);
+      if (!sel.live[k]) res.grad_x.push_back(at::zeros_like(op.x));
+      else if (!sel.index[k].defined()) res.grad_x.push_back(at::mm(R[k], op.w).to(op.x.scalar_type()));
+      else res.grad_x.push_back(scatter_rows<scalar_t>(at::mm(R[k], op.w), sel.pos[k], tasks));
     }
     res.grad_stack.push_back(need_w && sel.live[k] ? at::mm(R[k].t(), gemm_input(op, sel, k))
                                                    : at::zeros({op.ncols(), p.dims[k]}, acc_opts));

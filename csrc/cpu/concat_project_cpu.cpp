@@ -91,10 +91,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   const char* op = "concat_project_backward";
   const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
-  const auto expected = output_shape(p, true);
-  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
-  check_shape(op, "out", out, expected, "the output's shape");
-  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
+  check_backward(op, p, true, grad_out, out, xs);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weight, sample_mask, output_mask);
   });

@@ -104,10 +104,7 @@ project_concat_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, a
   const char* op = "project_concat_backward";
   const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
-  const auto expected = output_shape(p, false);
-  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
-  check_shape(op, "out", out, expected, "the output's shape");
-  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
+  check_backward(op, p, false, grad_out, out, xs);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weights, sample_mask, output_mask);
   });

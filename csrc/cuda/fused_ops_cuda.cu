@@ -220,10 +220,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count(op, p);
-  const auto expected = output_shape(p, true);
-  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
-  check_shape(op, "out", out, expected, "the output's shape");
-  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
+  check_backward(op, p, true, grad_out, out, xs);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const auto stacks = concat_stacks(p, weight);
   Grads res = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),
@@ -305,10 +302,7 @@ project_concat_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, 
   const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count(op, p);
-  const auto expected = output_shape(p, false);
-  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
-  check_shape(op, "out", out, expected, "the output's shape");
-  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
+  check_backward(op, p, false, grad_out, out, xs);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const auto stacks = project_stacks(p, weights);
   Grads res = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),

@@ -79,18 +79,25 @@ inline void check_masks(const char* op, FusionPlan& p, at::TensorList xs,
                xs[0]);
 }
 
-inline FusionPlan plan_concat_project(at::TensorList xs, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& bias,
-                                      const c10::optional<at::Tensor>& subset_mask,
-                                      const c10::optional<at::Tensor>& sample_mask,
-                                      const std::string& activation, bool allow_half) {
-  const char* op = "concat_project";
+// The part of a plan both ops share: the modalities and the activation.
+inline FusionPlan start_plan(const char* op, at::TensorList xs, const std::string& activation,
+                             bool allow_half) {
   FusionPlan p;
   p.dims = check_modalities(op, xs, allow_half);
   p.K = (int64_t)xs.size();
   p.B = xs[0].size(0);
   check_activation(op, activation);
   p.relu = activation == "relu";
+  return p;
+}
+
+inline FusionPlan plan_concat_project(at::TensorList xs, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& subset_mask,
+                                      const c10::optional<at::Tensor>& sample_mask,
+                                      const std::string& activation, bool allow_half) {
+  const char* op = "concat_project";
+  FusionPlan p = start_plan(op, xs, activation, allow_half);
   int64_t D = 0;
   for (int64_t d : p.dims) {
     p.offsets.push_back(D);
@@ -126,12 +133,7 @@ inline FusionPlan plan_project_concat(at::TensorList xs, at::TensorList weights,
                                       const c10::optional<at::Tensor>& sample_mask,
                                       const std::string& activation, bool allow_half) {
   const char* op = "project_concat";
-  FusionPlan p;
-  p.dims = check_modalities(op, xs, allow_half);
-  p.K = (int64_t)xs.size();
-  p.B = xs[0].size(0);
-  check_activation(op, activation);
-  p.relu = activation == "relu";
+  FusionPlan p = start_plan(op, xs, activation, allow_half);
   MMK_CHECK((int64_t)weights.size() == p.K, op, ": weights must hold K = ", p.K,
             " tensors (one per modality), got ", weights.size());
   check_masks(op, p, xs, subset_mask, sample_mask);
@@ -183,6 +185,16 @@ inline std::vector<int64_t> output_shape(const FusionPlan& p, bool concat_first)
   const int64_t width = output_width(p, concat_first);
   if (p.has_subsets) return {p.S, p.B, width};
   return {p.B, width};
+}
+
+// The backward ops' own arguments: grad_out and out have the forward output's shape.
+inline void check_backward(const char* op, const FusionPlan& p, bool concat_first,
+                           const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs) {
+  const auto expected = output_shape(p, concat_first);
+  check_shape(op, "grad_out", grad_out, expected, "the output's shape");
+  check_shape(op, "out", out, expected, "the output's shape");
+  check_same(op, "grad_out", grad_out, xs[0], "xs[0]");
+  check_same(op, "out", out, xs[0], "xs[0]");
 }
 
 }  // namespace mmkernels

@@ -253,12 +253,12 @@ def write_results(
         if lazy:
             md += ["### Modality-laziness probe (late fusion)", "",
                    "A head refitted on modality k's block of the jointly trained all-modality "
-                   "latent (joint) vs on the latent of the model trained on k alone (alone). "
-                   "acc_gap_points = joint - alone: negative = the joint model under-learned "
-                   "modality k.", "",
-                   tables.markdown(lazy, ["modality", "joint_acc", "alone_acc",
+                   "latent (joint) vs on the latent of the model trained on k alone (alone); "
+                   "accuracies in %, risk_gap in nats (joint - alone). acc_gap_points = "
+                   "joint - alone: negative = the joint model under-learned modality k.", "",
+                   tables.markdown(lazy, ["modality", "joint_acc_pct", "alone_acc_pct",
                                           "acc_gap_points", "risk_gap"],
-                                   pm=["joint_acc", "alone_acc", "acc_gap_points",
+                                   pm=["joint_acc_pct", "alone_acc_pct", "acc_gap_points",
                                        "risk_gap"], digits=3)]
         cl = claims(res)
         for x in cl:

@@ -179,8 +179,8 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
         rows.append({
             "modality": data.modality_names[k],
             "joint_risk": float(risk[k]), "alone_risk": float(risk[j]),
-            "joint_acc": None if acc is None else float(acc[k]),
-            "alone_acc": None if acc is None else float(acc[j]),
+            "joint_acc_pct": None if acc is None else 100.0 * float(acc[k]),
+            "alone_acc_pct": None if acc is None else 100.0 * float(acc[j]),
             "risk_gap": float(risk[k] - risk[j]),
             "acc_gap_points": None if acc is None else 100.0 * float(acc[k] - acc[j]),
         })

@@ -115,8 +115,8 @@ def shapley_table(rows: Sequence[Row], modality_names: Sequence[str],
 def laziness(probe: Sequence[Row]) -> list[Row]:
     """The modality-laziness probe, mean ± std over seeds (see sweep.laziness_probe)."""
     return aggregate(probe, ["dataset", "fraction", "modality"],
-                     ["joint_acc", "alone_acc", "acc_gap_points", "joint_risk", "alone_risk",
-                      "risk_gap"])
+                     ["joint_acc_pct", "alone_acc_pct", "acc_gap_points", "joint_risk",
+                      "alone_risk", "risk_gap"])
 
 
 def table4(rows: Sequence[Row]) -> list[Row]:

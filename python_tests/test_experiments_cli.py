@@ -1,0 +1,38 @@
+"""`mmkernels sweep` on a small .npz dataset it writes, and the reproduce parser."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from test_experiments_tables import tiny_dataset
+
+from mmkernels.experiments.cli import main
+
+
+def test_sweep_cli_on_npz(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "mine.npz"
+    tiny_dataset(n=60).save(path)
+    out = tmp_path / "res"
+    rc = main(["sweep", "--data", str(path), "--out", str(out), "--seeds", "1",
+               "--epochs", "2", "--hidden", "8", "--fractions", "0.1", "1",
+               "--no-progress", "--fusion", "early"])
+    assert rc == 0
+    text = (out / "report.md").read_text()
+    assert "mine" in text and "early fusion" in text
+    with open(out / "mine_subsets_per_seed.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 and {r["subset"] for r in rows} == {"T", "A", "TA"}
+    assert "report:" in capsys.readouterr().out
+    assert not (out / "mine_probe_per_seed.csv").exists()  # no probe for early fusion
+
+
+def test_sweep_cli_without_split(tmp_path: Path) -> None:
+    ds = tiny_dataset(n=60)
+    ds.split = None
+    path = tmp_path / "nosplit.npz"
+    ds.save(path)
+    out = tmp_path / "r2"
+    assert main(["sweep", "--data", str(path), "--out", str(out), "--seeds", "1",
+                 "--epochs", "1", "--hidden", "4", "--fractions", "1", "--no-progress"]) == 0
+    assert (out / "nosplit_table3.csv").exists()

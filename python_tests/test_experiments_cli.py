@@ -36,3 +36,23 @@ def test_sweep_cli_without_split(tmp_path: Path) -> None:
     assert main(["sweep", "--data", str(path), "--out", str(out), "--seeds", "1",
                  "--epochs", "1", "--hidden", "4", "--fractions", "1", "--no-progress"]) == 0
     assert (out / "nosplit_table3.csv").exists()
+
+
+def test_reproduce_with_iemocap_file(tmp_path: Path) -> None:
+    import numpy as np
+    from test_data_iemocap import conversation_tuple, dump
+
+    rng = np.random.default_rng(0)
+    sizes = {f"c{i}": 12 for i in range(6)}
+    path = dump(tmp_path / "IEMOCAP_features.pkl",
+                conversation_tuple(rng, sizes, test_ids=("c4", "c5")))
+    out = tmp_path / "rep"
+    rc = main(["reproduce", "--out", str(out), "--bundled", "--iemocap", str(path),
+               "--table4-seeds", "1", "--n-train", "300", "--n-test", "100", "--seeds", "1",
+               "--epochs", "1", "--hidden", "4", "--fractions", "0.5", "1", "--no-progress"])
+    assert rc == 0
+    text = (out / "report.md").read_text()
+    assert "## iemocap" in text and "Table 4" in text
+    with open(out / "iemocap_table1.csv") as f:
+        assert {r["subset"] for r in csv.DictReader(f)} == {"T", "A", "V", "TA", "TV", "AV",
+                                                            "TAV"}

@@ -39,6 +39,7 @@ def test_sweep_records_and_tables() -> None:
     assert ta["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
     t2 = tables.table2(rec["subsets"])
     assert len(t2) == 6
+    assert {r["n_train_mean"] for r in t2} == {6.0, 62.0}  # counts are not scaled to %
     t3 = tables.table3(rec["pairs"])
     assert {(r["M"], r["N"]) for r in t3} == {("TA", "T"), ("TA", "A")}
     pair = next(p for p in rec["pairs"] if p["N"] == "T" and p["seed"] == 0)

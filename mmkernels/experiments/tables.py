@@ -28,9 +28,9 @@ def _std(v: Sequence[float]) -> float:
 
 
 def aggregate(rows: Sequence[Row], keys: Sequence[str], values: Sequence[str],
-              scale: float = 1.0) -> list[Row]:
+              scale: float | dict[str, float] = 1.0) -> list[Row]:
     """Group rows by ``keys`` (first-seen order) and take mean/std of each value (skipping
-    None), multiplied by ``scale``."""
+    None), multiplied by ``scale`` (one factor, or one per value name, default 1)."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -39,7 +39,8 @@ def aggregate(rows: Sequence[Row], keys: Sequence[str], values: Sequence[str],
         row: Row = dict(zip(keys, key, strict=True))
         row["n_seeds"] = len(grp)
         for v in values:
-            vals = [scale * float(r[v]) for r in grp if r.get(v) is not None]
+            f = scale.get(v, 1.0) if isinstance(scale, dict) else scale
+            vals = [f * float(r[v]) for r in grp if r.get(v) is not None]
             row[f"{v}_mean"] = float(np.mean(vals)) if vals else None
             row[f"{v}_std"] = _std(vals) if vals else None
         out.append(row)
@@ -63,7 +64,8 @@ def table1(rows: Sequence[Row], fraction: float = 1.0) -> list[Row]:
 def table2(rows: Sequence[Row]) -> list[Row]:
     """Table 2: test accuracy (%) per subset and training fraction."""
     metric, scale, _ = _metric(rows)
-    return aggregate(rows, ["dataset", "subset", "size", "fraction"], [metric, "n_train"], scale)
+    return aggregate(rows, ["dataset", "subset", "size", "fraction"], [metric, "n_train"],
+                     {metric: scale})
 
 
 def table3(pairs: Sequence[Row]) -> list[Row]:

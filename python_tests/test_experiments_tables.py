@@ -65,3 +65,22 @@ def test_aggregate_and_labels() -> None:
     assert subset_labels(["text", "audio", "visual"]) == ["T", "A", "V"]
     assert subset_labels(["TL", "TR"]) == ["TL", "TR"]
     assert tables.fmt_pm(1.234, 0.5) == "1.23 ± 0.50"
+
+
+def test_sweep_resumes_from_store(tmp_path, monkeypatch) -> None:
+    from mmkernels.experiments import sweep as sw
+
+    data = prepare(tiny_dataset(n=45), "tiny")
+    cfg = SweepConfig(hidden=4, epochs=1, seeds=[0], fractions=[0.5, 1.0], probe=False)
+    first = sw.run_sweep(data, cfg, progress=False, store=tmp_path)
+    assert len(list(tmp_path.glob("tiny-*.json"))) == 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stored cell was trained again")
+
+    monkeypatch.setattr(sw, "run_cell", fail)
+    again = sw.run_sweep(data, cfg, progress=False, store=tmp_path)
+    assert again["subsets"] == first["subsets"] and again["pairs"] == first["pairs"]
+    with pytest.raises(AssertionError, match="trained again"):  # changed setting: new key
+        sw.run_sweep(data, SweepConfig(hidden=4, epochs=2, seeds=[0], fractions=[1.0]),
+                     progress=False, store=tmp_path)

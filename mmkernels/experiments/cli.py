@@ -90,6 +90,15 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
     p.add_argument("--out", default="results", help="results folder (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore finished cells in OUT/cells (default: resume from them)")
+
+
+def _store(args: argparse.Namespace) -> str | None:
+    """OUT/cells, the resumable cell store, or None with --fresh."""
+    from pathlib import Path
+
+    return None if args.fresh else str(Path(args.out) / "cells")
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -113,11 +122,13 @@ def reproduce(args: argparse.Namespace) -> int:
     cfg = _sweep_config(args)
     for name in args.bundled:
         data = prepare(load_bundled(name), name)
-        real.append(RealResult(data, cfg, run_sweep(data, cfg, progress=progress)))
+        real.append(RealResult(data, cfg, run_sweep(data, cfg, progress=progress,
+                                                    store=_store(args))))
     if args.iemocap:
         data = prepare(load_iemocap(args.iemocap), "iemocap")
         icfg = _sweep_config(args, fusion="late")
-        real.append(RealResult(data, icfg, run_sweep(data, icfg, progress=progress)))
+        real.append(RealResult(data, icfg, run_sweep(data, icfg, progress=progress,
+                                                     store=_store(args))))
     runtime = time.perf_counter() - t0
     config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "reproduce",
               "quick": args.quick, "table4": {"seeds": t4_seeds, "n_train": args.n_train,
@@ -155,7 +166,7 @@ def sweep(args: argparse.Namespace) -> int:
     name = args.name or Path(args.data).stem
     data = prepare(ds, name, split_seed=args.split_seed, test_size=args.test_size)
     cfg = _sweep_config(args)
-    recs = run_sweep(data, cfg, progress=not args.no_progress)
+    recs = run_sweep(data, cfg, progress=not args.no_progress, store=_store(args))
     runtime = time.perf_counter() - t0
     config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "sweep",
               "data": str(args.data), "name": name, "split_seed": args.split_seed,

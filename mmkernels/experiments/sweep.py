@@ -10,12 +10,22 @@ modality-laziness probe (late fusion only; see :func:`laziness_probe`).
 Defaults are the paper's where public (hidden 128, Adam lr 0.01, batch 2048, late fusion for
 IEMOCAP); epochs, seeds and weight decay are not public and are documented parameters.
 Every record is a flat dict (long format), so a sweep's output is a list of rows per table.
+
+Resumable: with ``store=DIR``, :func:`run_sweep` writes each finished cell's records to
+``DIR/<dataset>-<key>.json`` (atomically) and, on a later run, loads a cell whose file exists
+instead of training it again. The key hashes the data (names, shapes, the bytes of every
+tensor), the training settings and the cell (seed, fraction, whether it refits), so a changed
+setting never reuses a stale cell. A killed sweep thus resumes without redoing or losing
+finished cells.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +35,11 @@ from torch import Tensor
 from mmkernels.data import MultiModalDataset
 from mmkernels.subsets import all_subsets
 
+from .io import write_json
 from .sampling import stratified_fraction
 
 __all__ = ["SweepConfig", "Prepared", "prepare", "run_cell", "run_sweep", "laziness_probe",
-           "subset_labels", "PAPER_FRACTIONS"]
+           "subset_labels", "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
 
 PAPER_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -217,7 +228,7 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
             "train_acc": float(train["acc"][s]) if "acc" in train else None,
             "epochs_run": res.epochs_run,
         })
-    if not any(abs(fraction - f) < 1e-12 for f in cfg.refit_fractions):
+    if not _refits(cfg, fraction):
         return out
     table = eta.refit_quality(
         lambda x: model.latents(x), xs, y, data.test_xs, data.test_y, task=data.task,
@@ -253,18 +264,52 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
     return out
 
 
+def data_fingerprint(data: Prepared) -> str:
+    """sha256 over the dataset's names, task, shapes and tensor bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.name, data.task, data.modality_names, data.num_outputs]).encode())
+    for t in [*data.train_xs, data.train_y, *data.test_xs, data.test_y]:
+        c = t.detach().contiguous().cpu()
+        h.update(str((tuple(c.shape), str(c.dtype))).encode())
+        h.update(c.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _refits(cfg: SweepConfig, fraction: float) -> bool:
+    return any(abs(fraction - f) < 1e-12 for f in cfg.refit_fractions)
+
+
+def cell_key(fingerprint: str, cfg: SweepConfig, seed: int, fraction: float) -> str:
+    """Hex key of one cell: the data fingerprint, the training settings (not the seed and
+    fraction lists), the seed, the fraction and whether the cell refits."""
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("seeds", "fractions", "refit_fractions")}
+    blob = json.dumps([fingerprint, settings, int(seed), repr(float(fraction)),
+                       _refits(cfg, fraction)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
-              desc: str | None = None) -> dict[str, list]:
+              desc: str | None = None, store: str | Path | None = None) -> dict[str, list]:
     """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
-    records of all cells concatenated per table."""
+    records of all cells concatenated per table. With ``store``, finished cells are saved
+    there and reused on a later call (see the module docstring)."""
     from tqdm.auto import tqdm
 
     out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
     cells = [(s, f) for f in cfg.fractions for s in cfg.seeds]
+    fp = data_fingerprint(data) if store is not None else ""
     for seed, fraction in tqdm(cells, desc=desc or f"sweep {data.name}", unit="cell",
                                disable=not progress):
-        for key, rows in run_cell(data, seed, fraction, cfg).items():
+        path = None
+        if store is not None:
+            path = Path(store) / f"{data.name}-{cell_key(fp, cfg, seed, fraction)}.json"
+        if path is not None and path.exists():
+            recs = json.loads(path.read_text())
+        else:
+            recs = run_cell(data, seed, fraction, cfg)
+            if path is not None:
+                write_json(path, recs)
+        for key, rows in recs.items():
             out[key].extend(rows)
     return out
-
-

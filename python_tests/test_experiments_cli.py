@@ -56,3 +56,17 @@ def test_reproduce_with_iemocap_file(tmp_path: Path) -> None:
     with open(out / "iemocap_table1.csv") as f:
         assert {r["subset"] for r in csv.DictReader(f)} == {"T", "A", "V", "TA", "TV", "AV",
                                                             "TAV"}
+
+
+def test_sweep_cli_regression(tmp_path: Path) -> None:
+    from mmkernels.data import make_overlap_regression
+
+    path = tmp_path / "reg.npz"
+    make_overlap_regression(0.5, dim=3, n_train=60, n_test=30).save(path)
+    out = tmp_path / "r3"
+    assert main(["sweep", "--data", str(path), "--out", str(out), "--seeds", "1",
+                 "--epochs", "2", "--hidden", "4", "--fractions", "0.5", "1",
+                 "--no-progress"]) == 0
+    text = (out / "report.md").read_text()
+    assert "test loss" in text and "not checked" in text
+    assert (out / "reg_table3.csv").exists() and (out / "reg_shapley.csv").exists()

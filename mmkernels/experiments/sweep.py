@@ -115,7 +115,16 @@ def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
             test_size: float = 0.3) -> Prepared:
     """Tensors of a dataset's train and test rows. A dataset without a split gets a seeded
     (stratified for classification) train/test split of ``test_size``; a "valid" split is
-    left out (the paper describes none)."""
+    left out (the paper describes none).
+
+    Presence masks are not used: the sweep trains each subset on the features as stored
+    (zero-filled where a modality is missing), and warns when the dataset has a mask."""
+    if ds.presence is not None and not bool(np.all(ds.presence)):
+        import warnings
+
+        warnings.warn(f"{name}: the dataset's presence mask is ignored by the sweep; missing "
+                      "modalities enter as their stored (e.g. zero-filled) features",
+                      stacklevel=2)
     if ds.split is None:
         rng = np.random.default_rng(split_seed)
         is_test = np.zeros(ds.n, dtype=bool)

@@ -84,3 +84,15 @@ def test_sweep_resumes_from_store(tmp_path, monkeypatch) -> None:
     with pytest.raises(AssertionError, match="trained again"):  # changed setting: new key
         sw.run_sweep(data, SweepConfig(hidden=4, epochs=2, seeds=[0], fractions=[1.0]),
                      progress=False, store=tmp_path)
+
+
+def test_sweep_on_an_executor_matches_in_process(tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = prepare(tiny_dataset(n=45), "tiny")
+    cfg = SweepConfig(hidden=4, epochs=2, seeds=[0, 1], fractions=[1.0], probe=False)
+    local = run_sweep(data, cfg, progress=False)
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        remote = run_sweep(data, cfg, progress=False, executor=ex, store=tmp_path)
+    assert remote["subsets"] == local["subsets"]
+    assert len(list(tmp_path.glob("*.json"))) == 2

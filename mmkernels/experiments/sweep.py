@@ -299,26 +299,45 @@ def cell_key(fingerprint: str, cfg: SweepConfig, seed: int, fraction: float) -> 
 
 
 def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
-              desc: str | None = None, store: str | Path | None = None) -> dict[str, list]:
+              desc: str | None = None, store: str | Path | None = None,
+              executor: Any = None) -> dict[str, list]:
     """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
-    records of all cells concatenated per table. With ``store``, finished cells are saved
-    there and reused on a later call (see the module docstring)."""
+    records of all cells concatenated per table, in (fraction, seed) order.
+
+    Args:
+        store: folder of finished cells; they are saved there and reused on a later call
+            (see the module docstring).
+        executor: any concurrent.futures-style executor (``submit(fn, *args)`` returning a
+            future with ``result()``: ProcessPoolExecutor, Dask's, submitit's, Ray's
+            ``util.ActorPool``-backed wrappers, ...). The cells not in the store are
+            submitted at once and collected in order; each is stored as soon as it is
+            collected. None runs the cells in this process, one after another.
+    """
     from tqdm.auto import tqdm
 
     out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
     cells = [(s, f) for f in cfg.fractions for s in cfg.seeds]
     fp = data_fingerprint(data) if store is not None else ""
-    for seed, fraction in tqdm(cells, desc=desc or f"sweep {data.name}", unit="cell",
-                               disable=not progress):
-        path = None
-        if store is not None:
-            path = Path(store) / f"{data.name}-{cell_key(fp, cfg, seed, fraction)}.json"
+    paths = [None if store is None else
+             Path(store) / f"{data.name}-{cell_key(fp, cfg, seed, fraction)}.json"
+             for seed, fraction in cells]
+    futures = {}
+    if executor is not None:
+        for i, (seed, fraction) in enumerate(cells):
+            if paths[i] is None or not paths[i].exists():
+                futures[i] = executor.submit(run_cell, data, seed, fraction, cfg)
+    bar = tqdm(total=len(cells), desc=desc or f"sweep {data.name}", unit="cell",
+               disable=not progress)
+    for i, (seed, fraction) in enumerate(cells):
+        path = paths[i]
         if path is not None and path.exists():
             recs = json.loads(path.read_text())
         else:
-            recs = run_cell(data, seed, fraction, cfg)
+            recs = futures[i].result() if i in futures else run_cell(data, seed, fraction, cfg)
             if path is not None:
                 write_json(path, recs)
         for key, rows in recs.items():
             out[key].extend(rows)
+        bar.update(1)
+    bar.close()
     return out

@@ -1,0 +1,343 @@
+"""Sweeps over modality subsets: one cell = (dataset, seed, fraction) trains every subset.
+
+A cell trains all 2^K - 1 subset models at once (:class:`mmkernels.nn.SubsetEnsemble` with
+:func:`mmkernels.training.fit`, the paper's setting: one encoder and one head per subset),
+measures each subset's test accuracy / loss (Tables 1 and 2, the uni-modal baselines), and,
+at the fractions in ``SweepConfig.refit_fractions``, freezes the trained encoders and refits a
+linear head on each (:func:`mmkernels.eta.refit_quality`, Table 3's gamma) and runs the
+modality-laziness probe (late fusion only; see :func:`laziness_probe`).
+
+Defaults are the paper's where public (hidden 128, Adam lr 0.01, batch 2048, late fusion for
+IEMOCAP); epochs, seeds and weight decay are not public and are documented parameters.
+Every record is a flat dict (long format), so a sweep's output is a list of rows per table.
+
+Resumable: with ``store=DIR``, :func:`run_sweep` writes each finished cell's records to
+``DIR/<dataset>-<key>.json`` (atomically) and, on a later run, loads a cell whose file exists
+instead of training it again. The key hashes the data (names, shapes, the bytes of every
+tensor), the training settings and the cell (seed, fraction, whether it refits), so a changed
+setting never reuses a stale cell. A killed sweep thus resumes without redoing or losing
+finished cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmkernels.data import MultiModalDataset
+from mmkernels.subsets import all_subsets
+
+from .io import write_json
+from .sampling import stratified_fraction
+
+__all__ = ["SweepConfig", "Prepared", "prepare", "run_cell", "run_sweep", "laziness_probe",
+           "subset_labels", "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
+
+PAPER_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class SweepConfig:
+    """Settings of a sweep.
+
+    hidden: encoder width per modality (late) or of the joint encoder (early); paper: 128.
+    fusion: "late" (paper's IEMOCAP setting: one linear + ReLU per modality, concatenated)
+        or "early" (concatenate the raw features, one linear + ReLU).
+    epochs: training epochs (not public; default 100, no early stopping).
+    batch_size, lr: Adam's batch and learning rate (paper: 2048, 0.01).
+    weight_decay: Adam L2 (not public; default 0).
+    seeds: one cell per seed and fraction; the seed drives the model initialisation, the
+        batch order and the fraction's subsample.
+    fractions: training-set fractions (Table 2); 1.0 is Table 1.
+    refit_fractions: fractions at which the frozen encoders get refitted heads (Table 3)
+        and the laziness probe runs.
+    head_l2: l2 of the refitted heads (None: mmkernels.heads' default, sklearn C = 1).
+    probe: run the modality-laziness probe (late fusion only).
+    """
+
+    hidden: int = 128
+    fusion: str = "late"
+    epochs: int = 100
+    batch_size: int = 2048
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    fractions: list[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
+    refit_fractions: list[float] = field(default_factory=lambda: [1.0])
+    head_l2: float | None = None
+    probe: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """A dataset as train/test tensors plus its subsets and their names."""
+
+    name: str
+    task: str
+    modality_names: list[str]
+    train_xs: list[Tensor]
+    train_y: Tensor
+    test_xs: list[Tensor]
+    test_y: Tensor
+    num_outputs: int
+    subsets: list[tuple[int, ...]]
+    subset_names: list[str]
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modality_names)
+
+
+def subset_labels(modality_names: Sequence[str]) -> list[str]:
+    """One short label per modality: the upper-case first letters when they are unique
+    ("text", "audio", "visual" -> T, A, V), else the names themselves."""
+    first = [n[:1].upper() for n in modality_names]
+    return first if len(set(first)) == len(first) and all(first) else list(modality_names)
+
+
+def _subset_name(subset: Sequence[int], labels: Sequence[str]) -> str:
+    parts = [labels[k] for k in sorted(subset)]
+    return "".join(parts) if all(len(p) == 1 for p in labels) else "+".join(parts)
+
+
+def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
+            test_size: float = 0.3) -> Prepared:
+    """Tensors of a dataset's train and test rows. A dataset without a split gets a seeded
+    (stratified for classification) train/test split of ``test_size``; a "valid" split is
+    left out (the paper describes none).
+
+    Presence masks are not used: the sweep trains each subset on the features as stored
+    (zero-filled where a modality is missing), and warns when the dataset has a mask."""
+    if ds.presence is not None and not bool(np.all(ds.presence)):
+        import warnings
+
+        warnings.warn(f"{name}: the dataset's presence mask is ignored by the sweep; missing "
+                      "modalities enter as their stored (e.g. zero-filled) features",
+                      stacklevel=2)
+    if ds.split is None:
+        rng = np.random.default_rng(split_seed)
+        is_test = np.zeros(ds.n, dtype=bool)
+        if ds.task == "classification":
+            for c in np.unique(ds.labels):
+                rows = np.flatnonzero(ds.labels == c)
+                k = int(round(test_size * len(rows)))
+                is_test[rng.choice(rows, size=k, replace=False)] = True
+        else:
+            is_test[rng.choice(ds.n, size=int(round(test_size * ds.n)), replace=False)] = True
+        train, test = ds.subset(~is_test), ds.subset(is_test)
+    else:
+        train, test = ds.train(), ds.test()
+    if train.n == 0 or test.n == 0:
+        raise ValueError(f"{name}: needs train and test rows, got {train.n} and {test.n}")
+    if ds.task == "classification":
+        num_outputs = ds.n_classes
+    else:
+        num_outputs = 1 if ds.labels.ndim == 1 else int(ds.labels.shape[1])
+    labels = subset_labels(ds.names)
+    subs = all_subsets(ds.n_modalities)
+    return Prepared(name, ds.task, ds.names, train.to_torch(), train.torch_labels(),
+                    test.to_torch(), test.torch_labels(), num_outputs, subs,
+                    [_subset_name(s, labels) for s in subs])
+
+
+def _model(data: Prepared, cfg: SweepConfig, seed: int):
+    from mmkernels.nn import SubsetEnsemble
+
+    return SubsetEnsemble([x.shape[1] for x in data.train_xs], cfg.hidden,
+                          data.num_outputs, subsets=data.subsets, fusion=cfg.fusion, seed=seed)
+
+
+@torch.no_grad()
+def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
+                   l2: float | None = None) -> list[dict[str, Any]]:
+    """Modality-laziness probe for a late-fusion SubsetEnsemble.
+
+    For each modality k, refit a linear head on modality k's block of the latent of the
+    jointly trained all-modality model ("joint"), and on the latent of the model trained on k
+    alone ("alone"); both heads are fitted on the training rows ``xs, y`` and scored on the
+    test rows. joint risk > alone risk (or joint accuracy < alone accuracy) means the joint
+    training under-learned modality k (modality laziness / competition).
+    """
+    from mmkernels import heads
+
+    if model.fusion != "late":
+        raise ValueError("the laziness probe needs a late-fusion model (one block per modality)")
+    k_all = data.num_modalities
+    full = data.subsets.index(tuple(range(k_all)))
+    offsets = np.cumsum([0, *model.hidden])
+
+    def blocks(x: Sequence[Tensor]) -> Tensor:
+        z = model.latents(list(x))
+        out = []
+        for k in range(k_all):
+            lo, hi = offsets[k], offsets[k + 1]
+            out.append(z[full, :, lo:hi])
+        for k in range(k_all):
+            lo, hi = offsets[k], offsets[k + 1]
+            out.append(z[data.subsets.index((k,)), :, lo:hi])
+        return torch.stack(out)
+
+    z_tr, z_te = blocks(xs), blocks(data.test_xs)
+    fitted = heads.fit(z_tr, y, task=data.task, l2=l2,
+                       num_classes=data.num_outputs if data.task == "classification" else None)
+    risk = fitted.risk(z_te, data.test_y)
+    acc = fitted.accuracy(z_te, data.test_y) if data.task == "classification" else None
+    rows = []
+    for k in range(k_all):
+        j = k_all + k
+        rows.append({
+            "modality": data.modality_names[k],
+            "joint_risk": float(risk[k]), "alone_risk": float(risk[j]),
+            "joint_acc_pct": None if acc is None else 100.0 * float(acc[k]),
+            "alone_acc_pct": None if acc is None else 100.0 * float(acc[j]),
+            "risk_gap": float(risk[k] - risk[j]),
+            "acc_gap_points": None if acc is None else 100.0 * float(acc[k] - acc[j]),
+        })
+    return rows
+
+
+def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict[str, list]:
+    """Train every subset on a ``fraction`` of the training rows (rule: sampling module) and
+    measure it. Returns {"subsets": [...], "refit": [...], "pairs": [...], "probe": [...]},
+    lists of flat records (refit/pairs/probe empty unless fraction is in refit_fractions)."""
+    from mmkernels import eta
+    from mmkernels.training import evaluate, fit
+
+    torch.manual_seed(seed)
+    y_np = data.train_y.numpy()
+    sub_seed = int(np.random.SeedSequence([seed, int(round(fraction * 1e9))]).generate_state(1)[0])
+    idx = stratified_fraction(y_np if data.task == "classification" else None, fraction,
+                              sub_seed, n=len(y_np))
+    it = torch.as_tensor(idx)
+    xs, y = [x[it] for x in data.train_xs], data.train_y[it]
+    model = _model(data, cfg, seed)
+    res = fit(model, xs, y, task=data.task, epochs=cfg.epochs, batch_size=cfg.batch_size,
+              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, progress=False)
+    test = evaluate(model, data.test_xs, data.test_y, task=data.task)
+    train = evaluate(model, xs, y, task=data.task)
+    base = {"dataset": data.name, "seed": seed, "fraction": fraction, "n_train": len(idx)}
+    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
+    for s, sub in enumerate(data.subsets):
+        out["subsets"].append({
+            **base, "subset": data.subset_names[s], "size": len(sub),
+            "modalities": " ".join(data.modality_names[k] for k in sub),
+            "test_loss": float(test["loss"][s]), "train_loss": float(train["loss"][s]),
+            "test_acc": float(test["acc"][s]) if "acc" in test else None,
+            "train_acc": float(train["acc"][s]) if "acc" in train else None,
+            "epochs_run": res.epochs_run,
+        })
+    if not _refits(cfg, fraction):
+        return out
+    table = eta.refit_quality(
+        lambda x: model.latents(x), xs, y, data.test_xs, data.test_y, task=data.task,
+        subsets=data.subsets, names=data.subset_names, l2=cfg.head_l2,
+        num_classes=data.num_outputs if data.task == "classification" else None)
+    by_name = {r["subset"]: r for r in table.rows}
+    e2e = {r["subset"]: r for r in out["subsets"]}
+    for row in table.rows:
+        out["refit"].append({**base, "subset": row["subset"],
+                             "size": len(row["modalities"].split()),
+                             "refit_test_risk": row["test_risk"],
+                             "refit_test_acc": row["test_accuracy"],
+                             "converged": row["converged"]})
+    for m, sm in enumerate(data.subsets):
+        for n_, sn in enumerate(data.subsets):
+            if m == n_ or not set(sn) < set(sm):
+                continue
+            a, b = data.subset_names[m], data.subset_names[n_]
+            ra, rb = by_name[a], by_name[b]
+            acc_diff = None if e2e[a]["test_acc"] is None else \
+                100.0 * (e2e[a]["test_acc"] - e2e[b]["test_acc"])
+            out["pairs"].append({
+                **base, "M": a, "N": b, "size_M": len(sm), "size_N": len(sn),
+                "test_acc_diff_points": acc_diff,
+                "test_loss_diff": e2e[a]["test_loss"] - e2e[b]["test_loss"],
+                "gamma_loss": ra["test_risk"] - rb["test_risk"],
+                "gamma_acc_points": None if ra["test_accuracy"] is None else
+                100.0 * (ra["test_accuracy"] - rb["test_accuracy"]),
+            })
+    if cfg.probe and cfg.fusion == "late" and data.num_modalities > 1:
+        for row in laziness_probe(model, data, xs, y, l2=cfg.head_l2):
+            out["probe"].append({**base, **row})
+    return out
+
+
+def data_fingerprint(data: Prepared) -> str:
+    """sha256 over the dataset's names, task, shapes and tensor bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.name, data.task, data.modality_names, data.num_outputs]).encode())
+    for t in [*data.train_xs, data.train_y, *data.test_xs, data.test_y]:
+        c = t.detach().contiguous().cpu()
+        h.update(str((tuple(c.shape), str(c.dtype))).encode())
+        h.update(c.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _refits(cfg: SweepConfig, fraction: float) -> bool:
+    return any(abs(fraction - f) < 1e-12 for f in cfg.refit_fractions)
+
+
+def cell_key(fingerprint: str, cfg: SweepConfig, seed: int, fraction: float) -> str:
+    """Hex key of one cell: the data fingerprint, the training settings (not the seed and
+    fraction lists), the seed, the fraction and whether the cell refits."""
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("seeds", "fractions", "refit_fractions")}
+    blob = json.dumps([fingerprint, settings, int(seed), repr(float(fraction)),
+                       _refits(cfg, fraction)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
+              desc: str | None = None, store: str | Path | None = None,
+              executor: Any = None) -> dict[str, list]:
+    """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
+    records of all cells concatenated per table, in (fraction, seed) order.
+
+    Args:
+        store: folder of finished cells; they are saved there and reused on a later call
+            (see the module docstring).
+        executor: any concurrent.futures-style executor (``submit(fn, *args)`` returning a
+            future with ``result()``: ProcessPoolExecutor, Dask's, submitit's, Ray's
+            ``util.ActorPool``-backed wrappers, ...). The cells not in the store are
+            submitted at once and collected in order; each is stored as soon as it is
+            collected. None runs the cells in this process, one after another.
+    """
+    from tqdm.auto import tqdm
+
+    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
+    cells = [(s, f) for f in cfg.fractions for s in cfg.seeds]
+    fp = data_fingerprint(data) if store is not None else ""
+    paths = [None if store is None else
+             Path(store) / f"{data.name}-{cell_key(fp, cfg, seed, fraction)}.json"
+             for seed, fraction in cells]
+    futures = {}
+    if executor is not None:
+        for i, (seed, fraction) in enumerate(cells):
+            if paths[i] is None or not paths[i].exists():
+                futures[i] = executor.submit(run_cell, data, seed, fraction, cfg)
+    bar = tqdm(total=len(cells), desc=desc or f"sweep {data.name}", unit="cell",
+               disable=not progress)
+    for i, (seed, fraction) in enumerate(cells):
+        path = paths[i]
+        if path is not None and path.exists():
+            recs = json.loads(path.read_text())
+        else:
+            recs = futures[i].result() if i in futures else run_cell(data, seed, fraction, cfg)
+            if path is not None:
+                write_json(path, recs)
+        for key, rows in recs.items():
+            out[key].extend(rows)
+        bar.update(1)
+    bar.close()
+    return out

@@ -155,14 +155,20 @@ RowView<acc_t> row_view(const FusionPlan& p, const RowSelection& sel,
   return v;
 }
 
+// Small batches stay on the calling thread: waking a second OpenMP thread costs more than a
+// few hundred rows of work, and far more when another process holds the other core.
 inline int64_t num_tasks(int64_t B) {
-  constexpr int64_t kMinRows = 64;
+  constexpr int64_t kMinRows = 512;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinRows));
 }
 
 // fn(task, r0, r1) over a fixed split of [0, B) into tasks, run in parallel.
 template <typename Fn>
 void for_each_task(int64_t B, int64_t tasks, Fn&& fn) {
+  if (tasks <= 1) {
+    fn(0, 0, B);
+    return;
+  }
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) fn(t, t * B / tasks, (t + 1) * B / tasks);
   });

@@ -78,6 +78,10 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
 // Runs task(0..tasks-1) on at most `threads` threads (the caller's among them).
 template <typename F>
 void run_tasks(int64_t tasks, int64_t threads, const F& task) {
+  if (tasks <= 1 || threads <= 1) {  // no OpenMP region for work one thread does anyway
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, tasks / std::max<int64_t>(1, threads));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) task(t);

@@ -59,9 +59,9 @@ std::vector<bool> live_modalities(const FusionPlan& p,
 // The plan's subset tables on the device; the tensors keep the memory alive.
 struct DeviceSubsets {
   at::Tensor block_of, block_base, member_start, member_subset;
-  SubsetTable table() const {
+  SubsetTable table(int64_t S) const {
     return {block_of.data_ptr<int32_t>(), block_base.data_ptr<int32_t>(),
-            member_start.data_ptr<int32_t>(), member_subset.data_ptr<int32_t>(), 0};
+            member_start.data_ptr<int32_t>(), member_subset.data_ptr<int32_t>(), S};
   }
 };
 
@@ -81,8 +81,7 @@ DeviceSubsets device_subsets(const FusionPlan& p, const at::Device& device, Subs
     return at::tensor(v, at::kInt).to(device, /*non_blocking=*/false);
   };
   DeviceSubsets d{to_dev(block_of), to_dev(base), to_dev(start), to_dev(members)};
-  table = d.table();
-  table.S = p.S;
+  table = d.table(p.S);
   return d;
 }
 

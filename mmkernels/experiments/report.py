@@ -16,8 +16,6 @@ Layout of ``out_dir`` (every file written atomically, see :mod:`.io`):
 
 from __future__ import annotations
 
-import platform
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 from . import figures, tables
 from .io import write_csv, write_json, write_text_atomic
+from .provenance import versions
 from .sampling import SAMPLING_RULE
 from .sweep import Prepared, SweepConfig
 from .table4 import check_table4
@@ -39,29 +38,6 @@ class RealResult:
     data: Prepared
     cfg: SweepConfig
     records: dict[str, list]
-
-
-def versions() -> dict[str, Any]:
-    """Python, platform and package versions, and the extension's build information."""
-    import numpy
-    import torch
-
-    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "torch": torch.__version__, "numpy": numpy.__version__,
-                           "torch_threads": torch.get_num_threads()}
-    try:
-        import sklearn
-
-        out["scikit-learn"] = sklearn.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import mmkernels
-
-        out["mmkernels"] = mmkernels.build_info()
-    except Exception as exc:  # noqa: BLE001 - informational only
-        out["mmkernels"] = f"unavailable: {exc}"
-    return out
 
 
 def _mean(rows: Sequence[dict], key: str) -> float:

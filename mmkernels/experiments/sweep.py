@@ -11,19 +11,21 @@ Defaults are the paper's where public (hidden 128, Adam lr 0.01, batch 2048, lat
 IEMOCAP); epochs, seeds and weight decay are not public and are documented parameters.
 Every record is a flat dict (long format), so a sweep's output is a list of rows per table.
 
-Resumable: with ``store=DIR``, :func:`run_sweep` writes each finished cell's records to
-``DIR/<dataset>-<key>.json`` (atomically) and, on a later run, loads a cell whose file exists
-instead of training it again. The key hashes the data (names, shapes, the bytes of every
-tensor), the training settings and the cell (seed, fraction, whether it refits), so a changed
-setting never reuses a stale cell. A killed sweep thus resumes without redoing or losing
-finished cells.
+Resumable: with ``store=DIR``, :func:`run_sweep` appends each finished cell to the
+append-only results store in DIR (:mod:`.store`) and, on a later run, takes the cells found
+there instead of training them again. A cell's key hashes the data (names, shapes, the bytes of
+every tensor), the training settings and the cell (seed, fraction, whether it refits), so a
+changed setting never reuses a stale cell. A killed sweep thus resumes without redoing or
+losing finished cells. Cells run in this process or on any executor (:mod:`.executors`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,10 @@ from torch import Tensor
 from mmkernels.data import MultiModalDataset
 from mmkernels.subsets import all_subsets
 
-from .io import write_json
+from .executors import as_completed_any
+from .io import to_jsonable
 from .sampling import stratified_fraction
+from .store import ResultStore
 
 __all__ = ["SweepConfig", "Prepared", "prepare", "run_cell", "run_sweep", "laziness_probe",
            "subset_labels", "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
@@ -288,56 +292,80 @@ def _refits(cfg: SweepConfig, fraction: float) -> bool:
     return any(abs(fraction - f) < 1e-12 for f in cfg.refit_fractions)
 
 
+def _settings(cfg: SweepConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in ("seeds", "fractions", "refit_fractions")}
+
+
 def cell_key(fingerprint: str, cfg: SweepConfig, seed: int, fraction: float) -> str:
     """Hex key of one cell: the data fingerprint, the training settings (not the seed and
     fraction lists), the seed, the fraction and whether the cell refits."""
-    settings = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("seeds", "fractions", "refit_fractions")}
-    blob = json.dumps([fingerprint, settings, int(seed), repr(float(fraction)),
+    blob = json.dumps([fingerprint, _settings(cfg), int(seed), repr(float(fraction)),
                        _refits(cfg, fraction)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _cell_payload(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict:
+    """What a worker returns for one cell: its records (JSON types), runtime and versions."""
+    from .provenance import versions
+
+    t0 = time.perf_counter()
+    recs = to_jsonable(run_cell(data, seed, fraction, cfg))
+    return {"records": recs, "runtime_s": time.perf_counter() - t0, "versions": versions()}
 
 
 def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
               desc: str | None = None, store: str | Path | None = None,
               executor: Any = None) -> dict[str, list]:
     """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
-    records of all cells concatenated per table, in (fraction, seed) order.
+    records of all cells concatenated per table, in (fraction, seed) order, as JSON types
+    (a NaN metric is None), whichever run or worker computed them.
 
     Args:
-        store: folder of finished cells; they are saved there and reused on a later call
-            (see the module docstring).
+        store: folder of the results store (:mod:`.store`): each finished cell is appended
+            there as soon as it finishes, and cells already there are not run again.
         executor: any concurrent.futures-style executor (``submit(fn, *args)`` returning a
-            future with ``result()``: ProcessPoolExecutor, Dask's, submitit's, Ray's
-            ``util.ActorPool``-backed wrappers, ...). The cells not in the store are
-            submitted at once and collected in order; each is stored as soon as it is
-            collected. None runs the cells in this process, one after another.
+            future with ``result()``): :class:`~.executors.RayExecutor`, a
+            ``ProcessPoolExecutor``, Dask's ``client.get_executor()``, submitit's
+            ``AutoExecutor``. The unfinished cells are submitted at once and stored in the
+            order they finish. None runs them in this process, one after another.
     """
     from tqdm.auto import tqdm
 
-    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
-    cells = [(s, f) for f in cfg.fractions for s in cfg.seeds]
-    fp = data_fingerprint(data) if store is not None else ""
-    paths = [None if store is None else
-             Path(store) / f"{data.name}-{cell_key(fp, cfg, seed, fraction)}.json"
-             for seed, fraction in cells]
-    futures = {}
-    if executor is not None:
-        for i, (seed, fraction) in enumerate(cells):
-            if paths[i] is None or not paths[i].exists():
-                futures[i] = executor.submit(run_cell, data, seed, fraction, cfg)
-    bar = tqdm(total=len(cells), desc=desc or f"sweep {data.name}", unit="cell",
-               disable=not progress)
-    for i, (seed, fraction) in enumerate(cells):
-        path = paths[i]
-        if path is not None and path.exists():
-            recs = json.loads(path.read_text())
+    fp = data_fingerprint(data)
+    keys: dict[str, tuple[int, float]] = {}
+    for f in cfg.fractions:
+        for s in cfg.seeds:
+            keys.setdefault(cell_key(fp, cfg, s, f), (s, f))
+    results: dict[str, dict] = {}
+    rs = ResultStore(store) if store is not None else None
+    with rs.writer() if rs is not None else nullcontext() as writer:
+        if rs is not None:
+            results = {k: r["records"] for k, r in rs.records().items() if k in keys}
+        todo = [k for k in keys if k not in results]
+        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="cell",
+                   desc=desc or f"sweep {data.name}", disable=not progress)
+
+        def finish(key: str, payload: dict) -> None:
+            seed, fraction = keys[key]
+            results[key] = payload["records"]
+            if writer is not None:
+                writer.append({"key": key, "dataset": data.name, "seed": seed,
+                               "fraction": fraction, "data": fp, "config": _settings(cfg),
+                               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                             time.gmtime()), **payload})
+            bar.update(1)
+
+        if executor is None:
+            for key in todo:
+                finish(key, _cell_payload(data, *keys[key], cfg))
         else:
-            recs = futures[i].result() if i in futures else run_cell(data, seed, fraction, cfg)
-            if path is not None:
-                write_json(path, recs)
-        for key, rows in recs.items():
-            out[key].extend(rows)
-        bar.update(1)
-    bar.close()
+            futures = [executor.submit(_cell_payload, data, *keys[key], cfg) for key in todo]
+            for i in as_completed_any(futures):
+                finish(todo[i], futures[i].result())
+        bar.close()
+    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
+    for key in keys:
+        for table, rows in results[key].items():
+            out[table].extend(rows)
     return out

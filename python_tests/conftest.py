@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tests' shared helpers (oracle.py)
@@ -11,3 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # the tests' shared helpers (ora
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The CLI sets torch's (process-wide) thread count; give later tests back their own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

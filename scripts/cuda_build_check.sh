@@ -9,7 +9,8 @@ if [ ! -x "$CU_VENV/bin/python" ]; then
   python3 -m venv "$CU_VENV"
 fi
 "$CU_VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 \
-  "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.6" pytest hypothesis ninja setuptools wheel
+  "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.6" pytest hypothesis "ray>=2.9" \
+  ninja setuptools wheel
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$SRC"

@@ -13,5 +13,6 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" \
   "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.6" "pytest>=7" "hypothesis>=6" "ruff>=0.5" \
+  "ray>=2.9" \
   ninja setuptools wheel
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

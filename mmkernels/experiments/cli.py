@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -89,19 +91,53 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
     g.add_argument("--no-probe", action="store_true", help="skip the modality-laziness probe")
     p.add_argument("--out", default="results", help="results folder (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the paper's models are small, and on a "
-                        "shared 2-core CPU one thread ran the full reproduce ~4x faster than "
-                        "two; 0 keeps torch's default)")
+                   help="torch threads of in-process cells (default 1: the paper's models are "
+                        "small, and on a shared 2-core CPU one thread ran the full reproduce "
+                        "~4x faster than two; 0 keeps torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore finished cells in OUT/cells (default: resume from them)")
+                   help="start over: move OUT/records.jsonl aside (kept, renamed) instead of "
+                        "resuming from its finished cells")
+    g = p.add_argument_group("where cells run")
+    g.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
+                   help="inprocess (default) or ray: one Ray task per cell "
+                        "(pip install 'mmkernels[ray]')")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address ('auto', 'ray://head:10001'); default: start a "
+                        "local Ray")
+    g.add_argument("--workers", type=int, default=None,
+                   help="CPUs of the local Ray (default: all of this machine's)")
+    g.add_argument("--cpus-per-cell", type=int, default=1,
+                   help="Ray CPUs and torch threads per cell (default 1; records equal an "
+                        "in-process run with the same --threads)")
+    g.add_argument("--gpus-per-cell", type=float, default=0, help="Ray GPUs per cell")
 
 
-def _store(args: argparse.Namespace) -> str | None:
-    """OUT/cells, the resumable cell store, or None with --fresh."""
+def _store(args: argparse.Namespace) -> str:
+    """OUT, the folder of the resumable results store; with --fresh an existing store is
+    renamed first (records.<UTC time>.jsonl), so nothing finished is lost."""
     from pathlib import Path
 
-    return None if args.fresh else str(Path(args.out) / "cells")
+    from mmkernels.experiments.store import RECORDS_FILE
+
+    path = Path(args.out) / RECORDS_FILE
+    if args.fresh and path.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path.rename(path.with_name(f"records.{stamp}.jsonl"))
+    return str(args.out)
+
+
+@contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[Any]:
+    """None (cells run in this process) or a RayExecutor, shut down afterwards."""
+    if args.executor == "inprocess":
+        yield None
+        return
+    from mmkernels.experiments.executors import RayExecutor
+
+    with RayExecutor(args.address, cpus_per_cell=args.cpus_per_cell,
+                     gpus_per_cell=args.gpus_per_cell, num_cpus=args.workers) as ex:
+        yield ex
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -123,15 +159,15 @@ def reproduce(args: argparse.Namespace) -> int:
                     progress=progress)
     real = []
     cfg = _sweep_config(args)
-    for name in args.bundled:
-        data = prepare(load_bundled(name), name)
-        real.append(RealResult(data, cfg, run_sweep(data, cfg, progress=progress,
-                                                    store=_store(args))))
+    jobs = [(prepare(load_bundled(name), name), cfg) for name in args.bundled]
     if args.iemocap:
-        data = prepare(load_iemocap(args.iemocap), "iemocap")
-        icfg = _sweep_config(args, fusion="late")
-        real.append(RealResult(data, icfg, run_sweep(data, icfg, progress=progress,
-                                                     store=_store(args))))
+        jobs.append((prepare(load_iemocap(args.iemocap), "iemocap"),
+                     _sweep_config(args, fusion="late")))
+    store = _store(args)
+    with _executor(args) as ex:
+        for data, c in jobs:
+            real.append(RealResult(data, c, run_sweep(data, c, progress=progress, store=store,
+                                                      executor=ex)))
     runtime = time.perf_counter() - t0
     config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "reproduce",
               "quick": args.quick, "table4": {"seeds": t4_seeds, "n_train": args.n_train,
@@ -154,14 +190,56 @@ def _print_claims(out: str) -> None:
         print(f"[{c['dataset']}] {c['claim']}: {verdict} ({c['detail']})")
 
 
+# The options that define a sweep's results; `sweep --resume DIR` restores them from
+# DIR/sweep.json. Where cells run (executor, threads, progress) may change on resume.
+_SWEEP_OPTIONS = ("data", "name", "split_seed", "test_size", "hidden", "fusion", "epochs",
+                  "batch_size", "lr", "weight_decay", "seeds", "fractions", "refit_fractions",
+                  "head_l2", "no_probe")
+
+
+def _resume_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Load the sweep saved in ``args.resume`` into ``args``; an option given on the command
+    line that contradicts it is an error rather than silently ignored."""
+    from pathlib import Path
+
+    saved_path = Path(args.resume) / "sweep.json"
+    if not saved_path.is_file():
+        raise SystemExit(f"--resume {args.resume}: no sweep.json there; it is not the --out "
+                         "folder of a `mmkernels sweep` run")
+    try:
+        saved = json.loads(saved_path.read_text())["options"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--resume {args.resume}: unreadable sweep.json ({exc})") from None
+    for key in _SWEEP_OPTIONS:
+        given, default = getattr(args, key), parser.get_default(key)
+        if key not in saved:
+            continue
+        if given != default and given != saved[key]:
+            raise SystemExit(f"--resume {args.resume}: --{key.replace('_', '-')} {given} "
+                             f"differs from the saved sweep's {saved[key]}; drop the option "
+                             "or start a new --out folder")
+        setattr(args, key, saved[key])
+    args.out, args.fresh = args.resume, False
+
+
 def sweep(args: argparse.Namespace) -> int:
-    """The sweep on a user's MultiModalDataset .npz (every subset, seed and fraction)."""
+    """The sweep on a user's MultiModalDataset .npz (every subset, seed and fraction);
+    ``--resume DIR`` continues the sweep saved in DIR."""
     from pathlib import Path
 
     from mmkernels.data import MultiModalDataset
+    from mmkernels.experiments.io import write_json
     from mmkernels.experiments.report import RealResult, write_results
     from mmkernels.experiments.sweep import prepare, run_sweep
 
+    if args.resume:
+        _resume_options(args, args.parser)
+    elif args.data is None:
+        raise SystemExit("mmkernels sweep: give --data FILE.npz (or --resume DIR)")
+    else:
+        args.data = str(Path(args.data).resolve())
+        write_json(Path(args.out) / "sweep.json",
+                   {"options": {k: getattr(args, k) for k in _SWEEP_OPTIONS}})
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -169,11 +247,13 @@ def sweep(args: argparse.Namespace) -> int:
     name = args.name or Path(args.data).stem
     data = prepare(ds, name, split_seed=args.split_seed, test_size=args.test_size)
     cfg = _sweep_config(args)
-    recs = run_sweep(data, cfg, progress=not args.no_progress, store=_store(args))
+    store = _store(args)
+    with _executor(args) as ex:
+        recs = run_sweep(data, cfg, progress=not args.no_progress, store=store, executor=ex)
     runtime = time.perf_counter() - t0
     config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "sweep",
               "data": str(args.data), "name": name, "split_seed": args.split_seed,
-              "test_size": args.test_size, "sweep": cfg.to_dict()}
+              "test_size": args.test_size, "executor": args.executor, "sweep": cfg.to_dict()}
     report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
                            runtime_s=runtime, title=f"mmkernels sweep: {name}")
     _print_claims(args.out)
@@ -200,13 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=3000, help="synthetic test rows")
     p.set_defaults(fn=reproduce)
     p = sub.add_parser("sweep", help="every subset x seed x fraction on your .npz dataset")
-    p.add_argument("--data", required=True, help="a MultiModalDataset .npz file")
+    p.add_argument("--data", default=None, help="a MultiModalDataset .npz file")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the sweep whose --out folder is DIR: its saved options, "
+                        "its finished cells kept; only the unfinished cells run")
     p.add_argument("--name", default=None, help="dataset name in the results")
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/test split when the file has none")
     p.add_argument("--test-size", type=float, default=0.3)
     _add_sweep_args(p, epochs=50, seeds=3)
-    p.set_defaults(fn=sweep)
+    p.set_defaults(fn=sweep, parser=p)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")
     p.add_argument("--scale", type=float, default=1.0, help="benchmark batch-size factor")
     p.add_argument("--repeats", type=int, default=7)

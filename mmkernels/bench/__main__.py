@@ -1,7 +1,8 @@
-"""python -m mmkernels.bench [fused|heads|ensemble] [options]: time a suite against its
+"""python -m mmkernels.bench [fused|heads|ensemble|sweep] [options]: time a suite against its
 baselines, print a table, write JSON. Every ratio is measured in the same run on the same
 tensors. Suites: fused (default; the fused ops, --device cpu|cuda), heads (batched head refits
-against scikit-learn), ensemble (all-subset training against the sequential loop)."""
+against scikit-learn), ensemble (all-subset training against the sequential loop), sweep
+(a 64-cell sweep in-process against a local Ray)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-SUITES = {"heads": "mmkernels.bench.heads", "ensemble": "mmkernels.bench.ensemble"}
+SUITES = {"heads": "mmkernels.bench.heads", "ensemble": "mmkernels.bench.ensemble",
+          "sweep": "mmkernels.bench.sweep"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ File format (version 1): a plain ``.npz`` archive read with ``allow_pickle=False
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -26,6 +27,8 @@ from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mmkernels.memory import MemoryBudgetError, check_memory
 
 if TYPE_CHECKING:  # torch is imported lazily: loading data should not pay for it
     import torch
@@ -364,10 +367,16 @@ class MultiModalDataset:
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("not an .npz archive (a single .npy array?)")
             with z:
+                _check_members(z, path)
                 raw = {key: z[key] for key in z.files}
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError) as e:
+        except MemoryBudgetError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError, MemoryError,
+                NotImplementedError, RuntimeError) as e:
             # numpy raises ValueError for pickled/object entries and for files that are
-            # not archives at all; all of these mean "this is not a readable dataset".
+            # not archives at all; zipfile NotImplementedError for an unknown zip version
+            # and RuntimeError for an "encrypted" member. Corrupt bytes produce all of these,
+            # and all mean "this is not a readable dataset".
             raise ValueError(
                 f"{path}: cannot read dataset file (truncated, corrupt or not a "
                 f"{FORMAT_NAME} .npz): {type(e).__name__}: {e}"
@@ -424,6 +433,27 @@ class MultiModalDataset:
         if self.presence is not None:
             parts.append(f"absent={int(np.count_nonzero(~self.presence))}")
         return f"MultiModalDataset({', '.join(parts)})"
+
+
+def _check_members(z: np.lib.npyio.NpzFile, path: str) -> None:
+    """Before any array is read: each member's header must describe no more bytes than the
+    member holds (numpy allocates the header's shape first), and all members together must
+    fit the memory budget (the sizes are the uncompressed ones, so a small compressed file
+    that expands to gigabytes is caught here)."""
+    total = 0
+    for info in z.zip.infolist():
+        total += info.file_size
+        with z.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise ValueError(f"member {info.filename!r}: its header declares shape "
+                             f"{list(shape)} {dtype} ({nbytes} bytes) but the member holds "
+                             f"{info.file_size} bytes (truncated or hostile file)")
+    check_memory(f"{path}: loading {len(z.files)} arrays", total)
 
 
 def concat_splits(parts: Sequence[tuple[str, MultiModalDataset]]) -> MultiModalDataset:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from mmkernels.memory import check_memory
+
 from .dataset import MultiModalDataset
 from .safe_pickle import safe_load
 
@@ -120,6 +122,11 @@ def iemocap_from_conversations(
             f"{source}: conversations in both trainVid and testVid: {sorted(both)[:5]}"
         )
 
+    for name, ids in (("trainVid", train_ids), ("testVid", test_ids)):
+        if len(set(ids)) != len(ids):  # a repeated id would copy its features again
+            raise ValueError(f"{source}: {name} lists a conversation more than once")
+
+    budget = _Budget(source)
     feats: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
     ys: list[np.ndarray] = []
     split: list[str] = []
@@ -144,7 +151,7 @@ def iemocap_from_conversations(
             for m, (key, table) in per_mod.items():
                 if vid not in table:
                     raise ValueError(f"{source}: {key}: missing conversation {vid!r}")
-                x = _as_float_2d(table[vid], f"{source}: {key}[{vid!r}]")
+                x = _as_float_2d(table[vid], f"{source}: {key}[{vid!r}]", budget)
                 if x.shape[0] != y.shape[0]:
                     raise ValueError(
                         f"{source}: {key}[{vid!r}]: expected {y.shape[0]} utterances "
@@ -217,6 +224,7 @@ def iemocap_from_splits(
                 f"{source}: key {key!r}: has splits {list(columns[key])}, labels have {splits}"
             )
 
+    budget = _Budget(source)
     replaced: dict[str, int] = {}
     feats: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
     ys, split_col = [], []
@@ -225,13 +233,15 @@ def iemocap_from_splits(
         y = _labels(columns["labels"][split], f"{source}: labels{where}")
         for m in MODALITIES:
             name = f"{source}: {m}{where}"
+            budget.take(columns[m][split], name)
             x = np.asarray(columns[m][split])
             if x.dtype.kind not in "fiu" or x.ndim not in (2, 3):
                 raise ValueError(
                     f"{name}: expected a numeric [n, d] or [n, seq, d] array, got shape "
                     f"{list(x.shape)} dtype {x.dtype}"
                 )
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, policed below
+                x = x.astype(np.float32)
             if nonfinite != "mask":  # "mask" is decided per row after averaging
                 count = _nonfinite(x, nonfinite, name)
                 replaced[m] = replaced.get(m, 0) + count
@@ -286,9 +296,34 @@ def _sorted_ids(ids: Any) -> list[Any]:
     return sorted(ids, key=str)
 
 
-def _as_float_2d(value: Any, name: str) -> np.ndarray:
+class _Budget:
+    """The float32 bytes a loader is about to build, checked against the memory budget
+    before each conversion: a pickle's memo lets a few bytes reference one array a million
+    times, which np.asarray would copy a million times."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.total = source, 0
+
+    def take(self, value: Any, name: str) -> None:
+        self.total += _float32_bytes(value)
+        check_memory(f"{self.source}: the features up to {name}", self.total)
+
+
+def _float32_bytes(value: Any) -> int:
+    """Bytes of np.asarray(value, float32), found without building it (numpy refuses ragged
+    nesting, so the first element's size stands for all of them)."""
+    if isinstance(value, np.ndarray):
+        return 4 * value.size
+    if isinstance(value, (list, tuple)):
+        return len(value) * _float32_bytes(value[0]) if value else 0
+    return 4
+
+
+def _as_float_2d(value: Any, name: str, budget: _Budget) -> np.ndarray:
+    budget.take(value, name)
     try:
-        x = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, policed later
+            x = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"{name}: utterance features of unequal length or non-numeric ({e})"

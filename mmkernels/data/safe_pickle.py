@@ -6,6 +6,14 @@ arrays; :class:`RestrictedUnpickler` resolves exactly the globals those need and
 every other one *before* anything is called. Contents of object-dtype arrays are pickled
 inline as ordinary objects, so they pass through the same check.
 
+Refusing code is not enough: a few bytes of pickle can also ask for any amount of memory (a
+memo index of 2**31 makes the C unpickler allocate a 16 GiB memo table, ``bytearray(10**11)``
+or ``list(range(10**10))`` allocate on call, an array header can claim any shape). So the
+opcode stream is scanned first (``pickletools.genops``: every length must fit in the file and
+every memo index must be one the stream could have made), the allowed callables that could
+allocate by argument are replaced by checked versions, the file must fit the memory budget
+(:mod:`mmkernels.memory`), and a ``MemoryError`` becomes the same clear ``ValueError``.
+
 Python 2 era files (protocol <= 2) are supported: their module names (``__builtin__``,
 ``copy_reg``) are mapped to Python 3 ones before the check, and byte strings are decoded
 with ``encoding="latin1"`` by default, which numpy needs to rebuild arrays from them.
@@ -15,9 +23,16 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import os
 import pickle
+import pickletools
+from collections.abc import Callable
 from typing import IO, Any
+
+import numpy as np
+
+from mmkernels.memory import MemoryBudgetError, check_memory
 
 # (module, name) pairs a data pickle may reference; everything else is refused.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -58,6 +73,11 @@ class RefusedGlobalError(pickle.UnpicklingError, ValueError):
     """A pickle referenced a global outside :data:`ALLOWED_GLOBALS` (nothing was run)."""
 
 
+class RefusedCallError(pickle.UnpicklingError, ValueError):
+    """A pickle called an allowed callable with arguments no data file needs (memory its
+    bytes do not contain, a codec other than latin1); nothing was allocated."""
+
+
 def _py3_name(module: str, name: str) -> tuple[str, str]:
     """The Python 3 location of a (module, name) that a Python 2 pickle may use."""
     if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -86,7 +106,78 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"refusing to load {py3[0]}.{py3[1]} from {self.source}: only containers, "
                 "numbers, strings and numpy arrays are allowed"
             )
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        return _checked(py3, found, self.source)
+
+
+# Longest range a pickle may build: far more than any data file's index needs, far less than
+# what would exhaust memory once a list() or set() walks it.
+_MAX_RANGE = 1 << 24
+
+
+def _checked(name: tuple[str, str], fn: Any, source: str) -> Any:
+    """``fn`` itself, or a wrapper that refuses the arguments that would allocate memory the
+    file does not contain."""
+    label = f"{name[0]}.{name[1]}"
+
+    def refuse(why: str) -> RefusedCallError:
+        return RefusedCallError(f"{source}: refusing {label}: {why} (a corrupt or "
+                                      "hostile pickle)")
+
+    if name in (("builtins", "bytes"), ("builtins", "bytearray")):
+        def sized(*args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], int):
+                raise refuse(f"asks for a zero-filled buffer of {args[0]} bytes")
+            return fn(*args, **kw)
+        return sized
+    if name == ("builtins", "range"):
+        def bounded(*args: Any) -> Any:
+            r = fn(*args)
+            if r.__len__() > _MAX_RANGE:
+                raise refuse(f"a range of {len(r)} elements")
+            return r
+        return bounded
+    if name == ("_codecs", "encode"):
+        def latin1(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> Any:
+            if encoding not in ("latin1", "latin-1"):  # what Python 3 pickles of bytes use
+                raise refuse(f"encoding {encoding!r}")
+            return fn(obj, encoding, errors)
+        return latin1
+    if name[1] in ("ndarray", "_reconstruct"):
+        return _checked_array(fn, label, source)
+    return fn
+
+
+def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[..., Any]:
+    """ndarray(shape, dtype) and numpy's _reconstruct(cls, shape, dtype) allocate the shape's
+    bytes before any data arrives; numpy's own pickles pass shape (0,)."""
+    reconstruct = label.endswith("_reconstruct")
+
+    def call(*args: Any, **kw: Any) -> Any:
+        if reconstruct and args and getattr(args[0], "__wrapped__", None) is np.ndarray:
+            args = (np.ndarray, *args[1:])  # the class argument is our checked ndarray
+        at = 1 if reconstruct else 0
+        shape = args[at] if len(args) > at else kw.get("shape", ())
+        dtype = args[at + 1] if len(args) > at + 1 else kw.get("dtype", float)
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = math.prod(int(d) for d in dims) * np.dtype(dtype).itemsize
+        check_memory(f"{source}: {label}{dims}", nbytes)
+        return fn(*args, **kw)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _scan(data: bytes) -> None:
+    """Walk the opcodes without building anything: a length beyond the end of the data or
+    a memo index the stream could not have made means corrupt or hostile bytes."""
+    ops = 0
+    for op, arg, _ in pickletools.genops(data):
+        ops += 1
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and (
+            not isinstance(arg, int) or arg < 0 or arg > ops
+        ):
+            raise ValueError(f"memo index {arg} after {ops} opcodes (corrupt or hostile)")
 
 
 def safe_load(file: str | os.PathLike[str] | IO[bytes], *, encoding: str = "latin1") -> Any:
@@ -111,8 +202,20 @@ def safe_loads(data: bytes, *, encoding: str = "latin1", source: str = "<bytes>"
 
 def _load(f: IO[bytes], source: str, encoding: str) -> Any:
     try:
-        return RestrictedUnpickler(f, source=source, encoding=encoding).load()
-    except RefusedGlobalError:
+        size = os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        size = None
+    if size is not None:
+        # The bytes, then the objects built from them: about twice the file.
+        check_memory(f"{source}: reading and unpickling {size} bytes", 2 * size)
+    data = f.read()
+    try:
+        _scan(data)
+        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+    except MemoryError as e:
+        raise ValueError(f"{source}: corrupt or hostile pickle: it asks for more memory "
+                         "than the machine has") from e
+    except (RefusedGlobalError, RefusedCallError, MemoryBudgetError):
         raise
     except (
         pickle.UnpicklingError,
@@ -124,6 +227,8 @@ def _load(f: IO[bytes], source: str, encoding: str) -> Any:
         KeyError,
         UnicodeDecodeError,
         OverflowError,
+        LookupError,  # an unknown encoding named in the stream
+        SystemError,  # CPython's C unpickler on some malformed streams (found by fuzzing)
     ) as e:
         # A cut-off download typically ends in EOFError or "pickle data was truncated";
         # garbage bytes give any of the others. None of them is the caller's bug.

@@ -1,6 +1,9 @@
 """The paper's experiments and the same protocol on any data.
 
     sweep     SweepConfig, prepare, run_cell, run_sweep (resumable), laziness_probe
+    executors RayExecutor; any concurrent.futures-style executor runs cells
+    store     the append-only results store (records.jsonl) and read_records
+    provenance versions of everything that produced a result
     table4    synthetic overlap experiment (Table 4) and its acceptance check
     sampling  the stratified training-fraction rule (Table 2)
     shapley   exact Shapley values of modalities over all subsets

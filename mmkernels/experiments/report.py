@@ -3,6 +3,8 @@
 Layout of ``out_dir`` (every file written atomically, see :mod:`.io`):
 
     config.json                       exact configuration, versions, command, runtime
+    records.jsonl                     the results store: one record per finished sweep cell
+                                      (written by run_sweep, see store.py)
     report.md                         the tables, the checks and the claims, in Markdown
     claims.json                       each checked claim: holds / does not hold + numbers
     table4_per_seed.csv / .json       synthetic: one row per (w, seed, subset)

@@ -106,8 +106,14 @@ class Workspace {
     const int64_t span = (bytes + 63) / 64 * 64;  // keep every take cache-line aligned
     needed_ += span;
     // A fresh tensor when the block is too small, and for an empty take (the block may not
-    // exist yet, and a view of nothing needs none).
-    if (span == 0 || used_ + span > capacity_)
+    // exist yet, and a view of nothing needs none). Under AddressSanitizer every take is
+    // fresh, so that an access past a temporary's end hits a redzone, not its neighbour.
+#if defined(__SANITIZE_ADDRESS__)
+    constexpr bool kFreshTakes = true;
+#else
+    constexpr bool kFreshTakes = false;
+#endif
+    if (kFreshTakes || span == 0 || used_ + span > capacity_)
       return at::empty(sizes, at::TensorOptions().dtype(dtype));
     at::Tensor view = block_.narrow(0, used_, bytes).view(dtype).view(sizes);
     used_ += span;

@@ -42,6 +42,11 @@ def concat_project(
         [S, B, H] when subset_mask is given, else [B, H]:
         out[s, b] = act(sum_k present(s, b, k) * xs[k][b] @ W_s[:, o_k:o_k + d_k]^T + bias_s).
         Absent blocks do no work; a row with every modality absent gives act(bias).
+
+    Raises:
+        ValueError / TypeError naming a bad argument; torch.OutOfMemoryError (before any
+        allocation) when the output and workspace would exceed the memory budget
+        (memory_budget(); MMKERNELS_MEMORY_BUDGET overrides it).
     """
     op = "concat_project"
     _check_types(op, xs=(xs, "list"), weight=(weight, "tensor"), bias=(bias, "tensor?"),
@@ -74,6 +79,9 @@ def project_concat(
         [S, B, sum H_k] when subset_mask is given, else [B, sum H_k]:
         out[s, b] = cat_k(present(s, b, k) * act(xs[k][b] @ W_{s,k}^T + b_{s,k})).
         An absent modality's block is exactly zero (the bias does not leak).
+
+    Raises:
+        As concat_project (ValueError / TypeError, torch.OutOfMemoryError over the budget).
     """
     op = "project_concat"
     _check_types(op, xs=(xs, "list"), weights=(weights, "list"), biases=(biases, "list?"),

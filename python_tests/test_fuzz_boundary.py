@@ -189,3 +189,44 @@ def test_none_tensor_to_the_op_is_named():
     with pytest.raises(ValueError, match=r"out must be a tensor, got None"):
         torch.ops.mmkernels.concat_project_backward(
             torch.ones_like(out), None, xs, w, None, None, "relu", [True] * 3)
+
+
+# ---- the memory budget (issue 8, section 2) ---------------------------------------------------
+
+
+def test_over_budget_call_raises_with_the_bytes_before_allocating():
+    """S = 4096 subsets, B = 1e6, H = 1024 on the CPU: 16 TiB of output, refused up front."""
+    xs = [torch.randn(1, 2).expand(10**6, 2)]
+    m = torch.ones(4096, 1, dtype=torch.bool)
+    with pytest.raises(torch.OutOfMemoryError, match=r"concat_project: needs about 15.3 TiB "
+                       r"\(16\d+ bytes\) for its output \[4096, 1000000, 1024\] .*memory budget "
+                       r"of .* bytes"):
+        mmkernels.concat_project(xs, torch.randn(1024, 2), subset_mask=m)
+
+
+def test_budget_from_the_environment(monkeypatch):
+    xs, w = _xs(), torch.randn(H, 8)
+    ok = mmkernels.concat_project(xs, w)  # a normal call is unaffected
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "100")
+    assert mmkernels.ops.memory_budget() == (100.0, "MMKERNELS_MEMORY_BUDGET=100")
+    with pytest.raises(torch.OutOfMemoryError, match=r"needs about .* \((\d+) bytes\).*memory "
+                       r"budget of 100 B \(100 bytes: MMKERNELS_MEMORY_BUDGET=100\)"):
+        mmkernels.concat_project(xs, w)
+    with pytest.raises(torch.OutOfMemoryError, match=r"project_concat_backward: needs about"):
+        torch.ops.mmkernels.project_concat_backward(
+            torch.ones(B, 6), torch.ones(B, 6), xs, [torch.randn(2, 3), torch.randn(4, 5)],
+            None, None, "relu", [True] * 3)
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "1G")
+    assert torch.equal(mmkernels.concat_project(xs, w), ok)
+    assert mmkernels.ops.memory_budget()[0] == 2.0**30
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "off")
+    assert mmkernels.ops.memory_budget()[0] == float("inf")
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValueError, match=r"MMKERNELS_MEMORY_BUDGET must be a byte count"):
+        mmkernels.concat_project(xs, w)
+
+
+def test_default_budget_is_a_fraction_of_available_memory(monkeypatch):
+    monkeypatch.delenv("MMKERNELS_MEMORY_BUDGET", raising=False)
+    budget, source = mmkernels.ops.memory_budget("cpu")
+    assert 0 < budget < float("inf") and "available" in source

@@ -46,6 +46,15 @@ def extension() -> cpp_extension.CppExtension:
     # -fopenmp at compile time only: at::parallel_for is an inline OpenMP region, serial
     # without it; the GOMP symbols then resolve to the OpenMP runtime torch itself loads.
     cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link: list[str] = []
+    # MMKERNELS_SANITIZE=address: an AddressSanitizer build (scripts/sanitize_check.sh).
+    sanitize = os.environ.get("MMKERNELS_SANITIZE")
+    if sanitize:
+        if with_cuda:
+            raise SystemExit("MMKERNELS_SANITIZE is for CPU builds (set MMKERNELS_WITH_CUDA=0)")
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+               "-fvisibility=hidden", "-fopenmp"]
+        link = [f"-fsanitize={sanitize}"]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "mmkernels._C",
@@ -53,6 +62,7 @@ def extension() -> cpp_extension.CppExtension:
             include_dirs=[str(ROOT / "csrc" / "include")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_ARCHS", f'"{archs}"')]

@@ -3,6 +3,8 @@
 // mmkernels/ops.py.
 #include <torch/library.h>
 
+#include <mmkernels/memory_budget.h>
+
 #ifndef MMKERNELS_NO_PYTHON
 #include <torch/extension.h>
 #endif
@@ -54,5 +56,12 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmkernels native ops (registered under torch.ops.mmkernels)";
   m.def("build_info", &build_info, "torch version, CUDA on/off and CUDA archs of this build");
+  m.def(
+      "memory_budget",
+      [](const std::string& device) {
+        const auto b = mmkernels::memory_budget(at::Device(device));
+        return pybind11::make_tuple(b.bytes, b.source);
+      },
+      "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
 }
 #endif

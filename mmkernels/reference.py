@@ -40,6 +40,15 @@ def presence(
     return keep
 
 
+def _empty(shape: list[int], inputs: Sequence[Tensor | None]) -> Tensor:
+    """An empty result that still depends on the inputs (autograd gives them zero grads)."""
+    out = inputs[0].new_zeros(shape)
+    for t in inputs:
+        if t is not None:
+            out = out + 0 * t.sum()
+    return out
+
+
 def _subset_rows(subset_mask: Tensor | None) -> list[Tensor | None]:
     return [None] if subset_mask is None else list(subset_mask)
 
@@ -62,6 +71,8 @@ def concat_project(
         w = weight[s] if weight.dim() == 3 else weight
         b = None if bias is None else (bias[s] if bias.dim() == 2 else bias)
         outs.append(_activate(F.linear(torch.cat(masked, dim=1), w, b), activation))
+    if not outs:  # S = 0 subsets: an empty [0, B, H]
+        return _empty([0, batch, weight.shape[-2]], [*xs, weight, bias])
     return outs[0] if subset_mask is None else torch.stack(outs)
 
 
@@ -86,4 +97,7 @@ def project_concat(
             y = _activate(F.linear(x, w, b), activation)
             blocks.append(torch.where(keep[:, k : k + 1], y, torch.zeros_like(y)))
         outs.append(torch.cat(blocks, dim=1))
+    if not outs:  # S = 0 subsets: an empty [0, B, sum H_k]
+        return _empty([0, batch, sum(w.shape[-2] for w in weights)],
+                      [*xs, *weights, *(biases or [])])
     return outs[0] if subset_mask is None else torch.stack(outs)

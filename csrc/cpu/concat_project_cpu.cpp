@@ -1,6 +1,7 @@
 // concat_project on the CPU: act(sum_k present * x_k @ W_k^T + bias), per subset.
 #include "gemm_engine.h"
 
+#include <mmkernels/memory_budget.h>
 #include <mmkernels/weight_stacks.h>
 
 #include <torch/library.h>
@@ -79,6 +80,7 @@ at::Tensor concat_project_cpu(at::TensorList xs, const at::Tensor& weight,
                               c10::string_view activation) {
   const auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
+  check_fused_budget("concat_project", p, true, false, xs, weight.numel(), true, sample_mask);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project", [&] {
     return forward_impl<scalar_t>(p, xs, weight, bias, sample_mask);
   });
@@ -92,6 +94,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
   check_backward(op, p, true, grad_out, out, xs);
+  check_fused_budget(op, p, true, true, xs, weight.numel(),
+                     grad_out.is_contiguous() && out.is_contiguous(), sample_mask);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "concat_project_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weight, sample_mask, output_mask);
   });

@@ -105,7 +105,16 @@ class Workspace {
     const int64_t bytes = c10::multiply_integers(sizes) * (int64_t)c10::elementSize(dtype);
     const int64_t span = (bytes + 63) / 64 * 64;  // keep every take cache-line aligned
     needed_ += span;
-    if (used_ + span > capacity_) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+    // A fresh tensor when the block is too small, and for an empty take (the block may not
+    // exist yet, and a view of nothing needs none). Under AddressSanitizer every take is
+    // fresh, so that an access past a temporary's end hits a redzone, not its neighbour.
+#if defined(__SANITIZE_ADDRESS__)
+    constexpr bool kFreshTakes = true;
+#else
+    constexpr bool kFreshTakes = false;
+#endif
+    if (kFreshTakes || span == 0 || used_ + span > capacity_)
+      return at::empty(sizes, at::TensorOptions().dtype(dtype));
     at::Tensor view = block_.narrow(0, used_, bytes).view(dtype).view(sizes);
     used_ += span;
     return view;
@@ -292,7 +301,8 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   const bool relu = p.relu;
   at::Tensor colsum = at::zeros({tasks, S * width}, acc_opts);
 
-  for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+  // With no output columns every R_k has none either: no row to visit (B may be huge).
+  if (S * width > 0) for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
     std::vector<acc_t> dz(S * width);
     acc_t* cs = colsum[t].data_ptr<acc_t>();
     for (int64_t b = r0; b < r1; ++b) {

@@ -1,6 +1,7 @@
 // project_concat on the CPU: cat_k( present * act(x_k @ W_k^T + b_k) ), per subset.
 #include "gemm_engine.h"
 
+#include <mmkernels/memory_budget.h>
 #include <mmkernels/weight_stacks.h>
 
 #include <torch/library.h>
@@ -91,6 +92,7 @@ at::Tensor project_concat_cpu(at::TensorList xs, at::TensorList weights, at::Ten
                               c10::string_view activation) {
   const auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
+  check_fused_budget("project_concat", p, false, false, xs, 0, true, sample_mask);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat", [&] {
     return forward_impl<scalar_t>(p, xs, weights, biases, sample_mask);
   });
@@ -105,6 +107,10 @@ project_concat_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, a
   const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/false);
   check_backward(op, p, false, grad_out, out, xs);
+  int64_t weight_numel = 0;
+  for (const auto& w : weights) weight_numel += w.numel();
+  check_fused_budget(op, p, false, true, xs, weight_numel,
+                     grad_out.is_contiguous() && out.is_contiguous(), sample_mask);
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xs[0].scalar_type(), "project_concat_backward", [&] {
     return backward_impl<scalar_t>(p, grad_out, out, xs, weights, sample_mask, output_mask);
   });

@@ -9,10 +9,12 @@
 #include "fused_epilogues.cuh"
 
 #include <mmkernels/fusion_plan.h>
+#include <mmkernels/memory_budget.h>
 #include <mmkernels/weight_stacks.h>
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,6 +34,28 @@ int64_t grid_for(int64_t n) {
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The budget's figure for a GPU: free device memory plus what the caching allocator holds
+// reserved but unused (torch can hand that out without asking the driver).
+double cuda_free_bytes(const at::Device& device) {
+  if (!device.is_cuda()) return -1;
+  const c10::cuda::CUDAGuard guard(device);
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error: the budget is then unknown, not fatal
+    return -1;
+  }
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const double cached = (double)stats.reserved_bytes[all].current -
+                        (double)stats.allocated_bytes[all].current;
+  return (double)free + std::max(0.0, cached);
+}
+
+const bool kBudgetHookInstalled = [] {
+  device_free_hook() = &cuda_free_bytes;
+  return true;
+}();
 
 void check_modality_count(const char* op, const FusionPlan& p) {
   MMK_CHECK(p.K <= kMaxModalities, op, ": at most ", kMaxModalities,
@@ -204,6 +228,7 @@ at::Tensor concat_project_cuda(at::TensorList xs, const at::Tensor& weight,
   const auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count("concat_project", p);
+  check_fused_budget("concat_project", p, true, false, xs, weight.numel(), true, sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),
                                          "concat_project_cuda", [&] {
@@ -220,6 +245,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count(op, p);
   check_backward(op, p, true, grad_out, out, xs);
+  check_fused_budget(op, p, true, true, xs, weight.numel(),
+                     grad_out.is_contiguous() && out.is_contiguous(), sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const auto stacks = concat_stacks(p, weight);
   Grads res = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),
@@ -285,6 +312,7 @@ at::Tensor project_concat_cuda(at::TensorList xs, at::TensorList weights, at::Te
   const auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count("project_concat", p);
+  check_fused_budget("project_concat", p, false, false, xs, 0, true, sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),
                                          "project_concat_cuda", [&] {
@@ -302,6 +330,10 @@ project_concat_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, 
                                      std::string(activation), /*allow_half=*/true);
   check_modality_count(op, p);
   check_backward(op, p, false, grad_out, out, xs);
+  int64_t weight_numel = 0;
+  for (const auto& w : weights) weight_numel += w.numel();
+  check_fused_budget(op, p, false, true, xs, weight_numel,
+                     grad_out.is_contiguous() && out.is_contiguous(), sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const auto stacks = project_stacks(p, weights);
   Grads res = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(),

@@ -21,6 +21,11 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 // ValueError on the Python side: these are caller mistakes, not internal failures.
 #define MMK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
 
+// A None passed for a Tensor argument arrives as an undefined tensor.
+inline void check_defined(const char* op, const std::string& name, const at::Tensor& t) {
+  MMK_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
 inline void check_float_dtype(const char* op, const std::string& name, const at::Tensor& t,
                               bool allow_half) {
   const auto dt = t.scalar_type();
@@ -32,6 +37,7 @@ inline void check_float_dtype(const char* op, const std::string& name, const at:
 
 inline void check_same(const char* op, const std::string& name, const at::Tensor& t,
                        const at::Tensor& ref, const std::string& ref_name) {
+  check_defined(op, name, t);
   MMK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
             ", expected ", ref.scalar_type(), " (the dtype of ", ref_name, ")");
   MMK_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), ", expected ",
@@ -40,12 +46,14 @@ inline void check_same(const char* op, const std::string& name, const at::Tensor
 
 inline void check_shape(const char* op, const std::string& name, const at::Tensor& t,
                         at::IntArrayRef expected, const std::string& what) {
+  check_defined(op, name, t);
   MMK_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", shape_str(expected), " (",
             what, "), got ", shape_str(t.sizes()));
 }
 
 inline void check_mask(const char* op, const std::string& name, const at::Tensor& mask,
                        at::IntArrayRef expected, const std::string& what, const at::Tensor& ref) {
+  check_defined(op, name, mask);
   MMK_CHECK(mask.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor, got ",
             mask.scalar_type());
   check_shape(op, name, mask, expected, what);
@@ -65,6 +73,7 @@ inline std::vector<int64_t> check_modalities(const char* op, at::TensorList xs, 
   dims.reserve(xs.size());
   for (size_t k = 0; k < xs.size(); ++k) {
     const std::string name = "xs[" + std::to_string(k) + "]";
+    check_defined(op, name, xs[k]);
     MMK_CHECK(xs[k].dim() == 2, op, ": ", name, " must be 2-d [B, d_k], got shape ",
               shape_str(xs[k].sizes()));
     check_float_dtype(op, name, xs[k], allow_half);

@@ -68,6 +68,7 @@ inline void check_masks(const char* op, FusionPlan& p, at::TensorList xs,
                         const c10::optional<at::Tensor>& sample_mask) {
   if (subset_mask.has_value()) {
     const auto& m = *subset_mask;
+    check_defined(op, "subset_mask", m);
     MMK_CHECK(m.dim() == 2, op, ": subset_mask must be 2-d [S, K] with K = ", p.K,
               ", got shape ", shape_str(m.sizes()));
     check_mask(op, "subset_mask", m, {m.size(0), p.K}, "[S, K] with K = len(xs)", xs[0]);
@@ -137,6 +138,7 @@ inline FusionPlan plan_project_concat(at::TensorList xs, at::TensorList weights,
   MMK_CHECK((int64_t)weights.size() == p.K, op, ": weights must hold K = ", p.K,
             " tensors (one per modality), got ", weights.size());
   check_masks(op, p, xs, subset_mask, sample_mask);
+  check_defined(op, "weights[0]", weights[0]);
   const int64_t wdim = weights[0].dim();
   MMK_CHECK(wdim == 2 || wdim == 3, op, ": weights[0] must be [H_0, d_0] or [S, H_0, d_0], got shape ",
             shape_str(weights[0].sizes()));

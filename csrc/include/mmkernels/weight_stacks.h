@@ -24,8 +24,10 @@ inline at::Tensor concat_weight_stack(const FusionPlan& p, const at::Tensor& wei
 // project_concat: weights[k] ([nblocks * H_k, d_k]) or biases[k] ([nblocks * H_k]) stacked.
 inline at::Tensor project_stack(const FusionPlan& p, const at::Tensor& t, int64_t k) {
   const at::Tensor blocks = pick_blocks(p, t, k);
-  if (t.dim() == (p.per_subset ? 3 : 2)) return blocks.reshape({-1, t.size(-1)});
-  return blocks.reshape({-1});
+  // Explicit sizes, not -1: a reshape cannot infer a dim of a tensor with no elements.
+  const int64_t rows = p.nblocks(k) * p.widths[k];
+  if (t.dim() == (p.per_subset ? 3 : 2)) return blocks.reshape({rows, t.size(-1)});
+  return blocks.reshape({rows});
 }
 
 // Inverse of concat_weight_stack for gradients: [S, H, D] or [H, D] in weight's dtype.

@@ -568,8 +568,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                          f"subsets {(~torch.isfinite(f)).nonzero().flatten().tolist()[:10]})")
     converged = g.abs().amax(1) <= tol
     n_iter = torch.zeros(S, dtype=torch.int64)
+    # index_select / index_copy_ rather than advanced indexing: those run serially on small
+    # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
     ids = (~converged).nonzero().flatten()
-    th, f, g = theta_out[ids], f[ids], g[ids]
+    th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
     k = len(ids)
     s_hist = torch.zeros(k, history, P, dtype=torch.float64)
     y_hist = torch.zeros(k, history, P, dtype=torch.float64)
@@ -598,7 +600,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         gd = torch.linalg.vecdot(g, d)
         uphill = gd >= 0
         if bool(uphill.any()):  # a stale history; restart those subsets on steepest descent
-            d[uphill] = -g[uphill] / g[uphill].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sd = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            d = torch.where(uphill.unsqueeze(1), -sd, d)
             gd = torch.linalg.vecdot(g, d)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
         gmax0 = g.abs().amax(1)
@@ -612,9 +615,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 ft, gt = evaluate(trial, ids)
                 f0, gd0, st, gm0 = f, gd, step, gmax0
             else:
-                trial = th[p] + step[p, None] * d[p]
-                ft, gt = evaluate(trial, ids[p])
-                f0, gd0, st, gm0 = f[p], gd[p], step[p], gmax0[p]
+                st = step.index_select(0, p)
+                trial = th.index_select(0, p).addcmul_(st.unsqueeze(1), d.index_select(0, p))
+                ft, gt = evaluate(trial, ids.index_select(0, p))
+                f0, gd0, gm0 = f.index_select(0, p), gd.index_select(0, p), gmax0.index_select(0, p)
             ok = torch.isfinite(ft) & ((ft <= f0 + 1e-4 * st * gd0) | (
                 # Near the optimum the decrease drowns in float64 rounding of f; then a step
                 # that keeps f within rounding and shrinks the gradient is progress too.
@@ -623,13 +627,16 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 new_th, new_f, new_g = trial, ft, gt
                 pending.zero_()
                 break
-            acc = ok.nonzero().flatten() if p is None else p[ok]
-            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
-            pending[acc] = False
+            rows = ok.nonzero().flatten()
+            acc = rows if p is None else p.index_select(0, rows)
+            new_th.index_copy_(0, acc, trial.index_select(0, rows))
+            new_f.index_copy_(0, acc, ft.index_select(0, rows))
+            new_g.index_copy_(0, acc, gt.index_select(0, rows))
+            pending.index_fill_(0, acc, False)
             p = pending.nonzero().flatten()
             if len(p) == 0:
                 break
-            step[p] *= 0.5
+            step = torch.where(pending, step * 0.5, step)
         failed = pending
         sv, yv = new_th - th, new_g - g
         sy = torch.linalg.vecdot(sv, yv)
@@ -646,16 +653,17 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         stop = done | failed
         if bool(stop.any()):
             out = stop.nonzero().flatten()
-            theta_out[ids[out]] = th[out]
-            n_iter[ids[out]] = its[out]
-            converged[ids[out]] = done[out]
+            where = ids.index_select(0, out)
+            theta_out.index_copy_(0, where, th.index_select(0, out))
+            n_iter.index_copy_(0, where, its.index_select(0, out))
+            converged.index_copy_(0, where, done.index_select(0, out))
             keep = (~stop).nonzero().flatten()
-            ids, th, f, g, gamma = ids[keep], th[keep], f[keep], g[keep], gamma[keep]
-            its, s_hist, y_hist, rho = its[keep], s_hist[keep], y_hist[keep], rho[keep]
+            ids, th, f, g, gamma, its, s_hist, y_hist, rho = (
+                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its, s_hist, y_hist, rho))
             k = len(ids)
     if k:  # max_iter reached
-        theta_out[ids] = th
-        n_iter[ids] = its
+        theta_out.index_copy_(0, ids, th)
+        n_iter.index_copy_(0, ids, its)
     coef = theta_out[:, : H * C].reshape(S, H, C).clone()
     intercept = theta_out[:, H * C:].clone()
     return Heads("classification", coef, intercept, torch.full((S,), float(l2)), converged,

@@ -720,7 +720,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const int64_t* pick = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its
     // own partial sums, added in task order, so a given thread count gives fixed results.
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    // One thread below ~1M elements of Z per call (~0.3 ms of work): an OpenMP region costs
+    // ~10 us on a quiet machine but milliseconds when a team thread waits for a CPU.
+    const int64_t threads =
+        K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
     const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
     std::vector<double> part_loss(K * splits, 0.0), part_w(K * splits * wsize, 0.0),

@@ -558,9 +558,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
 
     The state is kept for the still-active subsets only, compacted when some finish, so an
     iteration runs on views (no gathers) and evaluates exactly the subsets that need it.
-    Every tensor op here is on [k, P] or [k, m] (a history slot at a time), so below
-    PyTorch's intra-op grain for the shapes heads meet, and single-threaded without touching
-    the global thread count.
+    Every tensor op here is on [k, P] or [k] (the history is a list of slots), so it runs
+    serially below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6)
+    without touching the global thread count; gathers use index_select / index_copy_ (serial
+    when small) rather than advanced indexing (aten::index opens an OpenMP region).
     """
     theta_out = torch.zeros(S, P, dtype=torch.float64)
     f, g = evaluate(theta_out, None)
@@ -574,9 +575,11 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     ids = (~converged).nonzero().flatten()
     th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
     k = len(ids)
-    s_hist = torch.zeros(k, history, P, dtype=torch.float64)
-    y_hist = torch.zeros(k, history, P, dtype=torch.float64)
-    rho = torch.zeros(k, history, dtype=torch.float64)
+    # History slot by slot ([k, P] each, filled in turn): a slot-major list keeps every gather
+    # and write on one slot, below the intra-op grain for moderate S * P.
+    s_hist: list[Tensor] = []
+    y_hist: list[Tensor] = []
+    rho: list[Tensor] = []
     gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
     its = torch.zeros(k, dtype=torch.int64)
     pos = filled = 0
@@ -587,7 +590,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         # stored with rho = 0 and does nothing).
         q = g.clone()
         order = [(pos - 1 - j) % history for j in range(min(filled, history))]
-        sv_, yv_, rv_ = s_hist.unbind(1), y_hist.unbind(1), rho.unbind(1)
+        sv_, yv_, rv_ = s_hist, y_hist, rho
         alphas = []
         for j in order:
             a = torch.linalg.vecdot(sv_[j], q).mul_(rv_[j])
@@ -642,9 +645,13 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         sv, yv = new_th - th, new_g - g
         sy = torch.linalg.vecdot(sv, yv)
         good = ~failed & (sy > 1e-10 * sv.norm(dim=1) * yv.norm(dim=1))
-        s_hist[:, pos] = sv.mul_(good.unsqueeze(1))
-        y_hist[:, pos] = yv.mul_(good.unsqueeze(1))
-        rho[:, pos] = torch.where(good, 1.0 / sy.where(good, 1.0), 0.0)
+        slot = (sv.mul_(good.unsqueeze(1)), yv.mul_(good.unsqueeze(1)),
+                torch.where(good, 1.0 / sy.where(good, 1.0), 0.0))
+        for hist, value in zip((s_hist, y_hist, rho), slot, strict=True):
+            if len(hist) < history:
+                hist.append(value)
+            else:
+                hist[pos] = value
         gamma = torch.where(good, sy / yv.square().sum(1).clamp_min(1e-300), gamma)
         pos, filled = (pos + 1) % history, filled + 1
         th, f, g = new_th, new_f, new_g
@@ -659,8 +666,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             n_iter.index_copy_(0, where, its.index_select(0, out))
             converged.index_copy_(0, where, done.index_select(0, out))
             keep = (~stop).nonzero().flatten()
-            ids, th, f, g, gamma, its, s_hist, y_hist, rho = (
-                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its, s_hist, y_hist, rho))
+            ids, th, f, g, gamma, its = (
+                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its))
+            s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
+                                   for hist in (s_hist, y_hist, rho))
             k = len(ids)
     if k:  # max_iter reached
         theta_out.index_copy_(0, ids, th)

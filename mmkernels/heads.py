@@ -549,25 +549,47 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
         grad[:, :HC] += l2 * Wd
         return loss.div_(scale), grad.div_(scale)
 
-    return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
+    # Subsets are solved in groups of k with k * P below PyTorch's intra-op grain, so that
+    # the solver's own tensor ops run serially (see _lbfgs); one group when k * P is small.
+    size = max(1, (_GRAIN - 1) // P)
+    if size >= S:
+        return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
+    parts = []
+    for s0 in range(0, S, size):
+        ids = torch.arange(s0, min(S, s0 + size))
+
+        def in_group(theta: Tensor, idx: Tensor | None, ids: Tensor = ids
+                     ) -> tuple[Tensor, Tensor]:
+            return evaluate(theta, ids if idx is None else ids.index_select(0, idx))
+
+        parts.append(_lbfgs(in_group, len(ids), P, H, C, l2, tol, max_iter, history, s0))
+    return Heads("classification", *(torch.cat([getattr(h, a) for h in parts])
+                                      for a in ("coef", "intercept", "l2", "converged",
+                                                "n_iter")))
+
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run serially
 
 
 def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S: int, P: int,
-           H: int, C: int, l2: float, tol: float, max_iter: int, history: int) -> Heads:
+           H: int, C: int, l2: float, tol: float, max_iter: int, history: int,
+           first: int = 0) -> Heads:
     """Batched L-BFGS over S independent problems with parameters theta [S, P].
 
     The state is kept for the still-active subsets only, compacted when some finish, so an
     iteration runs on views (no gathers) and evaluates exactly the subsets that need it.
     Every tensor op here is on [k, P] or [k] (the history is a list of slots), so it runs
-    serially below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6)
-    without touching the global thread count; gathers use index_select / index_copy_ (serial
-    when small) rather than advanced indexing (aten::index opens an OpenMP region).
+    serially below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6;
+    the caller splits larger S into groups) without touching the global thread count; gathers
+    use index_select / index_copy_ (serial when small) rather than advanced indexing
+    (aten::index opens an OpenMP region). first: the subset number of problem 0 (messages).
     """
     theta_out = torch.zeros(S, P, dtype=torch.float64)
     f, g = evaluate(theta_out, None)
     if not bool(torch.isfinite(f).all()):
+        bad = ((~torch.isfinite(f)).nonzero().flatten() + first).tolist()
         raise ValueError("the loss at W = 0 is not finite: Z holds NaN or Inf values (in "
-                         f"subsets {(~torch.isfinite(f)).nonzero().flatten().tolist()[:10]})")
+                         f"subsets {bad[:10]})")
     converged = g.abs().amax(1) <= tol
     n_iter = torch.zeros(S, dtype=torch.int64)
     # index_select / index_copy_ rather than advanced indexing: those run serially on small

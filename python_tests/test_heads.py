@@ -216,6 +216,25 @@ def test_huge_refit_raises_before_allocating(monkeypatch):
         heads.fit(z, torch.arange(10), task="classification", num_classes=1000)
 
 
+def test_many_subsets_are_solved_in_groups_like_one_at_a_time():
+    """S * (H+1) * C above PyTorch's intra-op grain: the subsets are solved in groups (84 at H
+    = 64, C = 6); each subset's heads equal its own fit, and messages name global subsets."""
+    g = torch.Generator().manual_seed(6)
+    S, n, H, C = 90, 40, 64, 6
+    y = torch.arange(n) % C
+    z = torch.randn(S, n, H, generator=g, dtype=torch.float64) + 0.3 * y[None, :, None]
+    h = heads.fit(z, y, task="classification", tol=1e-8)
+    assert h.coef.shape == (S, H, C) and h.n_iter.shape == (S,) and bool(h.converged.all())
+    for s in (0, 83, 84, 89):
+        one = heads.fit(z[s:s + 1], y, task="classification", tol=1e-8)
+        torch.testing.assert_close(h.coef[s], one.coef[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(h.intercept[s], one.intercept[0], rtol=0, atol=1e-10)
+        assert h.n_iter[s] == one.n_iter[0]
+    z[85, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(in subsets \[85\]\)"):
+        heads.fit(z, y, task="classification")
+
+
 def test_fit_leaves_the_thread_count_alone_and_runs_from_threads():
     """No torch.set_num_threads inside fit: concurrent fits from Python threads give the same
     heads as a serial fit, and the caller's thread count is untouched."""

@@ -14,7 +14,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -78,21 +81,39 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
   return {G, R};
 }
 
-// Runs task(0..tasks-1) on at most `threads` threads (the caller's among them). Threads claim
-// tasks from a shared counter instead of taking fixed shares: on a machine shared with other
-// processes a team thread can start a scheduler time slice (milliseconds) late, and the
-// others then run its tasks instead of waiting for it. Results do not depend on which thread
-// ran a task (each task has its own output slot).
+// Runs task(0..tasks-1) on at most `threads` threads, the caller's among them. Threads claim
+// tasks from a shared counter, and the helpers come from ATen's inter-op pool (at::launch)
+// rather than an OpenMP team: an OpenMP region ends in a barrier that waits for every team
+// thread, so on a machine shared with other busy processes a helper that gets a CPU a
+// scheduler time slice late (milliseconds) stalled every call. Here the caller runs whatever
+// the helpers have not claimed and waits only for tasks a helper is running; a helper that
+// starts after the last task was claimed finds nothing and returns (it touches only the
+// shared, reference-counted counters). Results do not depend on which thread ran a task:
+// each task has its own output slot, summed in task order afterwards.
 template <typename F>
 void run_tasks(int64_t tasks, int64_t threads, const F& task) {
-  if (tasks <= 1 || threads <= 1) {  // no OpenMP region for work one thread does anyway
+  if (tasks <= 1 || threads <= 1) {
     for (int64_t t = 0; t < tasks; ++t) task(t);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) task(t);
-  });
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  const std::function<void(int64_t)> run = [&task](int64_t t) { task(t); };
+  const int64_t tasks_total = tasks;
+  // A helper may outlive this call: it holds `shared`, and dereferences `fn` (this frame's
+  // `run`) only for a task it claimed, which this call waits for.
+  auto work = [shared, tasks_total](const std::function<void(int64_t)>* fn) {
+    for (int64_t t = shared->next.fetch_add(1); t < tasks_total; t = shared->next.fetch_add(1)) {
+      (*fn)(t);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 1; h < std::min(threads, tasks); ++h)
+    at::launch([work, fn = &run]() { work(fn); });
+  work(&run);
+  while (shared->done.load(std::memory_order_acquire) < tasks_total) std::this_thread::yield();
 }
 
 // ---- fused multinomial-logistic pass ------------------------------------------------------

@@ -24,13 +24,42 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
   The multinomial gradient keeps sum_c W[:, c] = 0 and sum_c b_c = 0 from the zero start, so
   the (otherwise unidentified) intercept is the sum-to-zero one, as in sklearn.
   Solver: batched L-BFGS (history 10) with a per-subset backtracking Armijo line search and
-  per-subset convergence masks; only the still-active subsets are evaluated. Newton was
-  rejected: its Hessian costs n (H C)^2 per iteration, ~8 GFLOP per subset at H = 128,
-  C = 6. Stopping rule (sklearn's gtol):
+  per-subset convergence; the state (parameters, gradients, history) is kept for the
+  still-active subsets only and compacted when some finish, so an iteration runs on views and
+  each evaluation reads exactly the active subsets of Z (the op's subset_index). Stopping rule
+  (sklearn's gtol):
       max_j |d objective / d theta_j| / sum_i sw_i <= tol,
-  default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (the loss and gradient are
-  computed in float32 then). Each evaluation is the fused native op
-  mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass).
+  default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (sklearn's default; the loss
+  and gradient are computed in float32 then). Each evaluation is the fused native op
+  mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
+  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads_cpu.cpp).
+  Why this solver:
+  - The cost is one pass over Z per evaluation: 4 n H C flops and n H words per subset (~40
+    MFLOP and 6.8 MB at n = 13,200, H = 128, C = 6, float32); the kernel runs at ~55 ns per
+    row of Z per thread here (~0.75 ms per subset evaluation, ~55 GFLOP/s). L-BFGS needs about one
+    evaluation per iteration (the unit step is accepted almost always) and takes the same
+    iteration counts as sklearn's lbfgs on the same objective and gtol (5-20 on the benchmark),
+    so the speed-up over sklearn's loop is the kernel's speed plus the batching.
+  - Newton was rejected: its Hessian costs n (H C)^2 per iteration, ~8 GFLOP per subset at H =
+    128, C = 6, i.e. ~200 evaluations' worth, to save ~10 iterations.
+  - A warm start from the ridge solution (one Newton step from W = 0 with the Gram) costs a
+    Gram per subset, 2 n (H+1)^2 flops (~11 evaluations' worth of flops at H = 128, C = 6).
+    Tried on the benchmark: 77 iterations instead of 91 over the 7 subsets, but 25 % slower
+    overall (the Gram took more time than the 14 evaluations saved); not used.
+  - The solver's own algebra is on [k, (H+1) C] tensors a history slot at a time: ~80 small
+    op calls per iteration, ~0.75 ms, ~15 ms of a ~60-100 ms fit at the benchmark's shapes
+    (the evaluations are the rest). Moving it into C++ would save at most that.
+  Threads: fit never changes torch's thread count (process-global state, unsafe with several
+  Python threads; the old code set 1 thread around the solver). Instead:
+  - the native op uses up to the caller's torch.get_num_threads(): helpers from ATen's
+    inter-op pool claim (subset, row block) tasks from a shared counter and the caller runs
+    what they have not claimed, so it never waits for a helper that has not got a CPU yet (an
+    OpenMP region waits for every team thread: on this 2-core machine shared with other busy
+    processes that made 2 threads 2.5x slower than 1); below ~1M elements of Z per call the
+    op runs on the calling thread;
+  - the solver's own ops stay below PyTorch's intra-op grain (serial): subsets are solved in
+    groups of k with k (H+1) C < 32768, and gathers use index_select / index_copy_.
+  Results depend on the thread count only through the op's summation order (rounding level).
 
 Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
 (averaged over outputs) for regression, the mean cross-entropy (nats) for classification.
@@ -42,8 +71,8 @@ solver internals, never differentiated.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +83,70 @@ __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
 _ops = torch.ops.mmkernels
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Z (and per-chunk op buffers) held at once
 _TASKS = ("regression", "classification")
+
+
+# ---- the memory budget of the solvers' own state ----------------------------------------------
+
+_BUDGET_ENV = "MMKERNELS_MEMORY_BUDGET"
+
+
+def _memory_budget() -> int:
+    """Bytes the refit's own state and workspace may take: MMKERNELS_MEMORY_BUDGET (an integer
+    number of bytes) when set, else half of the memory available now (free physical pages, or
+    what the cgroup's memory.max leaves if that is less).
+
+    A private twin of the ops' budget (same variable and default); to be unified with it."""
+    raw = os.environ.get(_BUDGET_ENV)
+    if raw is not None and raw.strip():
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"{_BUDGET_ENV} must be a positive integer number of bytes, got "
+                             f"{raw!r}")
+        return value
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                used = int(f.read().strip())
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return max(1, avail // 2)
+
+
+def _check_budget(what: str, nbytes: int) -> None:
+    budget = _memory_budget()
+    if nbytes > budget:
+        raise ValueError(
+            f"{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), over the memory "
+            f"budget of {budget:,} bytes ({budget / 2**30:.2f} GiB); fit fewer subsets at once, "
+            f"or set {_BUDGET_ENV} (bytes) if the memory is there")
+
+
+def _ridge_bytes(S: int, H: int, T: int) -> int:
+    """Ridge's state: the Gram [S, H+1, H+1] (float32/64) and ~5 float64 [S, H, H] copies in
+    the solve (float64 Gram, centred Gram, its Cholesky factor, a rank-1 temporary), plus the
+    right-hand sides."""
+    return S * (H + 1) ** 2 * (8 + 5 * 8) + S * (H + 1) * T * 8 * 6
+
+
+def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: int) -> int:
+    """L-BFGS state: history 2 * m * S * P float64 (P = (H+1) C) plus ~12 [S, P] vectors
+    (parameters, gradients, trials, direction); per op call the per-task partial sums and
+    gradient buffers (padded to at most 32 lanes), and a float32 copy of the Z rows of a call
+    when Z is bfloat16."""
+    P = (H + 1) * C
+    state = 8 * S * P * (2 * history + 12) + 8 * S * history
+    lanes = C if C <= 8 else 16 if C <= 16 else 32 if C <= 32 else C
+    tasks = S + 4 * max(1, torch.get_num_threads())
+    op = 8 * (tasks + 3 * S) * (H * lanes + C + 1)
+    convert = S * rows * H * 4 if z_itemsize == 2 else 0
+    return state + op + convert
 
 
 # ---- sources of Z: a tensor, or an encoder applied chunk by chunk ---------------------------
@@ -318,8 +411,11 @@ def fit(
     Memory: an Encoded source is materialised once when all of Z fits its memory_budget;
     otherwise ridge streams it once, and the classifier re-encodes it chunk by chunk at every
     loss evaluation (slower, but never more than the budget of Z at once). Solver state on
-    top: Gram [S, H+1, H+1]; L-BFGS history 2 * history * S * (H+1) * C float64. bfloat16 Z
-    is converted to float32 inside each op call.
+    top: ridge ~6 [S, H+1, H+1] float64 matrices; L-BFGS history 2 * history * S * (H+1) * C
+    float64 plus ~12 [S, (H+1) C] vectors; bfloat16 Z is converted to float32 inside each op
+    call (a float32 copy of the rows of the call). When that state and workspace would exceed
+    the memory budget (MMKERNELS_MEMORY_BUDGET bytes, default half the memory available),
+    fit raises a ValueError stating the bytes needed and the budget, before allocating.
     """
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
@@ -331,10 +427,19 @@ def fit(
     if n == 0:
         raise ValueError("Z has no rows (n = 0): nothing to fit")
     y = _check_y(y, n, task)
+    S, H, zdtype = (z.shape() if isinstance(z, Encoded)
+                    else (int(z.shape[0]), int(z.shape[2]), z.dtype))
     if task == "regression":
         if class_weight is not None:
             raise ValueError("class_weight applies to task='classification' only")
+        T = 1 if y.dim() == 1 else int(y.shape[1])
+        _check_budget(f"the ridge refit of S = {S} subsets at H = {H}, T = {T}",
+                      _ridge_bytes(S, H, T))
         return _fit_ridge(z, y, l2)
+    C = (int(y.max()) + 1 if num_classes is None else max(1, int(num_classes)))
+    rows = n if isinstance(z, Tensor) else min(n, z.rows_per_chunk(16 * C))
+    _check_budget(f"the softmax refit of S = {S} subsets at H = {H}, C = {C} (L-BFGS history "
+                  f"{history})", _softmax_bytes(S, H, C, history, rows, zdtype.itemsize))
     return _fit_softmax(z, y, l2=1.0 if l2 is None else l2, class_weight=class_weight,
                         num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
 
@@ -425,131 +530,180 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
     scale = float(n if sw is None else sw.sum())
     if scale <= 0:
         raise ValueError("class_weight gives every sample weight 0")
-    P = (H + 1) * C
+    P, HC = (H + 1) * C, H * C
 
-    def evaluate(theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean-scaled objective [k] and gradient [k, P] of the subsets idx (float64)."""
-        W = theta[:, : H * C].reshape(-1, H, C).to(dt)
-        b = theta[:, H * C:].to(dt)
-        loss = torch.zeros(len(idx), dtype=torch.float64)
-        gw = torch.zeros(len(idx), H, C, dtype=torch.float64)
-        gb = torch.zeros(len(idx), C, dtype=torch.float64)
-        # subset_index lets the op read only the active subsets of Z in place: gathering them
-        # with index_select would copy as many bytes as the op reads.
-        pick = None if len(idx) == S else idx
-        with _threads(threads):  # the op and a streaming encoder get the caller's threads
-            for r0, chunk in _chunks(z, extra_per_row=16 * C):
-                rows = slice(r0, r0 + chunk.shape[1])
-                swr = None if sw_c is None else sw_c[rows]
-                lo, gwc, gbc = _ops.softmax_regression_loss_grad(
-                    chunk, y[rows], W, b, swr, 0.0, pick)
-                loss += lo.double()
-                gw += gwc.double()
-                gb += gbc.double()
-        Wd = theta[:, : H * C].reshape(-1, H, C)
-        loss += 0.5 * l2 * Wd.square().sum((1, 2))
-        gw += l2 * Wd
-        return loss / scale, torch.cat([gw.flatten(1), gb], 1) / scale
+    def evaluate(theta: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Mean-scaled objective [k] and gradient [k, P] (float64) of the subsets idx (None:
+        all S), at theta [k, P]."""
+        Wd = theta[:, :HC]
+        W = Wd.reshape(-1, H, C).to(dt)
+        b = theta[:, HC:].to(dt)
+        loss = grad = None
+        for r0, chunk in _chunks(z, extra_per_row=16 * C):
+            rows = slice(r0, r0 + chunk.shape[1])
+            swr = None if sw_c is None else sw_c[rows]
+            # subset_index lets the op read only the active subsets of Z in place (a gather
+            # would copy as many bytes as the op reads).
+            lo, gwc, gbc = _ops.softmax_regression_loss_grad(chunk, y[rows], W, b, swr, 0.0, idx)
+            gc = torch.cat([gwc.flatten(1), gbc], 1)
+            if loss is None:
+                loss, grad = lo.double(), gc.double()
+            else:
+                loss += lo
+                grad += gc
+        assert loss is not None and grad is not None
+        loss += (0.5 * l2) * Wd.square().sum(1)
+        grad[:, :HC] += l2 * Wd
+        return loss.div_(scale), grad.div_(scale)
 
-    # The solver's own algebra is on [S, P] tensors: intra-op threads only cost there (and a
-    # lot on a busy machine), so it runs on one thread; the native op gets the caller's count.
-    threads = torch.get_num_threads()
-    with _threads(1):
+    # Subsets are solved in groups of k with k * P below PyTorch's intra-op grain, so that
+    # the solver's own tensor ops run serially (see _lbfgs); one group when k * P is small.
+    size = max(1, (_GRAIN - 1) // P)
+    if size >= S:
         return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
+    parts = []
+    for s0 in range(0, S, size):
+        ids = torch.arange(s0, min(S, s0 + size))
+
+        def in_group(theta: Tensor, idx: Tensor | None, ids: Tensor = ids
+                     ) -> tuple[Tensor, Tensor]:
+            return evaluate(theta, ids if idx is None else ids.index_select(0, idx))
+
+        parts.append(_lbfgs(in_group, len(ids), P, H, C, l2, tol, max_iter, history, s0))
+    return Heads("classification", *(torch.cat([getattr(h, a) for h in parts])
+                                      for a in ("coef", "intercept", "l2", "converged",
+                                                "n_iter")))
 
 
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run serially
 
 
-def _lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], S: int, P: int, H: int,
-           C: int, l2: float, tol: float, max_iter: int, history: int) -> Heads:
-    """Batched L-BFGS over S independent problems with parameters theta [S, P]."""
-    everyone = torch.arange(S)
-    theta = torch.zeros(S, P, dtype=torch.float64)
-    f, g = evaluate(theta, everyone)
+def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S: int, P: int,
+           H: int, C: int, l2: float, tol: float, max_iter: int, history: int,
+           first: int = 0) -> Heads:
+    """Batched L-BFGS over S independent problems with parameters theta [S, P].
+
+    The state is kept for the still-active subsets only, compacted when some finish, so an
+    iteration runs on views (no gathers) and evaluates exactly the subsets that need it.
+    Every tensor op here is on [k, P] or [k] (the history is a list of slots), so it runs
+    serially below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6;
+    the caller splits larger S into groups) without touching the global thread count; gathers
+    use index_select / index_copy_ (serial when small) rather than advanced indexing
+    (aten::index opens an OpenMP region). first: the subset number of problem 0 (messages).
+    """
+    theta_out = torch.zeros(S, P, dtype=torch.float64)
+    f, g = evaluate(theta_out, None)
     if not bool(torch.isfinite(f).all()):
+        bad = ((~torch.isfinite(f)).nonzero().flatten() + first).tolist()
         raise ValueError("the loss at W = 0 is not finite: Z holds NaN or Inf values (in "
-                         f"subsets {(~torch.isfinite(f)).nonzero().flatten().tolist()[:10]})")
-    gmax = g.abs().amax(1)
-    converged = gmax <= tol
-    active = ~converged
+                         f"subsets {bad[:10]})")
+    converged = g.abs().amax(1) <= tol
     n_iter = torch.zeros(S, dtype=torch.int64)
-    s_hist = torch.zeros(S, history, P, dtype=torch.float64)
-    y_hist = torch.zeros(S, history, P, dtype=torch.float64)
-    rho = torch.zeros(S, history, dtype=torch.float64)
+    # index_select / index_copy_ rather than advanced indexing: those run serially on small
+    # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
+    ids = (~converged).nonzero().flatten()
+    th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
+    k = len(ids)
+    # History slot by slot ([k, P] each, filled in turn): a slot-major list keeps every gather
+    # and write on one slot, below the intra-op grain for moderate S * P.
+    s_hist: list[Tensor] = []
+    y_hist: list[Tensor] = []
+    rho: list[Tensor] = []
     gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
-    pos = 0
+    its = torch.zeros(k, dtype=torch.int64)
+    pos = filled = 0
     for _ in range(max_iter):
-        idx = active.nonzero().flatten()
-        if len(idx) == 0:
+        if k == 0:
             break
-        # Two-loop recursion, newest pair first; an empty slot has rho = 0 and does nothing.
-        # The active rows of the history are gathered once (views when all are active).
-        every = len(idx) == S
-        sh, yh, rh = (s_hist, y_hist, rho) if every else (s_hist[idx], y_hist[idx], rho[idx])
-        gi = g[idx]
-        q = gi.clone()
+        # Two-loop recursion over the filled slots, newest pair first (a rejected pair is
+        # stored with rho = 0 and does nothing).
+        q = g.clone()
+        order = [(pos - 1 - j) % history for j in range(min(filled, history))]
+        sv_, yv_, rv_ = s_hist, y_hist, rho
         alphas = []
-        order = [(pos - 1 - j) % history for j in range(history)]
         for j in order:
-            a = rh[:, j] * (sh[:, j] * q).sum(1)
-            q -= a[:, None] * yh[:, j]
+            a = torch.linalg.vecdot(sv_[j], q).mul_(rv_[j])
+            q.addcmul_(a.unsqueeze(1), yv_[j], value=-1.0)
             alphas.append(a)
-        r = gamma[idx, None] * q
+        r = q.mul_(gamma.unsqueeze(1))
         for j, a in zip(reversed(order), reversed(alphas), strict=True):
-            beta = rh[:, j] * (yh[:, j] * r).sum(1)
-            r += sh[:, j] * (a - beta)[:, None]
-        d = -r
-        gd = (gi * d).sum(1)
+            beta = torch.linalg.vecdot(yv_[j], r).mul_(rv_[j])
+            r.addcmul_(a.sub_(beta).unsqueeze(1), sv_[j])
+        d = r.neg_()
+        gd = torch.linalg.vecdot(g, d)
         uphill = gd >= 0
         if bool(uphill.any()):  # a stale history; restart those subsets on steepest descent
-            d[uphill] = -gi[uphill] / gi[uphill].norm(dim=1, keepdim=True).clamp_min(1e-12)
-            gd = (gi * d).sum(1)
+            sd = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            d = torch.where(uphill.unsqueeze(1), -sd, d)
+            gd = torch.linalg.vecdot(g, d)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
-        th0, f0 = theta[idx], f[idx]
-        step = torch.ones(len(idx), dtype=torch.float64)
-        new_th, new_f, new_g = th0.clone(), f0.clone(), gi.clone()
-        pending = torch.ones(len(idx), dtype=torch.bool)
+        gmax0 = g.abs().amax(1)
+        step = torch.ones(k, dtype=torch.float64)
+        new_th, new_f, new_g = th.clone(), f.clone(), g.clone()
+        pending = torch.ones(k, dtype=torch.bool)
+        p = None  # the pending rows; None = all k
         for _ls in range(40):
-            p = pending.nonzero().flatten()
-            trial = th0[p] + step[p, None] * d[p]
-            ft, gt = evaluate(trial, idx[p])
-            ok = torch.isfinite(ft) & (ft <= f0[p] + 1e-4 * step[p] * gd[p])
-            # Near the optimum the decrease drowns in float64 rounding of f; then a step that
-            # keeps f within rounding and shrinks the gradient is progress too.
-            flat = (ft <= f0[p] + 1e-14 * f0[p].abs()) & (gt.abs().amax(1) < gi[p].abs().amax(1))
-            ok |= torch.isfinite(ft) & flat
-            acc = p[ok]
-            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
-            pending[acc] = False
-            if not bool(pending.any()):
+            if p is None:
+                trial = th + d
+                ft, gt = evaluate(trial, ids)
+                f0, gd0, st, gm0 = f, gd, step, gmax0
+            else:
+                st = step.index_select(0, p)
+                trial = th.index_select(0, p).addcmul_(st.unsqueeze(1), d.index_select(0, p))
+                ft, gt = evaluate(trial, ids.index_select(0, p))
+                f0, gd0, gm0 = f.index_select(0, p), gd.index_select(0, p), gmax0.index_select(0, p)
+            ok = torch.isfinite(ft) & ((ft <= f0 + 1e-4 * st * gd0) | (
+                # Near the optimum the decrease drowns in float64 rounding of f; then a step
+                # that keeps f within rounding and shrinks the gradient is progress too.
+                (ft <= f0 + 1e-14 * f0.abs()) & (gt.abs().amax(1) < gm0)))
+            if p is None and bool(ok.all()):
+                new_th, new_f, new_g = trial, ft, gt
+                pending.zero_()
                 break
-            step[pending] *= 0.5
+            rows = ok.nonzero().flatten()
+            acc = rows if p is None else p.index_select(0, rows)
+            new_th.index_copy_(0, acc, trial.index_select(0, rows))
+            new_f.index_copy_(0, acc, ft.index_select(0, rows))
+            new_g.index_copy_(0, acc, gt.index_select(0, rows))
+            pending.index_fill_(0, acc, False)
+            p = pending.nonzero().flatten()
+            if len(p) == 0:
+                break
+            step = torch.where(pending, step * 0.5, step)
         failed = pending
-        sv, yv = new_th - th0, new_g - gi
-        sy = (sv * yv).sum(1)
+        sv, yv = new_th - th, new_g - g
+        sy = torch.linalg.vecdot(sv, yv)
         good = ~failed & (sy > 1e-10 * sv.norm(dim=1) * yv.norm(dim=1))
-        s_hist[idx, pos] = torch.where(good[:, None], sv, 0.0)
-        y_hist[idx, pos] = torch.where(good[:, None], yv, 0.0)
-        rho[idx, pos] = torch.where(good, 1.0 / sy.where(good, 1.0), 0.0)
-        gamma[idx] = torch.where(good, sy / yv.square().sum(1).clamp_min(1e-300), gamma[idx])
-        pos = (pos + 1) % history
-        theta[idx], f[idx], g[idx] = new_th, new_f, new_g
-        n_iter[idx] += (~failed).long()
-        done = g[idx].abs().amax(1) <= tol
-        converged[idx] = done
+        slot = (sv.mul_(good.unsqueeze(1)), yv.mul_(good.unsqueeze(1)),
+                torch.where(good, 1.0 / sy.where(good, 1.0), 0.0))
+        for hist, value in zip((s_hist, y_hist, rho), slot, strict=True):
+            if len(hist) < history:
+                hist.append(value)
+            else:
+                hist[pos] = value
+        gamma = torch.where(good, sy / yv.square().sum(1).clamp_min(1e-300), gamma)
+        pos, filled = (pos + 1) % history, filled + 1
+        th, f, g = new_th, new_f, new_g
+        its += (~failed).long()
+        done = g.abs().amax(1) <= tol
         # A failed line search means no decrease is representable any more: stop that subset.
-        active[idx] = ~done & ~failed
-    coef = theta[:, : H * C].reshape(S, H, C).clone()
-    intercept = theta[:, H * C:].clone()
+        stop = done | failed
+        if bool(stop.any()):
+            out = stop.nonzero().flatten()
+            where = ids.index_select(0, out)
+            theta_out.index_copy_(0, where, th.index_select(0, out))
+            n_iter.index_copy_(0, where, its.index_select(0, out))
+            converged.index_copy_(0, where, done.index_select(0, out))
+            keep = (~stop).nonzero().flatten()
+            ids, th, f, g, gamma, its = (
+                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its))
+            s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
+                                   for hist in (s_hist, y_hist, rho))
+            k = len(ids)
+    if k:  # max_iter reached
+        theta_out.index_copy_(0, ids, th)
+        n_iter.index_copy_(0, ids, its)
+    coef = theta_out[:, : H * C].reshape(S, H, C).clone()
+    intercept = theta_out[:, H * C:].clone()
     return Heads("classification", coef, intercept, torch.full((S,), float(l2)), converged,
                  n_iter)

@@ -3,6 +3,9 @@ and the message of every invalid-argument class."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +161,101 @@ def test_streamed_fit_equals_tensor_fit_within_budget(task):
     torch.testing.assert_close(h_stream.risk(src, y), h_full.risk(z, y))
     # The stated bound: a chunk of Z (float64 here) never exceeds the budget.
     assert max(enc.sizes) * S * H * z.itemsize <= budget and len(enc.sizes) > 5
+
+
+# ---- memory budget of the solvers' state -------------------------------------------------------
+
+
+def test_refit_over_the_memory_budget_is_a_value_error(monkeypatch):
+    z = torch.randn(3, 40, 8)
+    y = torch.arange(40) % 3
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "1000")
+    with pytest.raises(ValueError, match=r"softmax refit of S = 3 subsets at H = 8, C = 3 "
+                       r"\(L-BFGS history 10\) needs about [\d,]+ bytes .*over the memory "
+                       r"budget of 1,000 bytes .*MMKERNELS_MEMORY_BUDGET"):
+        heads.fit(z, y, task="classification")
+    with pytest.raises(ValueError, match=r"ridge refit of S = 3 subsets at H = 8, T = 1 needs "
+                       r"about [\d,]+ bytes .*budget of 1,000 bytes"):
+        heads.fit(z, torch.randn(40), task="regression")
+    # An encoded source is checked from its shape probe, before any chunk is encoded.
+    sizes = []
+
+    def encoder(xs):
+        sizes.append(len(xs[0]))
+        return z[:, :len(xs[0])]
+
+    with pytest.raises(ValueError, match="over the memory budget of 1,000 bytes"):
+        heads.fit(heads.encoded(encoder, [torch.zeros(40, 1)]), y, task="classification")
+    assert sizes == [2]
+    # At exactly the stated need the fit runs.
+    need = heads._softmax_bytes(3, 8, 3, 10, 40, 4)
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", str(need))
+    assert bool(heads.fit(z, y, task="classification").converged.all())
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", str(need - 1))
+    with pytest.raises(ValueError, match=f"needs about {need:,} bytes"):
+        heads.fit(z, y, task="classification")
+    for bad in ("lots", "-5", "0"):
+        monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", bad)
+        with pytest.raises(ValueError, match="MMKERNELS_MEMORY_BUDGET must be a positive "
+                           "integer number of bytes"):
+            heads.fit(z, y, task="classification")
+
+
+def test_huge_refit_raises_before_allocating(monkeypatch):
+    monkeypatch.delenv("MMKERNELS_MEMORY_BUDGET", raising=False)
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < heads._memory_budget() <= avail
+    # 1023 subsets at H = 4096 (a stride-0 view: no memory behind it): ridge needs ~0.8 TB of
+    # Gram matrices, the softmax refit at C = 1000 ~1 TB of L-BFGS history.
+    z = torch.zeros(1, 1, 1).expand(1023, 10, 4096)
+    with pytest.raises(ValueError, match=r"ridge refit of S = 1023 subsets at H = 4096, T = 1 "
+                       r"needs about [\d,]+ bytes \(\d+\.\d+ GiB\), over the memory budget"):
+        heads.fit(z, torch.randn(10), task="regression")
+    with pytest.raises(ValueError, match=r"softmax refit of S = 1023 subsets at H = 4096, "
+                       r"C = 1000 .*over the memory budget"):
+        heads.fit(z, torch.arange(10), task="classification", num_classes=1000)
+
+
+def test_many_subsets_are_solved_in_groups_like_one_at_a_time():
+    """S * (H+1) * C above PyTorch's intra-op grain: the subsets are solved in groups (84 at H
+    = 64, C = 6); each subset's heads equal its own fit, and messages name global subsets."""
+    g = torch.Generator().manual_seed(6)
+    S, n, H, C = 90, 40, 64, 6
+    y = torch.arange(n) % C
+    z = torch.randn(S, n, H, generator=g, dtype=torch.float64) + 0.3 * y[None, :, None]
+    h = heads.fit(z, y, task="classification", tol=1e-8)
+    assert h.coef.shape == (S, H, C) and h.n_iter.shape == (S,) and bool(h.converged.all())
+    for s in (0, 83, 84, 89):
+        one = heads.fit(z[s:s + 1], y, task="classification", tol=1e-8)
+        torch.testing.assert_close(h.coef[s], one.coef[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(h.intercept[s], one.intercept[0], rtol=0, atol=1e-10)
+        assert h.n_iter[s] == one.n_iter[0]
+    z[85, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(in subsets \[85\]\)"):
+        heads.fit(z, y, task="classification")
+
+
+def test_fit_leaves_the_thread_count_alone_and_runs_from_threads():
+    """No torch.set_num_threads inside fit: concurrent fits from Python threads give the same
+    heads as a serial fit, and the caller's thread count is untouched."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 400, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (400,), generator=g)
+    ref = heads.fit(z, y, task="classification", tol=1e-8)
+    before = torch.get_num_threads()
+    results = []
+
+    def worker():
+        results.append(heads.fit(z, y, task="classification", tol=1e-8))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.get_num_threads() == before and len(results) == 3
+    for h in results:
+        torch.testing.assert_close(h.coef, ref.coef, rtol=0, atol=1e-7)
 
 
 # ---- degenerate inputs ---------------------------------------------------------------------------

@@ -13,7 +13,9 @@ sklearn runs with its default tol (1e-4 on the mean-scaled gradient), as do we f
 Peak memory is the growth of the process's peak RSS during the call (Linux clear_refs), so it
 counts torch and numpy allocations alike; Z itself exists before and is not counted.
 Each runner runs `repeats` times (default 1: the sklearn loops take seconds; ours gets one
-warm-up call first); the median is shown.
+warm-up call first), the runners interleaved with a 0.5 s pause before each timed call; the
+median is shown. Both run with torch's / numpy's default thread counts (heads.fit does not
+change them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mmkernels.bench.timing import machine
 __all__ = ["HeadsCase", "heads_cases", "run_heads", "main"]
 
 L2 = 1.0
+SETTLE_S = 0.5  # pause before each timed call (see run_heads)
 
 
 @dataclass
@@ -140,6 +143,8 @@ def _softmax_case(name: str, S: int, n: int, H: int, C: int, check: bool) -> Hea
         return {"test_acc_max_abs_diff_points": float(100 * np.max(np.abs(acc_ours - acc_sk))),
                 "objective_max_rel_diff": float(np.max(np.abs(obj_ours - obj_sk) / obj_sk)),
                 "ours_converged": float(ours.converged.double().mean()),
+                "ours_iters_total": float(ours.n_iter.sum()),
+                "sklearn_iters_total": float(sum(int(r.n_iter_[0]) for r in refs)),
                 "ours_iters_max": float(ours.n_iter.max())}
 
     return HeadsCase(
@@ -172,10 +177,19 @@ def run_heads(scale: float = 1.0, repeats: int = 1, only: list[str] | None = Non
             continue
         times, peaks = {}, {}
         case.runners["mmkernels"]()  # warm-up (first-call costs); the baselines take seconds
-        for name, fn in case.runners.items():
-            runs = [_peak_rss_growth_mb(fn) for _ in range(repeats)]
-            times[name] = statistics.median(r[0] for r in runs)
-            peaks[name] = max(r[1] for r in runs)
+        # Runners interleaved, repeat by repeat: on a shared machine the load drifts over
+        # seconds, and a ratio of medians taken minutes apart would measure that drift.
+        # A pause before each timed call: numpy's BLAS threads keep spinning for a while after
+        # the sklearn loop returns, and the next runner would share the cores with them
+        # (measured: our first softmax fit right after it took 2x its time).
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in case.runners}
+        for _ in range(repeats):
+            for name, fn in case.runners.items():
+                time.sleep(SETTLE_S)
+                runs[name].append(_peak_rss_growth_mb(fn))
+        for name, rs in runs.items():
+            times[name] = statistics.median(r[0] for r in rs)
+            peaks[name] = max(r[1] for r in rs)
         rows = []
         for name, ms in times.items():
             speedup = ms / times["mmkernels"]

@@ -131,7 +131,10 @@ def refit_quality(
         pairs: extra (M, N) pairs for gamma, by tuple or name; every strictly nested pair
             M subset of N is always included.
         bayes_risk: the Bayes risk in the task's risk units, when known.
-        l2, class_weight, num_classes: passed to mmkernels.heads.fit (see its defaults).
+        l2, class_weight, num_classes: passed to mmkernels.heads.fit; for classification
+            num_classes defaults to 1 + the largest label of train_y AND test_y, so a class
+            seen only in the test set gets a head column (never fitted to, so it is scored as
+            unlikely) instead of an error.
         memory_budget: bytes of Z (and per-chunk buffers) held at once.
 
     Returns:
@@ -172,6 +175,10 @@ def refit_quality(
     S = train.shape()[0]
     if S != len(subs):
         raise ValueError(f"encoder returns S = {S} subsets, expected {len(subs)} (len(subsets))")
+    if (task == "classification" and num_classes is None and train_y.numel()
+            and test_y.numel() and not train_y.is_floating_point()
+            and not test_y.is_floating_point()):
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
     fitted = _heads.fit(train, train_y, task=task, l2=l2, class_weight=class_weight,
                         num_classes=num_classes)
     risk_tr, risk_te = fitted.risk(train, train_y), fitted.risk(test, test_y)

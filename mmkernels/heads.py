@@ -71,12 +71,13 @@ solver internals, never differentiated.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from mmkernels.memory import check_memory
 
 __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
 
@@ -87,45 +88,9 @@ _TASKS = ("regression", "classification")
 
 # ---- the memory budget of the solvers' own state ----------------------------------------------
 
-_BUDGET_ENV = "MMKERNELS_MEMORY_BUDGET"
-
-
-def _memory_budget() -> int:
-    """Bytes the refit's own state and workspace may take: MMKERNELS_MEMORY_BUDGET (an integer
-    number of bytes) when set, else half of the memory available now (free physical pages, or
-    what the cgroup's memory.max leaves if that is less).
-
-    A private twin of the ops' budget (same variable and default); to be unified with it."""
-    raw = os.environ.get(_BUDGET_ENV)
-    if raw is not None and raw.strip():
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise ValueError(f"{_BUDGET_ENV} must be a positive integer number of bytes, got "
-                             f"{raw!r}")
-        return value
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                used = int(f.read().strip())
-            avail = min(avail, max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
-    return max(1, avail // 2)
-
 
 def _check_budget(what: str, nbytes: int) -> None:
-    budget = _memory_budget()
-    if nbytes > budget:
-        raise ValueError(
-            f"{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), over the memory "
-            f"budget of {budget:,} bytes ({budget / 2**30:.2f} GiB); fit fewer subsets at once, "
-            f"or set {_BUDGET_ENV} (bytes) if the memory is there")
+    check_memory(what, nbytes, hint="fit fewer subsets at once")
 
 
 def _ridge_bytes(S: int, H: int, T: int) -> int:
@@ -414,8 +379,9 @@ def fit(
     top: ridge ~6 [S, H+1, H+1] float64 matrices; L-BFGS history 2 * history * S * (H+1) * C
     float64 plus ~12 [S, (H+1) C] vectors; bfloat16 Z is converted to float32 inside each op
     call (a float32 copy of the rows of the call). When that state and workspace would exceed
-    the memory budget (MMKERNELS_MEMORY_BUDGET bytes, default half the memory available),
-    fit raises a ValueError stating the bytes needed and the budget, before allocating.
+    the memory budget (:mod:`mmkernels.memory`: MMKERNELS_MEMORY_BUDGET, default 80 % of the
+    memory available), fit raises MemoryBudgetError (a ValueError) stating the bytes needed
+    and the budget, before allocating.
     """
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
@@ -536,7 +502,7 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
         """Mean-scaled objective [k] and gradient [k, P] (float64) of the subsets idx (None:
         all S), at theta [k, P]."""
         Wd = theta[:, :HC]
-        W = Wd.reshape(-1, H, C).to(dt)
+        W = Wd.reshape(theta.shape[0], H, C).to(dt)
         b = theta[:, HC:].to(dt)
         loss = grad = None
         for r0, chunk in _chunks(z, extra_per_row=16 * C):

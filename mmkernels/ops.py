@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mmkernels.memory import memory_budget
+
 __all__ = ["concat_project", "memory_budget", "project_concat"]
 
 _ops = torch.ops.mmkernels
@@ -396,17 +398,3 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "mmkernels::project_concat", _project_concat_backward, setup_context=_setup_project_concat
 )
-
-
-def memory_budget(device: str | torch.device = "cpu") -> tuple[float, str]:
-    """(bytes, where the figure comes from) of the fused ops' memory budget on a device.
-
-    A call of concat_project / project_concat (or their backward) whose output and workspace
-    would need more raises torch.OutOfMemoryError stating both figures, before allocating.
-    MMKERNELS_MEMORY_BUDGET (bytes, or with a K/M/G/T suffix; "off" for none) overrides the
-    default: 80 % of the memory available now on the CPU (MemAvailable and the cgroup limit),
-    90 % of the free memory on a GPU. bytes is inf when there is no limit."""
-    from mmkernels import _C
-
-    bytes_, source = _C.memory_budget(str(torch.device(device)))
-    return float(bytes_), str(source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -147,3 +149,14 @@ def test_modality_count_mismatch():
         eta.refit_quality(_masking_encoder, xs, y, xs[:1], y, task="regression")
     with pytest.raises(ValueError, match="train_xs must hold at least one modality"):
         eta.refit_quality(_masking_encoder, [], y, [], y, task="regression")
+
+
+def test_a_test_class_missing_from_training_gets_a_head_column():
+    """Found by the fuzzer: label 2 only in test_y used to fail in Heads.risk."""
+    gen = torch.Generator().manual_seed(0)
+    xs_tr, xs_te = [torch.randn(30, 3, generator=gen)], [torch.randn(9, 3, generator=gen)]
+    table = eta.refit_quality(lambda xs: xs[0].unsqueeze(0), xs_tr, torch.arange(30) % 2,
+                              xs_te, torch.arange(9) % 3, task="classification",
+                              subsets=[(0,)])
+    row = table.rows[0]
+    assert math.isfinite(row["test_risk"]) and row["test_accuracy"] <= 6 / 9

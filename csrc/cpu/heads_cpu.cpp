@@ -5,6 +5,7 @@
 // gradient GEMMs touch the same rows back to back, so the second read of Z hits the cache:
 // the fused softmax op reads Z from memory once per evaluation instead of twice.
 #include <mmkernels/checks.h>
+#include <mmkernels/memory_budget.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,6 +35,7 @@ int64_t chunk_rows(int64_t H, int64_t elem) {
 }
 
 void check_z(const char* op, const at::Tensor& z) {
+  check_defined(op, "z", z);
   MMK_CHECK(z.dim() == 3, op, ": z must be 3-d [S, n, H], got shape ", shape_str(z.sizes()));
   check_float_dtype(op, "z", z, /*allow_half=*/false);
   MMK_CHECK(z.device().is_cpu(), op, ": z must be a CPU tensor, got ", z.device());
@@ -44,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
   const char* op = "mmkernels::gram";
   check_z(op, z);
   const int64_t S = z.size(0), n = z.size(1), H = z.size(2);
+  check_defined(op, "y", y);
   MMK_CHECK(y.dim() == 1 || y.dim() == 2, op, ": y must be [n] or [n, T], got shape ",
             shape_str(y.sizes()));
   MMK_CHECK(y.size(0) == n, op, ": y has ", y.size(0), " rows, expected n = ", n,
@@ -52,6 +55,12 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
   MMK_CHECK(y.device() == z.device(), op, ": y is on ", y.device(), ", expected ", z.device(),
             " (the device of z)");
   const auto acc = gram_acc(z.scalar_type());
+  {  // G and R, the two [S, H, H] temporaries of the symmetrisation, y in acc
+    const double a = (double)c10::elementSize(acc), T = y.dim() == 1 ? 1.0 : (double)y.size(1);
+    const double H1 = (double)H + 1;
+    check_memory_budget(op, a * ((double)S * H1 * (3 * H1 + T) + (double)n * T), z.device(),
+                        "the Gram matrices [S, H+1, H+1] of z " + shape_str(z.sizes()));
+  }
   const at::Tensor y2 = (y.dim() == 1 ? y.unsqueeze(1) : y).to(acc);
   const int64_t T = y2.size(1);
   at::Tensor G = at::zeros({S, H + 1, H + 1}, z.options().dtype(acc));
@@ -688,6 +697,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     }
   }
   const int64_t K = index.defined() ? index.size(0) : S;
+  check_defined(op, "w", w);
+  check_defined(op, "y", y);
   MMK_CHECK(w.dim() == 3, op, ": w must be 3-d [S, H, C], got shape ", shape_str(w.sizes()));
   MMK_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op,
             ": w must be float32 or float64 (it sets the compute dtype), got ", w.scalar_type());
@@ -705,6 +716,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   check_shape(op, "y", y, {n}, "[n], n from z");
   MMK_CHECK(std::isfinite(l2) && l2 >= 0, op, ": l2 must be finite and >= 0, got ", l2);
   const auto acc = w.scalar_type();
+  {  // z in the compute dtype (when converted), the weight layout, the gradients
+    const double a = (double)c10::elementSize(acc);
+    const double zcopy = (z.scalar_type() == acc && z.stride(2) == 1) ? 0.0
+                                                                       : (double)z.numel() * a;
+    const double C16 = (double)std::max<int64_t>(C, 16);
+    check_memory_budget(op, zcopy + a * (double)K * ((double)H + 1) * 3 * C16, z.device(),
+                        "z " + shape_str(z.sizes()) + " and w " + shape_str(w.sizes()));
+  }
   const at::Tensor yc = y.contiguous();
   if (n > 0) {
     const int64_t lo = yc.min().item<int64_t>(), hi = yc.max().item<int64_t>();

@@ -8,9 +8,11 @@ dims 20 / 20 / 40, 4 classes), every subset (7), hidden 32, 20 epochs, 16 seeds 
 store, and their records are checked equal. Reported:
 
 * wall time in-process (one torch thread) and on Ray (``--workers`` CPUs, one per cell), the
-  Ray start-up timed apart from the sweep;
-* overhead per cell = (workers x Ray wall - in-process wall) / cells: the worker time per cell
-  not spent computing it (dispatch, argument transfer, worker start, result collection, and
+  Ray start-up timed apart from the sweep; then both sweeps once more, warm (a process's first
+  cells pay one-off set-up: about 1.3 s in-process, and on Ray starting the worker processes
+  and importing torch and mmkernels in each);
+* overhead per cell = (workers x Ray wall - in-process wall) / cells, cold and warm: the
+  worker time per cell not spent computing it (dispatch, argument transfer, worker start, result collection, and
   the cores' contention with Ray's own processes);
 * dispatch per task: 64 empty tasks through the same executor, once its workers are warm.
 """
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         run_sweep(data, cfg, progress=False, store=local_dir)
         t_local = time.perf_counter() - t0
+        t0 = time.perf_counter()  # again: the first cells of a process pay one-off set-up
+        run_sweep(data, cfg, progress=False, store=Path(tmp) / "local-warm")
+        t_local_warm = time.perf_counter() - t0
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         with RayExecutor(num_cpus=args.workers, cpus_per_cell=1) as ex:
@@ -85,22 +90,32 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             run_sweep(data, cfg, progress=False, store=ray_dir, executor=ex)
             t_ray = time.perf_counter() - t0
+            t0 = time.perf_counter()  # again, on workers that have imported everything
+            run_sweep(data, cfg, progress=False, store=Path(tmp) / "warm", executor=ex)
+            t_warm = time.perf_counter() - t0
             t0 = time.perf_counter()
             for f in [ex.submit(_noop, i) for i in range(64)]:
                 f.result()
             t_noop = time.perf_counter() - t0
-        equal = _cells(local_dir) == _cells(ray_dir)
+        equal = (_cells(local_dir) == _cells(ray_dir) == _cells(Path(tmp) / "warm")
+                 == _cells(Path(tmp) / "local-warm"))
     res = {
         "machine": info, "cells": cells, "workers": args.workers,
         "in_process_s": t_local, "in_process_per_cell_ms": 1e3 * t_local / cells,
         "ray_start_s": t_init, "ray_s": t_ray, "speedup": t_local / t_ray,
         "overhead_per_cell_ms": 1e3 * (args.workers * t_ray - t_local) / cells,
+        "in_process_warm_s": t_local_warm, "ray_warm_s": t_warm,
+        "speedup_warm": t_local_warm / t_warm,
+        "overhead_per_cell_warm_ms": 1e3 * (args.workers * t_warm - t_local_warm) / cells,
         "dispatch_per_task_ms": 1e3 * t_noop / 64, "records_equal": equal,
     }
     print(f"in-process: {t_local:.2f} s ({res['in_process_per_cell_ms']:.0f} ms/cell)\n"
           f"Ray, {args.workers} workers: {t_ray:.2f} s (+ {t_init:.2f} s start-up), "
           f"speed-up {res['speedup']:.2f}x, overhead {res['overhead_per_cell_ms']:.0f} ms/cell, "
           f"empty-task dispatch {res['dispatch_per_task_ms']:.2f} ms/task\n"
+          f"again, warm: in-process {t_local_warm:.2f} s, Ray {t_warm:.2f} s, "
+          f"speed-up {res['speedup_warm']:.2f}x, "
+          f"overhead {res['overhead_per_cell_warm_ms']:.0f} ms/cell\n"
           f"records equal: {equal}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

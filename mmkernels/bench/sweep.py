@@ -12,8 +12,8 @@ store, and their records are checked equal. Reported:
   cells pay one-off set-up: about 1.3 s in-process, and on Ray starting the worker processes
   and importing torch and mmkernels in each);
 * overhead per cell = (workers x Ray wall - in-process wall) / cells, cold and warm: the
-  worker time per cell not spent computing it (dispatch, argument transfer, worker start, result collection, and
-  the cores' contention with Ray's own processes);
+  worker time per cell not spent computing it (dispatch, argument transfer, worker start,
+  result collection, and the cores' contention with Ray's own processes);
 * dispatch per task: 64 empty tasks through the same executor, once its workers are warm.
 """
 

@@ -14,8 +14,6 @@ catches every budget refusal) and a ``ValueError`` (what the file loaders promis
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["MemoryBudgetError", "memory_budget", "check_memory", "format_bytes", "ENV_VAR"]
@@ -50,13 +48,14 @@ def memory_budget(device: str | torch.device = "cpu") -> tuple[float, str]:
 
 
 def check_memory(what: str, nbytes: int, device: str | torch.device = "cpu", *,
-                 hint: str = "use smaller inputs or chunks") -> None:
-    """Raise :class:`MemoryBudgetError` if ``what`` needs more than the budget; ``hint`` says
-    how to need less."""
-    budget, source = memory_budget(device)
-    if nbytes > budget:
-        shown = "no limit" if math.isinf(budget) else f"{format_bytes(budget)} ({budget:.0f} bytes"
+                 hint: str = "use smaller inputs or chunks",
+                 budget: tuple[float, str] | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` if ``what`` needs more than the budget of ``device``
+    (or ``budget``, a :func:`memory_budget` result taken earlier: a running total must be
+    compared with the budget from before it was built); ``hint`` says how to need less."""
+    limit, source = memory_budget(device) if budget is None else budget
+    if nbytes > limit:  # never true for an infinite (no) limit
         raise MemoryBudgetError(
             f"{what} needs {format_bytes(nbytes)} ({nbytes} bytes), more than the memory budget "
-            f"of {shown}: {source}); {hint}, or set {ENV_VAR} (e.g. 64G, "
-            "or off) if the machine has the memory")
+            f"of {format_bytes(limit)} ({limit:.0f} bytes: {source}); {hint}, or set {ENV_VAR} "
+            "(e.g. 64G, or off) if the machine has the memory")

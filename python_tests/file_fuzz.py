@@ -102,6 +102,11 @@ HOSTILE_PICKLES = {
         b"\x8a\x05\x00\x00\x00\x00\x10\x85C\x01b\x87R.", "needs 64.0 GiB"),
     "bytes8 of 2**48 bytes": (b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\x00\x00.",
                               "only 1 remain"),
+    "tuple nested 300,000 deep": (b"\x80\x02}" + b")" + b"\x85" * 300000 + b"K\x00s.",
+                                  "nested deeper than 200"),
+    "list(range(2**24)) 100 times from one memo": (
+        b"\x80\x02(c__builtin__\nxrange\nJ\x00\x00\x00\x01\x85Rq\x010"
+        + b"c__builtin__\nlist\nh\x01\x85R" * 100 + b"l.", "constructors would build"),
     "encode with another codec": (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00"
                                   b"\x00\x00utf_7\x86R.", "encoding 'utf_7'"),
 }

@@ -132,3 +132,21 @@ def test_store_survives_any_damage(tmp_path: Path) -> None:
         assert data == b"" or data.endswith(b"\n")
         assert read_records(tmp_path) == recs
 
+
+
+def test_npz_with_a_foreign_member_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "annotated.npz"
+    MultiModalDataset({"a": np.ones((4, 2), np.float32)}, np.arange(4) % 2,
+                      task="classification").save(path)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("README.txt", "added by another tool")
+    assert MultiModalDataset.load(path).n == 4
+
+
+def test_features_that_are_not_numbers_are_refused_before_conversion(tmp_path: Path) -> None:
+    path = tmp_path / "ranges.pkl"  # a memoised range(2**24), 1000 times: 64 GiB as float32
+    path.write_bytes(pickle.dumps(_conversations([range(1 << 24)] * 1000, ["c1"]), protocol=2)
+                     .replace(b"c__builtin__\nrange", b"c__builtin__\nxrange"))
+    with pytest.raises(ValueError, match=r"ranges.pkl: videoText\['c1'\]: expected numeric "
+                                         r"features .* got range"):
+        load_iemocap(path)

@@ -443,8 +443,12 @@ def _check_members(z: np.lib.npyio.NpzFile, path: str) -> None:
     total = 0
     for info in z.zip.infolist():
         total += info.file_size
+        if not info.filename.endswith(".npy"):  # numpy returns other members as raw bytes
+            continue
         with z.zip.open(info) as f:
             version = np.lib.format.read_magic(f)
+            # 2.0's reader also parses 3.0 headers (the same layout; utf-8 only matters for
+            # non-ASCII field names, which numeric datasets do not have).
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(f)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mmkernels.memory import check_memory
+from mmkernels.memory import check_memory, memory_budget
 
 from .dataset import MultiModalDataset
 from .safe_pickle import safe_load
@@ -297,26 +297,37 @@ def _sorted_ids(ids: Any) -> list[Any]:
 
 
 class _Budget:
-    """The float32 bytes a loader is about to build, checked against the memory budget
-    before each conversion: a pickle's memo lets a few bytes reference one array a million
-    times, which np.asarray would copy a million times."""
+    """The float32 bytes a loader is about to build, checked against the memory budget (taken
+    once, when the load starts: the figure shrinks as the load itself uses memory) before
+    each conversion. A pickle's memo lets a few bytes reference one array a million times,
+    which np.asarray would copy a million times."""
 
     def __init__(self, source: str) -> None:
-        self.source, self.total = source, 0
+        self.source, self.total, self.budget = source, 0, memory_budget()
 
     def take(self, value: Any, name: str) -> None:
-        self.total += _float32_bytes(value)
-        check_memory(f"{self.source}: the features up to {name}", self.total)
+        self.total += _float32_bytes(value, name)
+        check_memory(f"{self.source}: the features up to {name}", self.total,
+                     budget=self.budget)
 
 
-def _float32_bytes(value: Any) -> int:
-    """Bytes of np.asarray(value, float32), found without building it (numpy refuses ragged
-    nesting, so the first element's size stands for all of them)."""
+def _float32_bytes(value: Any, name: str) -> int:
+    """Bytes of np.asarray(value, float32), found without building it: numpy refuses ragged
+    nesting, so the first element of each level stands for the rest. Only arrays, lists,
+    tuples and numbers are features; anything else (a range, a string) is refused here,
+    where its size cannot be judged."""
+    count = 1
+    while isinstance(value, (list, tuple)):
+        count *= len(value)
+        if not value:
+            return 0
+        value = value[0]
     if isinstance(value, np.ndarray):
-        return 4 * value.size
-    if isinstance(value, (list, tuple)):
-        return len(value) * _float32_bytes(value[0]) if value else 0
-    return 4
+        return 4 * count * value.size
+    if isinstance(value, (int, float, np.number, bool, np.bool_)):
+        return 4 * count
+    raise ValueError(f"{name}: expected numeric features (arrays, lists or numbers), got "
+                     f"{type(value).__name__}")
 
 
 def _as_float_2d(value: Any, name: str, budget: _Budget) -> np.ndarray:

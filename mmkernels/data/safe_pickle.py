@@ -93,11 +93,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         source: a name for error messages (usually the file path).
         encoding: how to decode Python 2 ``str`` objects; "latin1" keeps numpy arrays
             intact.
+        size: the pickle's length in bytes, which sets how much its constructors may build
+            (0: only a fixed floor). :func:`safe_load` passes it.
     """
 
-    def __init__(self, file: IO[bytes], *, source: str = "<pickle>", encoding: str = "latin1"):
+    def __init__(self, file: IO[bytes], *, source: str = "<pickle>", encoding: str = "latin1",
+                 size: int = 0):
         super().__init__(file, encoding=encoding)
         self.source = source
+        self.allowance = _Allowance(source, size)
 
     def find_class(self, module: str, name: str) -> Any:
         py3 = _py3_name(module, name)
@@ -107,29 +111,57 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "numbers, strings and numpy arrays are allowed"
             )
         found = super().find_class(module, name)
-        return _checked(py3, found, self.source)
+        return _checked(py3, found, self.source, self.allowance)
 
 
 # Longest range a pickle may build: far more than any data file's index needs, far less than
 # what would exhaust memory once a list() or set() walks it.
 _MAX_RANGE = 1 << 24
+# Deepest nesting of containers a data file may have; CPython's C code recurses without a
+# guard on some of them (hashing a tuple nested 300,000 deep crashes the interpreter).
+_MAX_DEPTH = 200
+# Elements or bytes the allowed constructors may produce per byte of pickle (plus a floor):
+# a memoised object can be fed to list(), bytes(), ... again for a few bytes each time.
+_COPIES_PER_BYTE, _COPIES_FLOOR = 16, 1 << 22
 
 
-def _checked(name: tuple[str, str], fn: Any, source: str) -> Any:
+class _Allowance:
+    """What the allowed constructors of one load have produced so far, against its limit."""
+
+    def __init__(self, source: str, size: int) -> None:
+        self.source, self.size, self.used = source, size, 0
+        self.limit = _COPIES_PER_BYTE * size + _COPIES_FLOOR
+
+    def charge(self, label: str, amount: int) -> None:
+        self.used += amount
+        if self.used > self.limit:
+            raise RefusedCallError(
+                f"{self.source}: refusing {label}: the pickle's constructors would build "
+                f"{self.used} elements or bytes, more than the {self.limit} allowed for "
+                f"{self.size} bytes of pickle (a corrupt or hostile pickle)")
+
+
+_COPYING = {("builtins", n) for n in ("list", "tuple", "set", "frozenset", "dict", "bytes",
+                                      "bytearray", "str")}
+
+
+def _checked(name: tuple[str, str], fn: Any, source: str, allowance: _Allowance) -> Any:
     """``fn`` itself, or a wrapper that refuses the arguments that would allocate memory the
     file does not contain."""
     label = f"{name[0]}.{name[1]}"
 
     def refuse(why: str) -> RefusedCallError:
         return RefusedCallError(f"{source}: refusing {label}: {why} (a corrupt or "
-                                      "hostile pickle)")
+                                "hostile pickle)")
 
-    if name in (("builtins", "bytes"), ("builtins", "bytearray")):
-        def sized(*args: Any, **kw: Any) -> Any:
-            if args and isinstance(args[0], int):
+    if name in _COPYING:
+        def copying(*args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], int) and name[1] in ("bytes", "bytearray"):
                 raise refuse(f"asks for a zero-filled buffer of {args[0]} bytes")
+            if args and hasattr(args[0], "__len__"):
+                allowance.charge(label, len(args[0]))  # before the copy is made
             return fn(*args, **kw)
-        return sized
+        return copying
     if name == ("builtins", "range"):
         def bounded(*args: Any) -> Any:
             r = fn(*args)
@@ -141,6 +173,7 @@ def _checked(name: tuple[str, str], fn: Any, source: str) -> Any:
         def latin1(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> Any:
             if encoding not in ("latin1", "latin-1"):  # what Python 3 pickles of bytes use
                 raise refuse(f"encoding {encoding!r}")
+            allowance.charge(label, len(obj))
             return fn(obj, encoding, errors)
         return latin1
     if name[1] in ("ndarray", "_reconstruct"):
@@ -150,7 +183,9 @@ def _checked(name: tuple[str, str], fn: Any, source: str) -> Any:
 
 def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[..., Any]:
     """ndarray(shape, dtype) and numpy's _reconstruct(cls, shape, dtype) allocate the shape's
-    bytes before any data arrives; numpy's own pickles pass shape (0,)."""
+    bytes before any data arrives; numpy's own pickles pass shape (0,). (The data that
+    follows, __setstate__'s bytes, is referenced rather than copied, so a memoised buffer
+    shared by many arrays costs nothing more.)"""
     reconstruct = label.endswith("_reconstruct")
 
     def call(*args: Any, **kw: Any) -> Any:
@@ -168,16 +203,50 @@ def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[
     return call
 
 
+_MEMO_PUT = ("PUT", "BINPUT", "LONG_BINPUT")
+_MUTATORS = ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD")
+_MEMO_GET = ("GET", "BINGET", "LONG_BINGET")
+
+
 def _scan(data: bytes) -> None:
-    """Walk the opcodes without building anything: a length beyond the end of the data or
-    a memo index the stream could not have made means corrupt or hostile bytes."""
-    ops = 0
-    for op, arg, _ in pickletools.genops(data):
-        ops += 1
-        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and (
-            not isinstance(arg, int) or arg < 0 or arg > ops
-        ):
-            raise ValueError(f"memo index {arg} after {ops} opcodes (corrupt or hostile)")
+    """Walk the opcodes without building anything, tracking how deep each stack item nests:
+    a length beyond the end of the data, a memo index the stream could not have made, or
+    nesting deeper than _MAX_DEPTH means corrupt or hostile bytes."""
+    mark = -1  # a MARK on the simulated stack; other entries are nesting depths
+    stack: list[int] = []
+    memo: dict[int, int] = {}
+    for ops, (op, arg, _) in enumerate(pickletools.genops(data), start=1):
+        if op.name in _MEMO_PUT or op.name in _MEMO_GET:
+            if not isinstance(arg, int) or arg < 0 or arg > ops:
+                raise ValueError(f"memo index {arg} after {ops} opcodes (corrupt or hostile)")
+        if op.name in _MEMO_PUT or op.name == "MEMOIZE":
+            memo[arg if op.name != "MEMOIZE" else len(memo)] = stack[-1] if stack else 0
+            continue
+        if op.name in _MEMO_GET:
+            stack.append(memo.get(arg, 0))
+            continue
+        if op.name == "DUP":
+            stack.append(stack[-1] if stack else 0)
+            continue
+        before, popped = list(op.stack_before), []
+        if pickletools.markobject in before:
+            while stack and stack[-1] != mark:
+                popped.append(stack.pop())
+            if stack:
+                stack.pop()
+            before = before[:before.index(pickletools.markobject)]
+        for _ in before:
+            if stack:
+                popped.append(stack.pop())
+        popped = [d for d in popped if d != mark]
+        if op.name in _MUTATORS and popped:  # the container (popped last) gains its items
+            depth = max(popped[-1], max(popped[:-1], default=-1) + 1)
+        else:  # a new object holding what it consumed
+            depth = max(popped, default=-1) + 1
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"containers nested deeper than {_MAX_DEPTH} (corrupt or hostile)")
+        for item in op.stack_after:
+            stack.append(mark if item is pickletools.markobject else depth)
 
 
 def safe_load(file: str | os.PathLike[str] | IO[bytes], *, encoding: str = "latin1") -> Any:
@@ -211,7 +280,8 @@ def _load(f: IO[bytes], source: str, encoding: str) -> Any:
     data = f.read()
     try:
         _scan(data)
-        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding,
+                                   size=len(data)).load()
     except MemoryError as e:
         raise ValueError(f"{source}: corrupt or hostile pickle: it asks for more memory "
                          "than the machine has") from e
@@ -228,6 +298,7 @@ def _load(f: IO[bytes], source: str, encoding: str) -> Any:
         UnicodeDecodeError,
         OverflowError,
         LookupError,  # an unknown encoding named in the stream
+        ImportError,  # numpy 2's module paths under numpy 1
         SystemError,  # CPython's C unpickler on some malformed streams (found by fuzzing)
     ) as e:
         # A cut-off download typically ends in EOFError or "pickle data was truncated";

@@ -81,12 +81,20 @@ def test_resume_refuses_a_contradicting_option(tmp_path: Path) -> None:
                  "--epochs", "1", "--hidden", "4", "--fractions", "1", "--no-progress"]) == 0
     with pytest.raises(SystemExit, match="--epochs 5 differs from the saved sweep's 1"):
         main(["sweep", "--resume", str(out), "--epochs", "5"])
+    with pytest.raises(SystemExit, match="--epochs 50 differs"):  # typed, though the default
+        main(["sweep", "--resume", str(out), "--epochs", "50"])
+    with pytest.raises(SystemExit, match="--out cannot be combined with --resume"):
+        main(["sweep", "--resume", str(out), "--out", str(tmp_path / "elsewhere")])
+    with pytest.raises(SystemExit, match="--workers applies to --executor ray only"):
+        main(["sweep", "--resume", str(out), "--workers", "2"])
     with pytest.raises(SystemExit, match="no sweep.json"):
         main(["sweep", "--resume", str(tmp_path)])
     with pytest.raises(SystemExit, match="--data"):
         main(["sweep", "--out", str(out)])
     n = len(read_records(out))
-    assert main(["sweep", "--resume", str(out), "--epochs", "1", "--no-progress"]) == 0
+    rel = os.path.relpath(data)  # the same file, named relatively: not a contradiction
+    assert main(["sweep", "--resume", str(out), "--epochs", "1", "--data", rel,
+                 "--no-progress"]) == 0
     assert len(read_records(out)) == n  # nothing left to run
 
 

@@ -110,3 +110,16 @@ def test_sweep_redoes_a_torn_cell_only(tmp_path: Path, monkeypatch) -> None:
     assert [r["seed"] for r in recs] == [0, 1]
     assert {"versions", "runtime_s", "config", "data", "finished_utc"} <= set(recs[0])
     assert json.loads(json.dumps(recs[1]["records"])) == recs[1]["records"]
+
+
+def test_start_over_keeps_every_old_store_and_respects_the_lock(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    assert store.start_over() is None  # nothing to keep
+    kept = []
+    for i in range(2):  # twice in the same second: two distinct names, nothing replaced
+        _write(tmp_path, [{"key": f"run{i}"}])
+        kept.append(store.start_over())
+    assert len(set(kept)) == 2 and not (tmp_path / RECORDS_FILE).exists()
+    assert [json.loads(p.read_text())["key"] for p in kept] == ["run0", "run1"]
+    with store.writer(), pytest.raises(RuntimeError, match="in use by another sweep"):
+        store.start_over()  # a running sweep's records are never renamed under it

@@ -115,22 +115,29 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
 
 def _store(args: argparse.Namespace) -> str:
     """OUT, the folder of the resumable results store; with --fresh an existing store is
-    renamed first (records.<UTC time>.jsonl), so nothing finished is lost."""
-    from pathlib import Path
+    renamed first, under the store's lock (records.<UTC time>.jsonl), so nothing finished is
+    lost."""
+    from mmkernels.experiments.store import ResultStore
 
-    from mmkernels.experiments.store import RECORDS_FILE
-
-    path = Path(args.out) / RECORDS_FILE
-    if args.fresh and path.exists():
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path.rename(path.with_name(f"records.{stamp}.jsonl"))
+    if args.fresh:
+        ResultStore(args.out).start_over()
     return str(args.out)
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the option for ``dest`` was typed on the command line (even at its default)."""
+    opts = args.option_strings.get(dest, [])
+    return any(tok == o or tok.startswith(o + "=") for tok in args.argv for o in opts)
 
 
 @contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Any]:
     """None (cells run in this process) or a RayExecutor, shut down afterwards."""
     if args.executor == "inprocess":
+        ray_only = [d for d in ("address", "workers", "cpus_per_cell", "gpus_per_cell")
+                    if _given(args, d)]
+        if ray_only:
+            raise SystemExit(f"--{ray_only[0].replace('_', '-')} applies to --executor ray only")
         yield None
         return
     from mmkernels.experiments.executors import RayExecutor
@@ -197,7 +204,7 @@ _SWEEP_OPTIONS = ("data", "name", "split_seed", "test_size", "hidden", "fusion",
                   "head_l2", "no_probe")
 
 
-def _resume_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _resume_options(args: argparse.Namespace) -> None:
     """Load the sweep saved in ``args.resume`` into ``args``; an option given on the command
     line that contradicts it is an error rather than silently ignored."""
     from pathlib import Path
@@ -210,14 +217,19 @@ def _resume_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         saved = json.loads(saved_path.read_text())["options"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--resume {args.resume}: unreadable sweep.json ({exc})") from None
+    for flag in ("out", "fresh"):
+        if _given(args, flag):
+            raise SystemExit(f"--resume {args.resume}: --{flag} cannot be combined with "
+                             "--resume (the sweep continues in DIR, keeping its records)")
+    if _given(args, "data"):
+        args.data = str(Path(args.data).resolve())
     for key in _SWEEP_OPTIONS:
-        given, default = getattr(args, key), parser.get_default(key)
         if key not in saved:
             continue
-        if given != default and given != saved[key]:
-            raise SystemExit(f"--resume {args.resume}: --{key.replace('_', '-')} {given} "
-                             f"differs from the saved sweep's {saved[key]}; drop the option "
-                             "or start a new --out folder")
+        if _given(args, key) and getattr(args, key) != saved[key]:
+            raise SystemExit(f"--resume {args.resume}: --{key.replace('_', '-')} "
+                             f"{getattr(args, key)} differs from the saved sweep's "
+                             f"{saved[key]}; drop the option or start a new --out folder")
         setattr(args, key, saved[key])
     args.out, args.fresh = args.resume, False
 
@@ -233,7 +245,7 @@ def sweep(args: argparse.Namespace) -> int:
     from mmkernels.experiments.sweep import prepare, run_sweep
 
     if args.resume:
-        _resume_options(args, args.parser)
+        _resume_options(args)
     elif args.data is None:
         raise SystemExit("mmkernels sweep: give --data FILE.npz (or --resume DIR)")
     else:
@@ -266,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="mmkernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("reproduce", help="the paper's tables: synthetic Table 4, Tables 1-3 "
-                       "on bundled real data (and IEMOCAP with --iemocap)")
+    # allow_abbrev=False: options are recognised only when spelled out (see _given)
+    p = sub.add_parser("reproduce", allow_abbrev=False,
+                       help="the paper's tables: synthetic Table 4, Tables 1-3 on bundled real "
+                            "data (and IEMOCAP with --iemocap)")
     _add_sweep_args(p, epochs=50, seeds=5)
     p.add_argument("--quick", action="store_true",
                    help="fast pass: at most 2 seeds and 30 epochs on the real data")
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=7000, help="synthetic train rows")
     p.add_argument("--n-test", type=int, default=3000, help="synthetic test rows")
     p.set_defaults(fn=reproduce)
-    p = sub.add_parser("sweep", help="every subset x seed x fraction on your .npz dataset")
+    p = sub.add_parser("sweep", allow_abbrev=False,
+                       help="every subset x seed x fraction on your .npz dataset")
     p.add_argument("--data", default=None, help="a MultiModalDataset .npz file")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the sweep whose --out folder is DIR: its saved options, "
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seed of the train/test split when the file has none")
     p.add_argument("--test-size", type=float, default=0.3)
     _add_sweep_args(p, epochs=50, seeds=3)
-    p.set_defaults(fn=sweep, parser=p)
+    p.set_defaults(fn=sweep)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")
     p.add_argument("--scale", type=float, default=1.0, help="benchmark batch-size factor")
     p.add_argument("--repeats", type=int, default=7)
@@ -298,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=bench)
     sub.add_parser("info", help="build information").set_defaults(fn=info)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # Which options were typed, for checks that must tell "given" from "left at default".
+    sub_parser = sub.choices[args.command]
+    args.argv = argv
+    args.option_strings = {a.dest: a.option_strings for a in sub_parser._actions}
     return args.fn(args)
 
 

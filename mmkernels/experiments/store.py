@@ -84,6 +84,15 @@ def _scan(data: bytes) -> tuple[list[dict[str, Any]], int, list[int]]:
     return records, end, bad
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a created, renamed or removed name in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every valid record in ``folder/records.jsonl`` in the order written, without a lock
     (safe while a sweep is appending); a torn or damaged line is skipped. Duplicate keys
@@ -131,9 +140,11 @@ class ResultStore:
         return {r["key"]: r for r in read_records(self.folder)}
 
     @contextmanager
-    def writer(self) -> Iterator[StoreWriter]:
-        """Lock the store, repair a torn tail, and yield a :class:`StoreWriter`."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def _lock(self) -> Iterator[None]:
+        """Hold the store's exclusive lock (or fail at once if another sweep holds it)."""
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            _fsync_dir(self.folder.parent)
         lock = os.open(self.folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -142,14 +153,42 @@ class ResultStore:
                 raise RuntimeError(f"results store {self.folder} is in use by another sweep "
                                    f"(lock {self.folder / _LOCK_FILE}); wait for it or use "
                                    "another output folder") from None
+            yield
+        finally:
+            os.close(lock)  # closing releases the flock
+
+    @contextmanager
+    def writer(self) -> Iterator[StoreWriter]:
+        """Lock the store, repair a torn tail, and yield a :class:`StoreWriter`."""
+        with self._lock():
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
+                if created:  # the new name must survive a power cut too
+                    _fsync_dir(self.folder)
                 self._repair(fd)
                 yield StoreWriter(fd)
             finally:
                 os.close(fd)
-        finally:
-            os.close(lock)  # closing releases the flock
+
+    def start_over(self) -> Path | None:
+        """Under the lock, rename the records to ``records.<UTC time>[.N].jsonl`` (never over
+        an existing file) so the next writer starts empty; the new name, or None if there
+        were no records."""
+        with self._lock():
+            if not self.path.exists():
+                return None
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            for n in range(1000):
+                kept = self.folder / f"records.{stamp}{f'.{n}' if n else ''}.jsonl"
+                try:
+                    os.link(self.path, kept)  # fails if the name exists: nothing is replaced
+                except FileExistsError:
+                    continue
+                os.unlink(self.path)
+                _fsync_dir(self.folder)
+                return kept
+            raise RuntimeError(f"{self.folder}: no free name to keep the old records under")
 
     def _repair(self, fd: int) -> None:
         data = os.pread(fd, os.fstat(fd).st_size, 0)

@@ -341,7 +341,8 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
     rs = ResultStore(store) if store is not None else None
     with rs.writer() if rs is not None else nullcontext() as writer:
         if rs is not None:
-            results = {k: r["records"] for k, r in rs.records().items() if k in keys}
+            results = {k: r["records"] for k, r in rs.records().items()
+                       if k in keys and isinstance(r.get("records"), dict)}
         todo = [k for k in keys if k not in results]
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="cell",
                    desc=desc or f"sweep {data.name}", disable=not progress)

@@ -15,11 +15,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mmkernels::cpu {
@@ -99,6 +101,12 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
 // starts after the last task was claimed finds nothing and returns (it touches only the
 // shared, reference-counted counters). Results do not depend on which thread ran a task:
 // each task has its own output slot, summed in task order afterwards.
+//
+// Exceptions: a task that throws (on any thread) stops the claiming of further tasks (the
+// unclaimed ones are counted done at once); the caller still waits for every claimed task,
+// so no helper runs a task after this frame is gone, then rethrows the first exception. (The
+// inter-op pool would swallow a helper's exception; here it never leaves `work`.) If
+// at::launch itself throws, the same: stop, wait for the claimed tasks, rethrow.
 template <typename F>
 void run_tasks(int64_t tasks, int64_t threads, const F& task) {
   if (tasks <= 1 || threads <= 1) {
@@ -107,22 +115,45 @@ void run_tasks(int64_t tasks, int64_t threads, const F& task) {
   }
   struct Shared {
     std::atomic<int64_t> next{0}, done{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // written once, by the thread that set `failed`
+    int64_t total = 0;
+    // No further task is claimed; those never claimed count as done.
+    void stop() {
+      const int64_t first_unclaimed = next.exchange(total);
+      if (first_unclaimed < total)
+        done.fetch_add(total - first_unclaimed, std::memory_order_release);
+    }
+    void fail(std::exception_ptr e) {
+      if (!failed.exchange(true)) error = std::move(e);
+      stop();
+    }
   };
   auto shared = std::make_shared<Shared>();
+  shared->total = tasks;
   const std::function<void(int64_t)> run = [&task](int64_t t) { task(t); };
-  const int64_t tasks_total = tasks;
   // A helper may outlive this call: it holds `shared`, and dereferences `fn` (this frame's
   // `run`) only for a task it claimed, which this call waits for.
-  auto work = [shared, tasks_total](const std::function<void(int64_t)>* fn) {
-    for (int64_t t = shared->next.fetch_add(1); t < tasks_total; t = shared->next.fetch_add(1)) {
-      (*fn)(t);
+  auto work = [shared](const std::function<void(int64_t)>* fn) {
+    for (int64_t t = shared->next.fetch_add(1); t < shared->total;
+         t = shared->next.fetch_add(1)) {
+      try {
+        (*fn)(t);
+      } catch (...) {
+        shared->fail(std::current_exception());  // before this task's `done`: seen by the caller
+      }
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t h = 1; h < std::min(threads, tasks); ++h)
-    at::launch([work, fn = &run]() { work(fn); });
+  try {
+    for (int64_t h = 1; h < std::min(threads, tasks); ++h)
+      at::launch([work, fn = &run]() { work(fn); });
+  } catch (...) {
+    shared->fail(std::current_exception());
+  }
   work(&run);
-  while (shared->done.load(std::memory_order_acquire) < tasks_total) std::this_thread::yield();
+  while (shared->done.load(std::memory_order_acquire) < shared->total) std::this_thread::yield();
+  if (shared->failed.load(std::memory_order_acquire)) std::rethrow_exception(shared->error);
 }
 
 // ---- fused multinomial-logistic pass ------------------------------------------------------

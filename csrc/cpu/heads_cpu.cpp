@@ -351,15 +351,37 @@ constexpr int bitrev(int j) {
 }
 
 // One level of the fold: out lane block q (size B) = sum of blocks 2(q/2) and 2(q/2)+1 of
-// a (q even) or b (q odd).
+// a (q even) or b (q odd). Lane j of the shuffle takes input lane fold_index(j) of a:b.
+template <typename T, int B, bool HI>
+constexpr int fold_index(int j) {
+  constexpr int L = Lanes<T>::L;
+  const int q = j / B, o = j % B, blk = (q / 2) * 2 + (HI ? 1 : 0);
+  return (q % 2 ? L : 0) + blk * B + o;
+}
+
+#if defined(__clang__)
+// Clang has no __builtin_shuffle; __builtin_shufflevector takes the lanes as constants.
+template <typename T, int B, bool HI, int... J>
+MMK_INLINE typename Lanes<T>::V fold_shuffle(const typename Lanes<T>::V& a,
+                                             const typename Lanes<T>::V& b,
+                                             std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, fold_index<T, B, HI>(J)...);
+}
+
+template <typename T, int B>
+MMK_INLINE void fold_levels(typename Lanes<T>::V* v, int count) {
+  using Seq = std::make_integer_sequence<int, Lanes<T>::L>;
+  for (int k = 0; k < count / 2; ++k)
+    v[k] = fold_shuffle<T, B, false>(v[2 * k], v[2 * k + 1], Seq{}) +
+           fold_shuffle<T, B, true>(v[2 * k], v[2 * k + 1], Seq{});
+  if constexpr (B > 1) fold_levels<T, B / 2>(v, count / 2);
+}
+#else
 template <typename T, int B, bool HI>
 MMK_INLINE typename Lanes<T>::M fold_mask() {
   constexpr int L = Lanes<T>::L;
   typename Lanes<T>::M m;
-  for (int j = 0; j < L; ++j) {
-    const int q = j / B, o = j % B, blk = (q / 2) * 2 + (HI ? 1 : 0);
-    m[j] = (q % 2 ? L : 0) + blk * B + o;
-  }
+  for (int j = 0; j < L; ++j) m[j] = fold_index<T, B, HI>(j);
   return m;
 }
 
@@ -371,6 +393,7 @@ MMK_INLINE void fold_levels(typename Lanes<T>::V* v, int count) {
            __builtin_shuffle(v[2 * k], v[2 * k + 1], hi);
   if constexpr (B > 1) fold_levels<T, B / 2>(v, count / 2);
 }
+#endif
 
 // exp of x <= ~0 (x is a logit minus the row maximum); underflow clamps near the denormals.
 template <typename T>

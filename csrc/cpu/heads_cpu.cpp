@@ -770,12 +770,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   check_shape(op, "y", y, {n}, "[n], n from z");
   MMK_CHECK(std::isfinite(l2) && l2 >= 0, op, ": l2 must be finite and >= 0, got ", l2);
   const auto acc = w.scalar_type();
-  {  // z in the compute dtype (when converted), the weight layout, the gradients
-    const double a = (double)c10::elementSize(acc);
-    const double zcopy = (z.scalar_type() == acc && z.stride(2) == 1) ? 0.0
-                                                                       : (double)z.numel() * a;
-    const double C16 = (double)std::max<int64_t>(C, 16);
-    check_memory_budget(op, zcopy + a * (double)K * ((double)H + 1) * 3 * C16, z.device(),
+  // z in the compute dtype with unit-stride rows: a view of contiguous float32/float64 z. When
+  // z must be converted (bfloat16) and only some subsets are picked, those are selected before
+  // the conversion, so a solver that skips converged subsets does not convert all S each call.
+  const bool convert = z.scalar_type() != acc || z.stride(2) != 1;
+  const bool select_first = convert && index.defined() && K < S;
+  // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its own
+  // partial sums, added in task order, so a given thread count (and K) gives fixed results.
+  // One thread below ~1M elements of Z per call (~0.3 ms of work): handing tasks to the
+  // inter-op pool costs microseconds per helper on a quiet machine, and a helper that claims a
+  // task and then waits for a CPU (a busy, shared machine) holds up the caller for that task.
+  const int64_t threads =
+      K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
+  const int64_t CP = padded_lanes(C);
+  const int64_t wsize = H * (CP ? CP : C);
+  {  // an upper bound of what the call allocates besides its inputs
+    const double a = (double)c10::elementSize(acc), ez = (double)z.element_size();
+    const double Kd = (double)K, Cd = (double)C, Hd = (double)H, sp = (double)splits;
+    double zcopy = 0;  // z in the compute dtype; a strided conversion may need two copies
+    if (select_first)
+      zcopy = Kd * (double)n * Hd * (ez + a);
+    else if (convert)
+      zcopy = (double)z.numel() * a * ((z.scalar_type() != acc) + (z.stride(2) != 1));
+    const double need =
+        zcopy + Kd * (double)wsize * (a + 8 + 8 * sp)  // weight layout, gw_l, part_w
+        + Kd * Hd * Cd * (3 * 8 + 2 * a)  // w in float64, its square, gw; gw out, contiguous
+        + Kd * (Cd + 1) * (8 + 8 * sp + a)  // gb, loss, their partials and outputs
+        + (double)n * (a + 8);              // sample weights, labels
+    check_memory_budget(op, need, z.device(),
                         "z " + shape_str(z.sizes()) + " and w " + shape_str(w.sizes()));
   }
   const at::Tensor yc = y.contiguous();
@@ -790,11 +814,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     check_float_dtype(op, "sample_weight", *sample_weight, false);
     sw = sample_weight->to(acc).contiguous();
   }
-  // z in the compute dtype with unit-stride rows (a no-op for contiguous float32/float64 z).
-  at::Tensor zc = z.to(acc);
+  at::Tensor zc = select_first ? z.index_select(0, index).to(acc) : z.to(acc);
   if (zc.stride(2) != 1) zc = zc.contiguous();
   // Weights in the kernel's layout: [K, H, CP] zero-padded, or [K, C, H] for large C.
-  const int64_t CP = padded_lanes(C);
   at::Tensor wl;
   if (CP) {
     wl = at::zeros({K, H, CP}, w.options());
@@ -802,7 +824,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   } else {
     wl = w.transpose(1, 2).contiguous();
   }
-  const int64_t wsize = H * (CP ? CP : C);
   const at::Tensor bc = b.contiguous();
   at::Tensor loss = at::zeros({K}, w.options().dtype(at::kDouble));
   at::Tensor gw_l = at::zeros(wl.sizes(), w.options().dtype(at::kDouble));
@@ -811,15 +832,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const int64_t ss = zc.stride(0), ld = zc.stride(1);
     const scalar_t* swp = sw.defined() ? sw.data_ptr<scalar_t>() : nullptr;
-    const int64_t* pick = index.defined() ? index.data_ptr<int64_t>() : nullptr;
-    // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its
-    // own partial sums, added in task order, so a given thread count gives fixed results.
-    // One thread below ~1M elements of Z per call (~0.3 ms of work): an OpenMP region costs
-    // ~10 us on a quiet machine but milliseconds when a team thread waits for a CPU.
-    const int64_t threads =
-        K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
+    // With select_first, zc holds the picked subsets in order.
+    const int64_t* pick = index.defined() && !select_first ? index.data_ptr<int64_t>() : nullptr;
     std::vector<double> part_loss(K * splits, 0.0), part_w(K * splits * wsize, 0.0),
         part_b(K * splits * C, 0.0);
     const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;

@@ -432,6 +432,102 @@ def test_softmax_op_matches_autograd(C, H, dtype):
     torch.testing.assert_close(gb.double(), b.grad, **tol)
 
 
+def _softmax_reference(z, y, w, b, sw, l2):
+    """Plain PyTorch, float64, autograd: sum_i sw_i CE + l2/2 ||W||^2 and its gradient."""
+    z, w, b, sw = (t.detach().double() for t in (z, w, b, sw))
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    S, n = z.shape[:2]
+    logp = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), z, w), dim=2)
+    ce = -logp.gather(2, y.expand(S, n).unsqueeze(2)).squeeze(2)
+    loss = (ce * sw).sum(1) + 0.5 * l2 * w.square().sum((1, 2))
+    loss.sum().backward()
+    return loss.detach(), w.grad, b.grad
+
+
+# Every class count of the rows-in-lanes kernel (C <= 8), H below one vector of lanes, at
+# 1 (float32) or 2 (float64) vectors, and above the gradient's register block (HC vectors),
+# with a tail; n > 256 and not a multiple of 16 (a partial lane block, several flushes).
+@pytest.mark.parametrize("C", range(1, 9))
+@pytest.mark.parametrize("H", [5, 16, 37, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_lanes_kernel_matches_reference(C, H, dtype):
+    g = torch.Generator().manual_seed(1000 * C + H)
+    n = 601
+    z = torch.randn(2, n, H, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, C, (n,), generator=g)
+    w = (0.3 * torch.randn(2, H, C, generator=g, dtype=torch.float64)).to(dtype)
+    b = torch.randn(2, C, generator=g, dtype=torch.float64).to(dtype)
+    sw = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    loss, gw, gb = ops.softmax_regression_loss_grad(z, y, w, b, sw, 0.7)
+    ref = _softmax_reference(z, y, w, b, sw, 0.7)
+    # Rounding of sums over n rows of terms of size ~sqrt(H) in the compute dtype.
+    eps = torch.finfo(dtype).eps
+    rtol, atol = 64 * eps * n ** 0.5, 64 * eps * n * (1 + H ** 0.5)
+    for got, want in zip((loss, gw, gb), ref, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_op_threaded_path_matches_one_thread(dtype):
+    # K n H = 4 * 2048 * 128 = 2^20: the op splits rows into tasks run by ATen's inter-op
+    # helpers and the caller (run_tasks in heads_cpu.cpp).
+    g = torch.Generator().manual_seed(7)
+    K, n, H, C = 4, 2048, 128, 6
+    z = torch.randn(K, n, H, generator=g, dtype=dtype)
+    y = torch.randint(0, C, (n,), generator=g)
+    w = 0.1 * torch.randn(K, H, C, generator=g, dtype=dtype)
+    b = torch.randn(K, C, generator=g, dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.softmax_regression_loss_grad(z, y, w, b, None, 0.5)
+        torch.set_num_threads(2)
+        two = [ops.softmax_regression_loss_grad(z, y, w, b, None, 0.5) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
+    for got in two:
+        for a, r in zip(got, one, strict=True):
+            torch.testing.assert_close(a, r, **tol)
+        for a, r in zip(got, two[0], strict=True):  # fixed thread count: identical bits
+            assert torch.equal(a, r)
+
+
+def test_bfloat16_z_with_subset_index_equals_the_float32_upcast():
+    # bfloat16 Z with subset_index: the op converts only the picked subsets (same values).
+    z = torch.randn(5, 300, 7).to(torch.bfloat16)
+    y = torch.randint(0, 3, (300,))
+    pick = torch.tensor([4, 1, 4])
+    w, b = torch.randn(3, 7, 3), torch.randn(3, 3)
+    got = ops.softmax_regression_loss_grad(z, y, w, b, None, 0.2, pick)
+    ref = ops.softmax_regression_loss_grad(z.float(), y, w, b, None, 0.2, pick)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "1e400", "-1", "infG", "8Q", "8GiBs", "iB"])
+def test_budget_rejects_non_finite_and_malformed_values(monkeypatch, text):
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", text)
+    with pytest.raises(ValueError, match="MMKERNELS_MEMORY_BUDGET must be a byte count"):
+        ops.gram(torch.zeros(1, 4, 2), torch.zeros(4))
+
+
+@pytest.mark.parametrize("text", ["8GiB", "8gib", "8G", "8GB", "OFF", "Off", "none", "0"])
+def test_budget_accepts_suffixes_and_off_in_any_case(monkeypatch, text):
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", text)
+    g, _ = ops.gram(torch.zeros(1, 4, 2), torch.zeros(4))
+    assert g.shape == (1, 3, 3)
+
+
+def test_budget_gib_suffix_is_powers_of_1024(monkeypatch):
+    z = torch.zeros(1, 1, 1).expand(64, 4, 256)  # Grams [64, 257, 257]: ~50 MiB in float32
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "1MiB")
+    with pytest.raises(torch.OutOfMemoryError, match=r"budget of 1 MiB \(1048576 bytes"):
+        ops.gram(z, torch.zeros(4))
+
+
 def _softmax_args(**kw):
     args = dict(z=torch.randn(2, 6, 3), y=torch.zeros(6, dtype=torch.long),
                 w=torch.zeros(2, 3, 4), b=torch.zeros(2, 4), sample_weight=None, l2=1.0,

@@ -59,7 +59,10 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
     op runs on the calling thread;
   - the solver's own ops stay below PyTorch's intra-op grain (serial): subsets are solved in
     groups of k with k (H+1) C < 32768, and gathers use index_select / index_copy_.
-  Results depend on the thread count only through the op's summation order (rounding level).
+  Results depend on the thread count only through the op's summation order (rounding level),
+  and so, once one op call covers >= 2^20 elements of Z (K n H for the K subsets it
+  evaluates), on K too: the rows of a subset are split into blocks by the thread count and K,
+  so a subset's bits can change with the other subsets evaluated alongside it (see fit).
 
 Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
 (averaged over outputs) for regression, the mean cross-entropy (nats) for classification.
@@ -100,18 +103,28 @@ def _ridge_bytes(S: int, H: int, T: int) -> int:
     return S * (H + 1) ** 2 * (8 + 5 * 8) + S * (H + 1) * T * 8 * 6
 
 
-def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: int) -> int:
-    """L-BFGS state: history 2 * m * S * P float64 (P = (H+1) C) plus ~12 [S, P] vectors
-    (parameters, gradients, trials, direction); per op call the per-task partial sums and
-    gradient buffers (padded to at most 32 lanes), and a float32 copy of the Z rows of a call
-    when Z is bfloat16."""
+def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: int,
+                   group: int | None = None) -> int:
+    """L-BFGS state of one group of subsets (group: the subsets solved at once, default S):
+    history 2 * m * group * P float64 (P = (H+1) C) plus ~12 [group, P] vectors (parameters,
+    gradients, trials, direction), and the fitted parameters of all S (each group's, then
+    their concatenation); per op call (on a group) the per-task partial sums and gradient
+    buffers (padded to at most 32 lanes), and a float32 copy of the picked subsets' Z rows of
+    a call when Z is bfloat16 (with the bfloat16 gather it is made from)."""
     P = (H + 1) * C
-    state = 8 * S * P * (2 * history + 12) + 8 * S * history
+    g = S if group is None else max(1, min(S, group))
+    state = 8 * g * P * (2 * history + 12) + 8 * g * history + 2 * 8 * S * P
     lanes = C if C <= 8 else 16 if C <= 16 else 32 if C <= 32 else C
-    tasks = S + 4 * max(1, torch.get_num_threads())
-    op = 8 * (tasks + 3 * S) * (H * lanes + C + 1)
-    convert = S * rows * H * 4 if z_itemsize == 2 else 0
+    tasks = g + 4 * max(1, torch.get_num_threads())
+    op = 8 * (tasks + 3 * g) * (H * lanes + C + 1)
+    convert = g * rows * H * (4 + z_itemsize) if z_itemsize == 2 else 0
     return state + op + convert
+
+
+def _softmax_group(S: int, P: int, streamed: bool) -> int:
+    """Subsets solved at once: k with k * P below PyTorch's intra-op grain (see _lbfgs), or
+    all S when Z is streamed from an encoder (each group would re-encode every chunk)."""
+    return S if streamed else min(S, max(1, (_GRAIN - 1) // P))
 
 
 # ---- sources of Z: a tensor, or an encoder applied chunk by chunk ---------------------------
@@ -378,10 +391,19 @@ def fit(
     loss evaluation (slower, but never more than the budget of Z at once). Solver state on
     top: ridge ~6 [S, H+1, H+1] float64 matrices; L-BFGS history 2 * history * S * (H+1) * C
     float64 plus ~12 [S, (H+1) C] vectors; bfloat16 Z is converted to float32 inside each op
-    call (a float32 copy of the rows of the call). When that state and workspace would exceed
-    the memory budget (:mod:`mmkernels.memory`: MMKERNELS_MEMORY_BUDGET, default 80 % of the
-    memory available), fit raises MemoryBudgetError (a ValueError) stating the bytes needed
-    and the budget, before allocating.
+    call (a float32 copy of the call's rows of the subsets it evaluates). When that state and
+    workspace would exceed the memory budget (:mod:`mmkernels.memory`:
+    MMKERNELS_MEMORY_BUDGET, default 80 % of the memory available), fit raises
+    MemoryBudgetError (a ValueError) stating the bytes needed and the budget, before
+    allocating. The L-BFGS state is for one group of subsets at a time
+    (k with k (H+1) C < 32768; all S when Z is streamed).
+
+    Determinism: for a given Z, y, settings and torch.get_num_threads(), results are
+    bit-identical from run to run. Classification results of a subset can differ at the
+    rounding level (and the solver may then take a different number of iterations) with the
+    thread count and, when an op call covers >= 2^20 elements of Z (K n H, K the subsets of
+    its group still active), with the other subsets fitted alongside it: the op splits each
+    subset's rows into blocks by the thread count and K, and sums the blocks in order.
     """
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
@@ -404,8 +426,9 @@ def fit(
         return _fit_ridge(z, y, l2)
     C = (int(y.max()) + 1 if num_classes is None else max(1, int(num_classes)))
     rows = n if isinstance(z, Tensor) else min(n, z.rows_per_chunk(16 * C))
+    group = _softmax_group(S, (H + 1) * C, streamed=rows < n)
     _check_budget(f"the softmax refit of S = {S} subsets at H = {H}, C = {C} (L-BFGS history "
-                  f"{history})", _softmax_bytes(S, H, C, history, rows, zdtype.itemsize))
+                  f"{history})", _softmax_bytes(S, H, C, history, rows, zdtype.itemsize, group))
     return _fit_softmax(z, y, l2=1.0 if l2 is None else l2, class_weight=class_weight,
                         num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
 
@@ -524,7 +547,9 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
 
     # Subsets are solved in groups of k with k * P below PyTorch's intra-op grain, so that
     # the solver's own tensor ops run serially (see _lbfgs); one group when k * P is small.
-    size = max(1, (_GRAIN - 1) // P)
+    # A streamed Z (not materialised) is one group: every group's evaluations would encode
+    # all S subsets of every chunk again (the solver's ops may then run multi-threaded).
+    size = _softmax_group(S, P, streamed=not isinstance(z, Tensor))
     if size >= S:
         return _lbfgs(evaluate, S, P, H, C, l2, tol, max_iter, history)
     parts = []

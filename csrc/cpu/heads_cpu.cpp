@@ -15,11 +15,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mmkernels::cpu {
@@ -99,6 +101,12 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(const at::Tensor& z, const at::Tenso
 // starts after the last task was claimed finds nothing and returns (it touches only the
 // shared, reference-counted counters). Results do not depend on which thread ran a task:
 // each task has its own output slot, summed in task order afterwards.
+//
+// Exceptions: a task that throws (on any thread) stops the claiming of further tasks (the
+// unclaimed ones are counted done at once); the caller still waits for every claimed task,
+// so no helper runs a task after this frame is gone, then rethrows the first exception. (The
+// inter-op pool would swallow a helper's exception; here it never leaves `work`.) If
+// at::launch itself throws, the same: stop, wait for the claimed tasks, rethrow.
 template <typename F>
 void run_tasks(int64_t tasks, int64_t threads, const F& task) {
   if (tasks <= 1 || threads <= 1) {
@@ -107,22 +115,45 @@ void run_tasks(int64_t tasks, int64_t threads, const F& task) {
   }
   struct Shared {
     std::atomic<int64_t> next{0}, done{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // written once, by the thread that set `failed`
+    int64_t total = 0;
+    // No further task is claimed; those never claimed count as done.
+    void stop() {
+      const int64_t first_unclaimed = next.exchange(total);
+      if (first_unclaimed < total)
+        done.fetch_add(total - first_unclaimed, std::memory_order_release);
+    }
+    void fail(std::exception_ptr e) {
+      if (!failed.exchange(true)) error = std::move(e);
+      stop();
+    }
   };
   auto shared = std::make_shared<Shared>();
+  shared->total = tasks;
   const std::function<void(int64_t)> run = [&task](int64_t t) { task(t); };
-  const int64_t tasks_total = tasks;
   // A helper may outlive this call: it holds `shared`, and dereferences `fn` (this frame's
   // `run`) only for a task it claimed, which this call waits for.
-  auto work = [shared, tasks_total](const std::function<void(int64_t)>* fn) {
-    for (int64_t t = shared->next.fetch_add(1); t < tasks_total; t = shared->next.fetch_add(1)) {
-      (*fn)(t);
+  auto work = [shared](const std::function<void(int64_t)>* fn) {
+    for (int64_t t = shared->next.fetch_add(1); t < shared->total;
+         t = shared->next.fetch_add(1)) {
+      try {
+        (*fn)(t);
+      } catch (...) {
+        shared->fail(std::current_exception());  // before this task's `done`: seen by the caller
+      }
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t h = 1; h < std::min(threads, tasks); ++h)
-    at::launch([work, fn = &run]() { work(fn); });
+  try {
+    for (int64_t h = 1; h < std::min(threads, tasks); ++h)
+      at::launch([work, fn = &run]() { work(fn); });
+  } catch (...) {
+    shared->fail(std::current_exception());
+  }
   work(&run);
-  while (shared->done.load(std::memory_order_acquire) < tasks_total) std::this_thread::yield();
+  while (shared->done.load(std::memory_order_acquire) < shared->total) std::this_thread::yield();
+  if (shared->failed.load(std::memory_order_acquire)) std::rethrow_exception(shared->error);
 }
 
 // ---- fused multinomial-logistic pass ------------------------------------------------------
@@ -320,15 +351,37 @@ constexpr int bitrev(int j) {
 }
 
 // One level of the fold: out lane block q (size B) = sum of blocks 2(q/2) and 2(q/2)+1 of
-// a (q even) or b (q odd).
+// a (q even) or b (q odd). Lane j of the shuffle takes input lane fold_index(j) of a:b.
+template <typename T, int B, bool HI>
+constexpr int fold_index(int j) {
+  constexpr int L = Lanes<T>::L;
+  const int q = j / B, o = j % B, blk = (q / 2) * 2 + (HI ? 1 : 0);
+  return (q % 2 ? L : 0) + blk * B + o;
+}
+
+#if defined(__clang__)
+// Clang has no __builtin_shuffle; __builtin_shufflevector takes the lanes as constants.
+template <typename T, int B, bool HI, int... J>
+MMK_INLINE typename Lanes<T>::V fold_shuffle(const typename Lanes<T>::V& a,
+                                             const typename Lanes<T>::V& b,
+                                             std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, fold_index<T, B, HI>(J)...);
+}
+
+template <typename T, int B>
+MMK_INLINE void fold_levels(typename Lanes<T>::V* v, int count) {
+  using Seq = std::make_integer_sequence<int, Lanes<T>::L>;
+  for (int k = 0; k < count / 2; ++k)
+    v[k] = fold_shuffle<T, B, false>(v[2 * k], v[2 * k + 1], Seq{}) +
+           fold_shuffle<T, B, true>(v[2 * k], v[2 * k + 1], Seq{});
+  if constexpr (B > 1) fold_levels<T, B / 2>(v, count / 2);
+}
+#else
 template <typename T, int B, bool HI>
 MMK_INLINE typename Lanes<T>::M fold_mask() {
   constexpr int L = Lanes<T>::L;
   typename Lanes<T>::M m;
-  for (int j = 0; j < L; ++j) {
-    const int q = j / B, o = j % B, blk = (q / 2) * 2 + (HI ? 1 : 0);
-    m[j] = (q % 2 ? L : 0) + blk * B + o;
-  }
+  for (int j = 0; j < L; ++j) m[j] = fold_index<T, B, HI>(j);
   return m;
 }
 
@@ -340,6 +393,7 @@ MMK_INLINE void fold_levels(typename Lanes<T>::V* v, int count) {
            __builtin_shuffle(v[2 * k], v[2 * k + 1], hi);
   if constexpr (B > 1) fold_levels<T, B / 2>(v, count / 2);
 }
+#endif
 
 // exp of x <= ~0 (x is a logit minus the row maximum); underflow clamps near the denormals.
 template <typename T>
@@ -716,12 +770,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   check_shape(op, "y", y, {n}, "[n], n from z");
   MMK_CHECK(std::isfinite(l2) && l2 >= 0, op, ": l2 must be finite and >= 0, got ", l2);
   const auto acc = w.scalar_type();
-  {  // z in the compute dtype (when converted), the weight layout, the gradients
-    const double a = (double)c10::elementSize(acc);
-    const double zcopy = (z.scalar_type() == acc && z.stride(2) == 1) ? 0.0
-                                                                       : (double)z.numel() * a;
-    const double C16 = (double)std::max<int64_t>(C, 16);
-    check_memory_budget(op, zcopy + a * (double)K * ((double)H + 1) * 3 * C16, z.device(),
+  // z in the compute dtype with unit-stride rows: a view of contiguous float32/float64 z. When
+  // z must be converted (bfloat16) and only some subsets are picked, those are selected before
+  // the conversion, so a solver that skips converged subsets does not convert all S each call.
+  const bool convert = z.scalar_type() != acc || z.stride(2) != 1;
+  const bool select_first = convert && index.defined() && K < S;
+  // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its own
+  // partial sums, added in task order, so a given thread count (and K) gives fixed results.
+  // One thread below ~1M elements of Z per call (~0.3 ms of work): handing tasks to the
+  // inter-op pool costs microseconds per helper on a quiet machine, and a helper that claims a
+  // task and then waits for a CPU (a busy, shared machine) holds up the caller for that task.
+  const int64_t threads =
+      K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
+  const int64_t CP = padded_lanes(C);
+  const int64_t wsize = H * (CP ? CP : C);
+  {  // an upper bound of what the call allocates besides its inputs
+    const double a = (double)c10::elementSize(acc), ez = (double)z.element_size();
+    const double Kd = (double)K, Cd = (double)C, Hd = (double)H, sp = (double)splits;
+    double zcopy = 0;  // z in the compute dtype; a strided conversion may need two copies
+    if (select_first)
+      zcopy = Kd * (double)n * Hd * (ez + a);
+    else if (convert)
+      zcopy = (double)z.numel() * a * ((z.scalar_type() != acc) + (z.stride(2) != 1));
+    const double need =
+        zcopy + Kd * (double)wsize * (a + 8 + 8 * sp)  // weight layout, gw_l, part_w
+        + Kd * Hd * Cd * (3 * 8 + 2 * a)  // w in float64, its square, gw; gw out, contiguous
+        + Kd * (Cd + 1) * (8 + 8 * sp + a)  // gb, loss, their partials and outputs
+        + (double)n * (a + 8);              // sample weights, labels
+    check_memory_budget(op, need, z.device(),
                         "z " + shape_str(z.sizes()) + " and w " + shape_str(w.sizes()));
   }
   const at::Tensor yc = y.contiguous();
@@ -736,11 +814,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     check_float_dtype(op, "sample_weight", *sample_weight, false);
     sw = sample_weight->to(acc).contiguous();
   }
-  // z in the compute dtype with unit-stride rows (a no-op for contiguous float32/float64 z).
-  at::Tensor zc = z.to(acc);
+  at::Tensor zc = select_first ? z.index_select(0, index).to(acc) : z.to(acc);
   if (zc.stride(2) != 1) zc = zc.contiguous();
   // Weights in the kernel's layout: [K, H, CP] zero-padded, or [K, C, H] for large C.
-  const int64_t CP = padded_lanes(C);
   at::Tensor wl;
   if (CP) {
     wl = at::zeros({K, H, CP}, w.options());
@@ -748,7 +824,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   } else {
     wl = w.transpose(1, 2).contiguous();
   }
-  const int64_t wsize = H * (CP ? CP : C);
   const at::Tensor bc = b.contiguous();
   at::Tensor loss = at::zeros({K}, w.options().dtype(at::kDouble));
   at::Tensor gw_l = at::zeros(wl.sizes(), w.options().dtype(at::kDouble));
@@ -757,15 +832,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const int64_t ss = zc.stride(0), ld = zc.stride(1);
     const scalar_t* swp = sw.defined() ? sw.data_ptr<scalar_t>() : nullptr;
-    const int64_t* pick = index.defined() ? index.data_ptr<int64_t>() : nullptr;
-    // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its
-    // own partial sums, added in task order, so a given thread count gives fixed results.
-    // One thread below ~1M elements of Z per call (~0.3 ms of work): an OpenMP region costs
-    // ~10 us on a quiet machine but milliseconds when a team thread waits for a CPU.
-    const int64_t threads =
-        K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
+    // With select_first, zc holds the picked subsets in order.
+    const int64_t* pick = index.defined() && !select_first ? index.data_ptr<int64_t>() : nullptr;
     std::vector<double> part_loss(K * splits, 0.0), part_w(K * splits * wsize, 0.0),
         part_b(K * splits * C, 0.0);
     const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;

@@ -39,13 +39,17 @@ at::ScalarType acc_type(at::ScalarType t) {
 // reserved but unused (torch can hand that out without asking the driver).
 double cuda_free_bytes(const at::Device& device) {
   if (!device.is_cuda()) return -1;
-  const c10::cuda::CUDAGuard guard(device);
+  // torch.device("cuda") has no index (-1): it means the current device. (CUDAGuard.h brings
+  // in c10/cuda/CUDAFunctions.h, which declares current_device.)
+  const c10::DeviceIndex index =
+      device.has_index() ? device.index() : c10::cuda::current_device();
+  const c10::cuda::CUDAGuard guard(index);
   size_t free = 0, total = 0;
   if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the error: the budget is then unknown, not fatal
     return -1;
   }
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
   const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
   const double cached = (double)stats.reserved_bytes[all].current -
                         (double)stats.allocated_bytes[all].current;

@@ -3,11 +3,14 @@
 // allocates anything, instead of being killed by the kernel's OOM killer halfway through.
 //
 // The budget, in bytes:
-//   * MMKERNELS_MEMORY_BUDGET when set: a byte count with an optional K/M/G/T suffix (powers
-//     of 1024), e.g. "8G"; "off" (or "0") disables the check. Read at every call.
+//   * MMKERNELS_MEMORY_BUDGET when set: a finite byte count with an optional K/M/G/T suffix
+//     (powers of 1024; "8G", "8GB" and "8GiB" are the same); "off", "none" or "0" (any case)
+//     disables the check. Read at every call.
 //   * otherwise, on the CPU: 80 % of the memory available now, the smaller of MemAvailable
-//     (/proc/meminfo) and the cgroup's limit minus its usage (v2 memory.max, v1
-//     memory.limit_in_bytes); no limit where neither can be read.
+//     (/proc/meminfo) and the room left in this process's cgroup and its parents: the limit
+//     minus the usage less the reclaimable inactive page cache (v2 memory.max, memory.current,
+//     inactive_file; v1 memory.limit_in_bytes, memory.usage_in_bytes, total_inactive_file);
+//     no limit where neither can be read.
 //   * otherwise, on a GPU: 90 % of the device's free memory plus what torch's caching
 //     allocator holds unused (the hook is installed by the CUDA sources); no limit without it.
 // Calls that need less than kAlwaysFits are never checked (no file is read for them).
@@ -20,6 +23,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -45,23 +49,30 @@ inline DeviceFreeFn& device_free_hook() {
   return fn;
 }
 
-// "123", "64K", "8G", "1.5T"; a negative value on a malformed string.
+// "123", "64K", "8G", "8GiB", "1.5T" (powers of 1024); a negative value on a malformed or
+// non-finite string ("inf", "nan", "1e400").
 inline double parse_bytes(const std::string& text) {
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
-  if (end == text.c_str() || !(v >= 0)) return -1;
+  if (end == text.c_str() || !std::isfinite(v) || !(v >= 0)) return -1;
   std::string rest(end);
   while (!rest.empty() && std::isspace((unsigned char)rest.back())) rest.pop_back();
-  if (!rest.empty() && (rest.back() == 'B' || rest.back() == 'b')) rest.pop_back();
-  if (rest.empty()) return v;
-  if (rest.size() != 1) return -1;
-  switch (std::toupper((unsigned char)rest[0])) {
-    case 'K': return v * 1024.0;
-    case 'M': return v * 1024.0 * 1024;
-    case 'G': return v * 1024.0 * 1024 * 1024;
-    case 'T': return v * 1024.0 * 1024 * 1024 * 1024;
-    default: return -1;
+  for (auto& ch : rest) ch = (char)std::tolower((unsigned char)ch);
+  if (rest.size() == 3 && rest.compare(1, 2, "ib") == 0) rest.resize(1);  // "GiB"
+  else if (!rest.empty() && rest.back() == 'b') rest.pop_back();         // "GB", "B"
+  double scale = 1;
+  if (!rest.empty()) {
+    if (rest.size() != 1) return -1;
+    switch (rest[0]) {
+      case 'k': scale = 1024.0; break;
+      case 'm': scale = 1024.0 * 1024; break;
+      case 'g': scale = 1024.0 * 1024 * 1024; break;
+      case 't': scale = 1024.0 * 1024 * 1024 * 1024; break;
+      default: return -1;
+    }
   }
+  const double bytes = v * scale;
+  return std::isfinite(bytes) ? bytes : -1;
 }
 
 // The first number in a small file, or a negative value.
@@ -75,6 +86,51 @@ inline double read_number(const char* path) {
   char* end = nullptr;
   const double v = std::strtod(buf, &end);
   return end == buf ? -1 : v;  // "max" (no cgroup limit) reads as unknown
+}
+
+// The value of `key` in a "key value" file (memory.stat), or a negative value.
+inline double read_stat(const char* path, const char* key) {
+  FILE* f = std::fopen(path, "r");
+  if (!f) return -1;
+  double v = -1;
+  char line[256];
+  const size_t klen = std::strlen(key);
+  while (std::fgets(line, sizeof(line), f)) {
+    if (std::strncmp(line, key, klen) == 0 && line[klen] == ' ') {
+      v = std::strtod(line + klen + 1, nullptr);
+      break;
+    }
+  }
+  std::fclose(f);
+  return v;
+}
+
+// This process's cgroup path ("/a/b") from /proc/self/cgroup: the "0::" line (v2) or the
+// line of the memory controller (v1); "" when not found.
+inline std::string own_cgroup(bool v2) {
+  FILE* f = std::fopen("/proc/self/cgroup", "r");
+  if (!f) return "";
+  std::string found;
+  char line[1024];
+  while (std::fgets(line, sizeof(line), f)) {
+    std::string l(line);
+    while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+    const size_t a = l.find(':'), b = a == std::string::npos ? a : l.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string ctrl = l.substr(a + 1, b - a - 1);
+    bool memory = false;  // v1: "4:memory:/x" or "4:cpu,memory:/x"
+    for (size_t p = 0; p <= ctrl.size();) {
+      const size_t q = std::min(ctrl.find(',', p), ctrl.size());
+      memory = memory || ctrl.compare(p, q - p, "memory") == 0;
+      p = q + 1;
+    }
+    if ((v2 && l.compare(0, a, "0") == 0 && ctrl.empty()) || (!v2 && memory)) {
+      found = l.substr(b + 1);
+      break;
+    }
+  }
+  std::fclose(f);
+  return found.empty() || found[0] != '/' ? "" : found;
 }
 
 // Bytes of host memory available to this process now, or a negative value when unknown.
@@ -91,16 +147,29 @@ inline double available_host_bytes() {
     }
     std::fclose(f);
   }
-  const char* limits[][2] = {{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"},
-                             {"/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes"}};
-  for (auto& l : limits) {
-    const double limit = read_number(l[0]), used = read_number(l[1]);
+  // The cgroup's room: limit minus usage, where usage counts page cache the kernel reclaims
+  // before it would OOM-kill; the inactive file pages are left out of it. Every level from
+  // this process's own cgroup up to the root is checked (a parent's limit binds too).
+  auto room = [&avail](const std::string& dir, bool v2) {
+    const double limit =
+        read_number((dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes")).c_str());
+    double used = read_number((dir + (v2 ? "/memory.current" : "/memory.usage_in_bytes")).c_str());
     // cgroup v1 reports "no limit" as a huge number (about 2^63).
-    if (limit > 0 && limit < 1e18 && used >= 0) {
-      const double left = std::max(0.0, limit - used);
-      avail = avail < 0 ? left : std::min(avail, left);
+    if (!(limit > 0 && limit < 1e18 && used >= 0)) return;
+    const double cache =
+        read_stat((dir + "/memory.stat").c_str(), v2 ? "inactive_file" : "total_inactive_file");
+    if (cache > 0) used = std::max(0.0, used - cache);
+    const double left = std::max(0.0, limit - used);
+    avail = avail < 0 ? left : std::min(avail, left);
+  };
+  for (const bool v2 : {true, false}) {
+    const std::string root = v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory";
+    std::string path = own_cgroup(v2);  // "" when unknown; then the root alone
+    while (!path.empty() && path != "/") {
+      room(root + path, v2);
+      path.resize(path.rfind('/'));
     }
+    room(root, v2);
   }
   return avail;
 }
@@ -109,13 +178,15 @@ inline Budget memory_budget(const at::Device& device) {
   Budget b;
   if (const char* env = std::getenv("MMKERNELS_MEMORY_BUDGET")) {
     const std::string text(env);
-    if (text == "off" || text == "0" || text == "none") {
+    std::string lower(text);
+    for (auto& ch : lower) ch = (char)std::tolower((unsigned char)ch);
+    if (lower == "off" || lower == "0" || lower == "none") {
       b.source = "MMKERNELS_MEMORY_BUDGET=" + text + ": no limit";
       return b;
     }
     const double v = parse_bytes(text);
     TORCH_CHECK_VALUE(v > 0, "MMKERNELS_MEMORY_BUDGET must be a byte count such as 1073741824, "
-                      "512M or 8G (or \"off\"), got \"", text, "\"");
+                      "512M, 8G or 8GiB, finite and > 0 (or \"off\"), got \"", text, "\"");
     b.bytes = v;
     b.source = "MMKERNELS_MEMORY_BUDGET=" + text;
     return b;

@@ -332,7 +332,8 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
     """
     from tqdm.auto import tqdm
 
-    fp = data_fingerprint(data)
+    # The fingerprint (a hash of every data byte) only matters for matching stored cells.
+    fp = data_fingerprint(data) if store is not None else ""
     keys: dict[str, tuple[int, float]] = {}
     for f in cfg.fractions:
         for s in cfg.seeds:

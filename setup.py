@@ -3,6 +3,11 @@
 CUDA is built when torch is a CUDA build and nvcc is found (never decided by whether a GPU is
 present); MMKERNELS_WITH_CUDA=0/1 forces the choice and TORCH_CUDA_ARCH_LIST picks the archs.
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+
+Incremental development builds (scripts/setup_env.sh): `python setup.py build_ext --inplace`
+keeps ninja's objects under build/, so a second build compiles only what changed (every header
+is a dependency), and `MMKERNELS_BUILD_EXT=0 pip install -e .` then installs the package around
+the in-place extension without compiling it again in a temporary folder.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ def read_sources() -> dict[str, list[str]]:
         kind, path = line.split()
         kinds[kind].append(path)
     return kinds
+
+
+def header_dependencies() -> list[str]:
+    """Every header and the source list: a change to any of them must relink the extension
+    (setuptools skips an extension whose sources are older than it; ninja's depfiles then
+    recompile only the objects that include the changed header)."""
+    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".hpp")]
+    return sorted(str(p.relative_to(ROOT)) for p in headers) + ["csrc/sources.txt"]
 
 
 def want_cuda() -> bool:
@@ -63,6 +76,7 @@ def extension() -> cpp_extension.CppExtension:
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
+            depends=header_dependencies(),
         )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_ARCHS", f'"{archs}"')]
@@ -72,11 +86,21 @@ def extension() -> cpp_extension.CppExtension:
         include_dirs=[str(ROOT / "csrc" / "include")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        depends=header_dependencies(),
     )
+
+
+def extensions() -> list[cpp_extension.CppExtension]:
+    """The native extension, or none with MMKERNELS_BUILD_EXT=0 (an editable install around an
+    extension already built in place by `setup.py build_ext --inplace`)."""
+    build = os.environ.get("MMKERNELS_BUILD_EXT", "1")
+    if build not in ("0", "1"):
+        raise SystemExit(f"MMKERNELS_BUILD_EXT must be 0 or 1, got {build!r}")
+    return [extension()] if build == "1" else []
 
 
 setup(
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

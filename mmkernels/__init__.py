@@ -1,16 +1,33 @@
-"""mmkernels: fused masked multi-modal ops, all-subset training and latent-quality refits."""
+"""mmkernels: fused masked multi-modal ops, all-subset training and latent-quality refits.
+
+The library needs torch and numpy only. Importing it loads the native extension and
+:mod:`mmkernels.ops` (which registers the ops' autograd formulas); the other modules load on
+first use (``mmkernels.nn``, ``mmkernels.heads``, ...). The application, data loaders,
+sweeps, reports and the command line, is :mod:`mmkernels.experiments` (the
+``[experiments]`` extra).
+"""
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 from mmkernels._native import load as _load_native
 
 _C = _load_native()
 
-# ops registers the fake kernels and autograd formulas on import.
-from mmkernels import eta, heads, nn, ops, subsets  # noqa: E402
+from mmkernels import ops  # noqa: E402  (after _C: it registers autograd on the native ops)
 from mmkernels.ops import concat_project, project_concat  # noqa: E402
 
 __version__ = "0.1.0"
+
+_LAZY = ("eta", "heads", "memory", "nn", "reference", "subsets", "training")
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY:
+        return importlib.import_module(f"mmkernels.{name}")
+    raise AttributeError(f"module 'mmkernels' has no attribute {name!r}")
 
 
 def build_info() -> dict[str, object]:
@@ -23,5 +40,4 @@ def build_info() -> dict[str, object]:
     return info
 
 
-__all__ = ["build_info", "concat_project", "eta", "heads", "nn", "ops", "project_concat",
-           "subsets"]
+__all__ = ["build_info", "concat_project", "ops", "project_concat", *_LAZY]

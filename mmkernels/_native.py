@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -32,3 +33,9 @@ def load() -> ModuleType:
             f"imported; {REBUILD}"
         )
     return native
+
+
+@functools.cache
+def native() -> ModuleType:
+    """The loaded extension, for modules that need its plain functions (mmkernels.memory)."""
+    return load()

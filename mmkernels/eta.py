@@ -1,4 +1,4 @@
-"""Latent quality by head refits: eta per subset and gamma per pair of subsets (PAPER.md).
+"""Latent quality by head refits: eta per subset and gamma per pair of subsets (docs/paper.md).
 
 For each subset s with frozen encoder g_s, the best linear head is refitted on the training
 set (mmkernels.heads.fit) and its risk measured on train and test. Then
@@ -19,14 +19,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from mmkernels import heads as _heads
-from mmkernels.subsets import all_subsets, is_subset, subset_name
+from mmkernels.markdown import markdown_table
+from mmkernels.subsets import all_subsets, is_subset, modality_labels, subset_name
 
 __all__ = ["QualityTable", "refit_quality", "SIGN_CONVENTIONS"]
 
@@ -59,13 +59,14 @@ class QualityTable:
 
     def to_markdown(self) -> str:
         out = [self.header(), ""]
-        out += _markdown(self.rows, ["subset", "train_risk", "test_risk", "train_accuracy",
-                                     "test_accuracy", "eta", "converged"])
+        out.append(_markdown(self.rows, ["subset", "train_risk", "test_risk", "train_accuracy",
+                                         "test_accuracy", "eta", "converged"]))
         if self.pairs:
-            out += ["", "gamma_loss: loss units, negative = M better; gamma_acc_points: accuracy "
-                        "points, positive = M better.", ""]
-            out += _markdown(self.pairs, ["M", "N", "nested", "gamma_loss", "gamma_acc_points"])
-        return "\n".join(out) + "\n"
+            out += ["gamma_loss: loss units, negative = M better; gamma_acc_points: accuracy "
+                    "points, positive = M better.", ""]
+            out.append(_markdown(self.pairs, ["M", "N", "nested", "gamma_loss",
+                                              "gamma_acc_points"]))
+        return "\n".join(out)
 
     def to_csv(self, table: str = "subsets") -> str:
         """CSV of table "subsets" (rows) or "pairs"; the first line is a '#' comment with the
@@ -91,10 +92,8 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _markdown(data: list[dict], keys: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row[k]) for k in keys) + " |" for row in data]
-    return lines
+def _markdown(data: list[dict], keys: list[str]) -> str:
+    return markdown_table(keys, [[_fmt(row[k]) for k in keys] for row in data])
 
 
 def refit_quality(
@@ -155,8 +154,8 @@ def refit_quality(
         if not s or any(not 0 <= k < K for k in s):
             raise ValueError(f"subsets entry {s} must name modalities in 0..{K - 1}")
     if names is None:
-        letters = string.ascii_uppercase
-        names = [subset_name(s, letters) for s in subs]
+        labels = modality_labels(K)
+        names = [subset_name(s, labels) for s in subs]
     if len(names) != len(subs):
         raise ValueError(f"names has {len(names)} entries, expected {len(subs)} (one per subset)")
     if bayes_risk is not None and not math.isfinite(bayes_risk):

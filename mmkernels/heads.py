@@ -1,6 +1,6 @@
 """Batched head refits: the best linear head on each subset's frozen representation.
 
-eta and gamma (PAPER.md) need inf_h r(h o g_s) for every subset s. This module fits that head
+eta and gamma (docs/paper.md) need inf_h r(h o g_s) for every subset s. This module fits that head
 for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encoder):
 
 * task="regression" (squared loss): ridge in closed form. The native op mmkernels::gram builds

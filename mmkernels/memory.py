@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from mmkernels._native import native
+
 __all__ = ["MemoryBudgetError", "memory_budget", "check_memory", "format_bytes", "ENV_VAR"]
 
 ENV_VAR = "MMKERNELS_MEMORY_BUDGET"
@@ -41,9 +43,7 @@ def memory_budget(device: str | torch.device = "cpu") -> tuple[float, str]:
     Raises:
         ValueError: ``MMKERNELS_MEMORY_BUDGET`` is not a byte count.
     """
-    from mmkernels import _C
-
-    bytes_, source = _C.memory_budget(str(torch.device(device)))
+    bytes_, source = native().memory_budget(str(torch.device(device)))
     return float(bytes_), str(source)
 
 

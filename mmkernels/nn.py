@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkernels.ops import concat_project, project_concat
-from mmkernels.subsets import all_subsets, subset_mask, subset_name
+from mmkernels.reference import MaskedConcat, MaskedLateEncoder, SubsetModel
+from mmkernels.subsets import all_subsets, modality_labels, subset_mask, subset_name
 
 __all__ = [
     "MaskedFusion",
     "SubsetEnsemble",
-    "MaskedConcat",
-    "MaskedLateEncoder",
     "clip_grad_norm_per_subset",
     "modality_dropout",
     "linear_init_",
@@ -273,68 +272,6 @@ class MaskedFusion(nn.Module):
                               sample_mask=m, activation=self.activation)
 
 
-# ---- the plain-PyTorch per-subset model (for equivalence tests and for users) ------------------
-
-
-class MaskedConcat(nn.Module):
-    """cat of the modality tensors with the ones outside ``subset`` (or absent) zeroed."""
-
-    def __init__(self, subset: Sequence[int], num_modalities: int) -> None:
-        super().__init__()
-        self.subset = tuple(subset)
-        self.num_modalities = num_modalities
-
-    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
-        blocks = []
-        for k, x in enumerate(xs):
-            if k not in self.subset:
-                blocks.append(torch.zeros_like(x))
-            elif mask is not None:
-                blocks.append(torch.where(mask[:, k : k + 1], x, torch.zeros_like(x)))
-            else:
-                blocks.append(x)
-        return torch.cat(blocks, dim=1)
-
-
-class MaskedLateEncoder(nn.Module):
-    """cat_k of act(Linear_k(x_k)) with the blocks outside ``subset`` (or absent) zeroed.
-
-    The layers of modalities outside the subset are kept (the output never depends on them)
-    and receive zero gradients, as their slices in a SubsetEnsemble do.
-    """
-
-    def __init__(self, subset: Sequence[int], linears: Sequence[nn.Linear], activation: str):
-        super().__init__()
-        self.subset = tuple(subset)
-        self.linears = nn.ModuleList(linears)
-        self.activation = activation
-
-    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
-        blocks = []
-        for k, (x, lin) in enumerate(zip(xs, self.linears, strict=True)):
-            y = lin(x)
-            y = torch.relu(y) if self.activation == "relu" else y
-            if k not in self.subset:
-                # torch.where (not zeros_like) so this unused layer gets a zero gradient, not
-                # None, exactly like its slice in the ensemble (matters for weight decay).
-                y = torch.where(torch.zeros_like(y, dtype=torch.bool), y, torch.zeros_like(y))
-            elif mask is not None:
-                y = torch.where(mask[:, k : k + 1], y, torch.zeros_like(y))
-            blocks.append(y)
-        return torch.cat(blocks, dim=1)
-
-
-class _SubsetModel(nn.Sequential):
-    """nn.Sequential whose first module takes (xs, mask)."""
-
-    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        modules = list(self)
-        z = modules[0](list(xs), mask)
-        for mod in modules[1:]:
-            z = mod(z)
-        return z
-
-
 # ---- the ensemble -----------------------------------------------------------------------------
 
 
@@ -408,9 +345,10 @@ class SubsetEnsemble(nn.Module):
             raise ValueError("subsets must be non-empty lists of modality indices")
         self.register_buffer("subset_mask", subset_mask(self.subsets, k, device or "cpu"))
         if letters is None:
-            letters = [n[0].upper() for n in self.names] if self.names else None
-        if letters is None or len(set(letters)) != k:
-            letters = [str(j + 1) for j in range(k)] if k < 10 else [chr(65 + j) for j in range(k)]
+            letters = modality_labels(self.names if self.names else k)
+        elif len(letters) != k or len(set(letters)) != k:
+            raise ValueError(f"letters must give {k} distinct labels (one per modality), got "
+                             f"{list(letters)}")
         self.letters = list(letters)
         self.num_outputs = int(num_outputs)
         s_count = len(self.subsets)
@@ -561,14 +499,14 @@ class SubsetEnsemble(nn.Module):
                 enc = nn.Linear(sum(self.dims), self.hidden[0], **factory)
                 enc.weight.copy_(self.enc_weight[s])
                 enc.bias.copy_(self.enc_bias[s])
-                return _SubsetModel(MaskedConcat(subset, k), enc, *act, head)
+                return SubsetModel(MaskedConcat(subset, k), enc, *act, head)
             lins = []
             for j in range(k):
                 lin = nn.Linear(self.dims[j], self.hidden[j], **factory)
                 lin.weight.copy_(self.enc_weights[j][s])
                 lin.bias.copy_(self.enc_biases[j][s])
                 lins.append(lin)
-            return _SubsetModel(MaskedLateEncoder(subset, lins, self.activation), head)
+            return SubsetModel(MaskedLateEncoder(subset, lins, self.activation), head)
 
 
 def clip_grad_norm_per_subset(

@@ -1,7 +1,7 @@
 """The fused ops: typed public functions over torch.ops.mmkernels, their fake kernels (so
 torch.compile traces them) and their autograd formulas (backward ops in C++).
 
-Semantics (DESIGN.md, "The fused ops"): xs is a list of K modality tensors [B, d_k];
+Semantics (docs/design.md, "The fused ops"): xs is a list of K modality tensors [B, d_k];
 present(s, b, k) = subset_mask[s, k] and sample_mask[b, k], a missing mask counting as True.
 """
 

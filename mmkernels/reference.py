@@ -1,8 +1,10 @@
 """Plain-PyTorch implementations of every op: the test oracle and the benchmarks' baseline.
 
-They follow DESIGN.md literally: build the masked concatenation, apply nn.functional.linear
-and the activation, and loop over subsets. "Absent" is a zero block, chosen with torch.where so
-that whatever an absent row holds (even NaN) cannot leak into the result.
+They follow the design literally: build the masked concatenation, apply nn.functional.linear
+and the activation, and loop over subsets. The modules at the end are one subset's model of a
+SubsetEnsemble as plain nn.Linear layers (SubsetEnsemble.subset_model builds them).
+"Absent" is a zero block, chosen with torch.where so that whatever an absent row holds (even
+NaN) cannot leak into the result.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["concat_project", "project_concat", "presence"]
+__all__ = ["concat_project", "project_concat", "presence", "MaskedConcat", "MaskedLateEncoder",
+           "SubsetModel"]
 
 
 def _activate(z: Tensor, activation: str) -> Tensor:
@@ -101,3 +104,65 @@ def project_concat(
         return _empty([0, batch, sum(w.shape[-2] for w in weights)],
                       [*xs, *weights, *(biases or [])])
     return outs[0] if subset_mask is None else torch.stack(outs)
+
+
+# ---- the plain-PyTorch per-subset model (SubsetEnsemble.subset_model; the equivalence oracle)
+
+
+class MaskedConcat(nn.Module):
+    """cat of the modality tensors with the ones outside ``subset`` (or absent) zeroed."""
+
+    def __init__(self, subset: Sequence[int], num_modalities: int) -> None:
+        super().__init__()
+        self.subset = tuple(subset)
+        self.num_modalities = num_modalities
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        blocks = []
+        for k, x in enumerate(xs):
+            if k not in self.subset:
+                blocks.append(torch.zeros_like(x))
+            elif mask is not None:
+                blocks.append(torch.where(mask[:, k : k + 1], x, torch.zeros_like(x)))
+            else:
+                blocks.append(x)
+        return torch.cat(blocks, dim=1)
+
+
+class MaskedLateEncoder(nn.Module):
+    """cat_k of act(Linear_k(x_k)) with the blocks outside ``subset`` (or absent) zeroed.
+
+    The layers of modalities outside the subset are kept (the output never depends on them)
+    and receive zero gradients, as their slices in a SubsetEnsemble do.
+    """
+
+    def __init__(self, subset: Sequence[int], linears: Sequence[nn.Linear], activation: str):
+        super().__init__()
+        self.subset = tuple(subset)
+        self.linears = nn.ModuleList(linears)
+        self.activation = activation
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        blocks = []
+        for k, (x, lin) in enumerate(zip(xs, self.linears, strict=True)):
+            y = lin(x)
+            y = torch.relu(y) if self.activation == "relu" else y
+            if k not in self.subset:
+                # torch.where (not zeros_like) so this unused layer gets a zero gradient, not
+                # None, exactly like its slice in the ensemble (matters for weight decay).
+                y = torch.where(torch.zeros_like(y, dtype=torch.bool), y, torch.zeros_like(y))
+            elif mask is not None:
+                y = torch.where(mask[:, k : k + 1], y, torch.zeros_like(y))
+            blocks.append(y)
+        return torch.cat(blocks, dim=1)
+
+
+class SubsetModel(nn.Sequential):
+    """nn.Sequential whose first module takes (xs, mask)."""
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        modules = list(self)
+        z = modules[0](list(xs), mask)
+        for mod in modules[1:]:
+            z = mod(z)
+        return z

@@ -2,6 +2,10 @@
 
 Subsets are ordered by size, then lexicographically by modality index, so the unimodal
 subsets come first and the full set last: for K = 3, {0}, {1}, {2}, {0,1}, {0,2}, {1,2}, {0,1,2}.
+
+Names follow one rule everywhere in the package (modules, refit tables, sweeps, reports): each
+modality gets a label (:func:`modality_labels`) and a subset's name joins its modalities'
+labels in modality order (:func:`subset_name`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from itertools import combinations
 
 import torch
 
-__all__ = ["all_subsets", "subset_mask", "subset_name", "parse_subset", "is_subset"]
+__all__ = ["all_subsets", "subset_mask", "modality_labels", "subset_name", "is_subset"]
 
 
 def all_subsets(num_modalities: int, *, min_size: int = 1) -> list[tuple[int, ...]]:
@@ -43,18 +47,28 @@ def subset_mask(
     return mask.to(device)
 
 
-def subset_name(subset: Sequence[int], letters: Sequence[str]) -> str:
-    """ "TVA"-style name: the letters of the subset's modalities, in modality order."""
-    return "".join(letters[k] for k in sorted(subset))
+def modality_labels(modalities: Sequence[str] | int) -> list[str]:
+    """One short label per modality.
+
+    Names (e.g. ``["text", "audio", "visual"]``) are labelled by their upper-case first letters
+    when those are unique (T, A, V), else by the names themselves; a count K of unnamed
+    modalities gets the letters A, B, C, ... (K <= 26).
+    """
+    if isinstance(modalities, int):
+        if not 1 <= modalities <= 26:
+            raise ValueError(f"unnamed modalities are labelled A..Z: 1 to 26 of them, got "
+                             f"{modalities}")
+        return [chr(ord("A") + k) for k in range(modalities)]
+    names = [str(n) for n in modalities]
+    first = [n[:1].upper() for n in names]
+    return first if all(first) and len(set(first)) == len(first) else names
 
 
-def parse_subset(name: str, letters: Sequence[str]) -> tuple[int, ...]:
-    """Inverse of subset_name: "TA" with letters "TAV" -> (0, 1)."""
-    index = {letter: k for k, letter in enumerate(letters)}
-    unknown = [c for c in name if c not in index]
-    if unknown or not name:
-        raise ValueError(f"subset name {name!r} must use the letters {''.join(letters)!r}")
-    return tuple(sorted({index[c] for c in name}))
+def subset_name(subset: Sequence[int], labels: Sequence[str]) -> str:
+    """The labels of the subset's modalities in modality order: "TV" from labels T, A, V, or
+    "top+left" when a label is longer than one character."""
+    parts = [labels[k] for k in sorted(subset)]
+    return "".join(parts) if all(len(p) == 1 for p in labels) else "+".join(parts)
 
 
 def is_subset(small: Sequence[int], large: Sequence[int]) -> bool:

@@ -71,6 +71,33 @@ def split_validation(
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+class _NoBar:
+    """What fit needs of a tqdm bar, doing nothing."""
+
+    def __init__(self, epochs: int) -> None:
+        self._epochs = range(epochs)
+
+    def __iter__(self):
+        return iter(self._epochs)
+
+    def set_postfix(self, **_: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _epoch_bar(epochs: int, progress: bool):
+    """A tqdm bar over the epochs, or a silent stand-in without progress or without tqdm."""
+    if not progress:
+        return _NoBar(epochs)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(epochs)
+    return tqdm(range(epochs), desc="fit", unit="epoch", leave=False)
+
+
 def _take(xs: Sequence[Tensor], y: Tensor, mask: Tensor | None, idx: Tensor, device):
     xb = [x[idx].to(device) for x in xs]
     return xb, y[idx].to(device), None if mask is None else mask[idx].to(device)
@@ -152,7 +179,8 @@ def fit(
             changes (exactly a separate model that stopped). Training ends when all stopped.
         clip_norm: per-subset gradient-norm clipping (clip_grad_norm_per_subset).
         restore_best: with validation data, end with every subset at its best epoch.
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over epochs (when tqdm is installed: it comes with the
+            [experiments] extra; the library does not need it).
 
     Returns:
         FitResult with the per-subset history [epochs_run, S], best and stopping epochs.
@@ -192,9 +220,7 @@ def fit(
         keys += ["val_loss"] + (["val_acc"] if task == "classification" else [])
     rows: dict[str, list[Tensor]] = {k: [] for k in keys}
 
-    from tqdm.auto import tqdm  # imported on use: only the trainer needs it
-
-    bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch", leave=False)
+    bar = _epoch_bar(epochs, progress)
     epochs_run = 0
     model.train()
     for epoch in bar:

@@ -24,4 +24,4 @@ info = mmkernels.build_info()
 assert info['cuda'] and '9.0' in info['cuda_archs'], info
 print('CUDA build:', info)
 "
-"$CU_VENV/bin/python" -m pytest python_tests -q -p no:cacheprovider -x
+"$CU_VENV/bin/python" -m pytest tests -q -p no:cacheprovider -x

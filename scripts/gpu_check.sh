@@ -18,10 +18,10 @@ if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$DIR/build.l
   echo "BUILD FAILED (see build.log)" >> "$REPORT"; tail -40 "$DIR/build.log"; exit 1
 fi
 status=0
-PYTHONUNBUFFERED=1 "$PY" -m pytest python_tests/test_cuda.py python_tests -q -p no:cacheprovider \
+PYTHONUNBUFFERED=1 "$PY" -m pytest tests/ops/test_cuda.py tests -q -p no:cacheprovider \
   > "$DIR/tests.log" 2>&1 || status=$?
 { echo; echo "## tests (exit $status)"; tail -5 "$DIR/tests.log"; } >> "$REPORT"
-PYTHONUNBUFFERED=1 "$PY" -m mmkernels.bench --device cuda --out "$DIR/bench_cuda.json" \
+PYTHONUNBUFFERED=1 "$PY" -m mmkernels.experiments.bench --device cuda --out "$DIR/bench_cuda.json" \
   > "$DIR/bench.log" 2>&1 || status=$?
 { echo; echo "## benchmarks"; echo '```'; cat "$DIR/bench.log"; echo '```'; } >> "$REPORT"
 cat "$REPORT"

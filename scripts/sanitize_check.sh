@@ -32,9 +32,9 @@ export PYTHONPATH="$WORK" MMKERNELS_FUZZ_SCALE=${MMKERNELS_FUZZ_SCALE:-0.3} CI=1
 status=0
 "$PY" -c "import mmkernels, torch; assert mmkernels.__file__.startswith('$WORK'), mmkernels.__file__" \
   || status=1
-"$PY" -m pytest -q -p no:cacheprovider python_tests/test_fuzz_boundary.py \
-  python_tests/test_fused_ops_parity.py python_tests/test_fused_ops_errors.py \
-  python_tests/test_heads.py || status=1
+"$PY" -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz_boundary.py \
+  tests/ops/test_fused_ops_parity.py tests/ops/test_fused_ops_errors.py \
+  tests/heads/test_heads.py || status=1
 unset LD_PRELOAD
 if ls asan/report* > /dev/null 2>&1; then
   echo "sanitize_check: AddressSanitizer reports:" >&2

@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY="${MMKERNELS_VENV:-.venv}/bin/python"
-"$PY" -m ruff check mmkernels python_tests
+"$PY" -m ruff check mmkernels tests
 status=0
-"$PY" -m pytest python_tests -q -p no:cacheprovider "$@" || status=$?
+"$PY" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
 fi

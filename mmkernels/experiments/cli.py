@@ -23,7 +23,7 @@ import torch
 def demo(args: argparse.Namespace) -> int:
     import mmkernels
     from mmkernels import reference
-    from mmkernels.bench.__main__ import main as bench_main
+    from mmkernels.experiments.bench.cli import main as bench_main
     from mmkernels.subsets import all_subsets, subset_mask, subset_name
 
     gen = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def info(_: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from mmkernels.bench.__main__ import main as bench_main
+    from mmkernels.experiments.bench.cli import main as bench_main
 
     return bench_main(args.bench_args)
 
@@ -150,7 +150,7 @@ def _executor(args: argparse.Namespace) -> Iterator[Any]:
 def reproduce(args: argparse.Namespace) -> int:
     """Table 4 (synthetic), then Tables 1-3 and the follow-ups on the bundled real data
     (and on IEMOCAP with --iemocap); writes the results folder and prints the claims."""
-    from mmkernels.data import load_bundled, load_iemocap
+    from mmkernels.experiments.data import load_bundled, load_iemocap
     from mmkernels.experiments.report import RealResult, write_results
     from mmkernels.experiments.sweep import prepare, run_sweep
     from mmkernels.experiments.table4 import run_table4
@@ -239,7 +239,7 @@ def sweep(args: argparse.Namespace) -> int:
     ``--resume DIR`` continues the sweep saved in DIR."""
     from pathlib import Path
 
-    from mmkernels.data import MultiModalDataset
+    from mmkernels.experiments.data import MultiModalDataset
     from mmkernels.experiments.io import write_json
     from mmkernels.experiments.report import RealResult, write_results
     from mmkernels.experiments.sweep import prepare, run_sweep
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="benchmark batch-size factor")
     p.add_argument("--repeats", type=int, default=7)
     p.set_defaults(fn=demo)
-    p = sub.add_parser("bench", help="benchmarks (arguments as python -m mmkernels.bench)")
+    p = sub.add_parser("bench", help="benchmarks (mmkernels bench --help)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=bench)
     sub.add_parser("info", help="build information").set_defaults(fn=info)

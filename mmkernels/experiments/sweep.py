@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmkernels.data import MultiModalDataset
-from mmkernels.subsets import all_subsets
+from mmkernels.experiments.data import MultiModalDataset
+from mmkernels.subsets import all_subsets, modality_labels, subset_name
 
 from .executors import as_completed_any
 from .io import to_jsonable
@@ -43,7 +43,7 @@ from .sampling import stratified_fraction
 from .store import ResultStore
 
 __all__ = ["SweepConfig", "Prepared", "prepare", "run_cell", "run_sweep", "laziness_probe",
-           "subset_labels", "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
+           "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
 
 PAPER_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -103,18 +103,6 @@ class Prepared:
         return len(self.modality_names)
 
 
-def subset_labels(modality_names: Sequence[str]) -> list[str]:
-    """One short label per modality: the upper-case first letters when they are unique
-    ("text", "audio", "visual" -> T, A, V), else the names themselves."""
-    first = [n[:1].upper() for n in modality_names]
-    return first if len(set(first)) == len(first) and all(first) else list(modality_names)
-
-
-def _subset_name(subset: Sequence[int], labels: Sequence[str]) -> str:
-    parts = [labels[k] for k in sorted(subset)]
-    return "".join(parts) if all(len(p) == 1 for p in labels) else "+".join(parts)
-
-
 def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
             test_size: float = 0.3) -> Prepared:
     """Tensors of a dataset's train and test rows. A dataset without a split gets a seeded
@@ -148,11 +136,11 @@ def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
         num_outputs = ds.n_classes
     else:
         num_outputs = 1 if ds.labels.ndim == 1 else int(ds.labels.shape[1])
-    labels = subset_labels(ds.names)
+    labels = modality_labels(ds.names)
     subs = all_subsets(ds.n_modalities)
     return Prepared(name, ds.task, ds.names, train.to_torch(), train.torch_labels(),
                     test.to_torch(), test.torch_labels(), num_outputs, subs,
-                    [_subset_name(s, labels) for s in subs])
+                    [subset_name(s, labels) for s in subs])
 
 
 def _model(data: Prepared, cfg: SweepConfig, seed: int):

@@ -1,6 +1,6 @@
 """Table 4: latent representation quality on synthetic data with controlled overlap.
 
-Setting (PAPER.md, Experiment 2): 4 modalities x 100 features, 7,000 train / 3,000 test,
+Setting (docs/paper.md, Experiment 2): 4 modalities x 100 features, 7,000 train / 3,000 test,
 the "mix" generator x1 ~ N(0, I), x_k = w x1 + (1 - w) u_k, y = sum of all features.
 
 Encoder choice (documented): the paper's table is the test MSE of the best head on each
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmkernels.data import OverlapGenerator
+from mmkernels.experiments.data import OverlapGenerator
 from mmkernels.subsets import all_subsets
 
 __all__ = ["PAPER_TABLE4", "TABLE4_OVERLAPS", "TABLE4_SUBSETS", "ridge_subset_mse",

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mmkernels.markdown import markdown_table
+
 from .shapley import empty_set_values, shapley_values
 
 __all__ = ["aggregate", "table1", "table2", "table3", "unimodal", "shapley_table",
@@ -151,13 +153,9 @@ def markdown(rows: Sequence[Row], columns: Sequence[str], *, digits: int = 2,
              pm: Sequence[str] = ()) -> str:
     """A Markdown table of ``columns``; a name in ``pm`` renders its _mean/_std as
     "mean ± std"."""
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    lines = []
-    for r in rows:
-        cells = [fmt_pm(r.get(f"{c}_mean"), r.get(f"{c}_std"), digits) if c in pm
-                 else _cell(r.get(c), digits) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return markdown_table(columns, [
+        [fmt_pm(r.get(f"{c}_mean"), r.get(f"{c}_std"), digits) if c in pm
+         else _cell(r.get(c), digits) for c in columns] for r in rows])
 
 
 def pivot_markdown(rows: Sequence[Row], row_key: str, col_key: str, value: str, *,
@@ -167,13 +165,7 @@ def pivot_markdown(rows: Sequence[Row], row_key: str, col_key: str, value: str, 
     rk = list(dict.fromkeys(r[row_key] for r in rows))
     ck = list(dict.fromkeys(r[col_key] for r in rows))
     grid = {(r[row_key], r[col_key]): r for r in rows}
-    out = "| " + row_key + " | " + " | ".join(col_fmt(c) for c in ck) + " |\n"
-    out += "|" + "---|" * (len(ck) + 1) + "\n"
-    for a in rk:
-        cells = []
-        for c in ck:
-            r = grid.get((a, c))
-            cells.append("-" if r is None else fmt_pm(r.get(f"{value}_mean"),
-                                                        r.get(f"{value}_std"), digits))
-        out += f"| {a} | " + " | ".join(cells) + " |\n"
-    return out
+    cells = [[str(a)] + ["-" if (r := grid.get((a, c))) is None
+                         else fmt_pm(r.get(f"{value}_mean"), r.get(f"{value}_std"), digits)
+                         for c in ck] for a in rk]
+    return markdown_table([row_key] + [col_fmt(c) for c in ck], cells)

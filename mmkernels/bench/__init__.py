@@ -1,1 +1,0 @@
-"""Benchmarks against the baselines of DESIGN.md: `python -m mmkernels.bench --help`."""

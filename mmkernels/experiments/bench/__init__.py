@@ -1,0 +1,1 @@
+"""Benchmarks against the baselines of docs/design.md: `mmkernels bench --help`."""

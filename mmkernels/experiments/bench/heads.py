@@ -1,0 +1,228 @@
+"""Head-refit benchmarks: mmkernels.heads.fit against scikit-learn Ridge / LogisticRegression
+looped over the subsets (docs/design.md, "Baselines every benchmark names").
+
+    mmkernels bench heads [--scale 1.0] [--only ridge] [--out PATH]
+
+Cases (float32 Z unless stated; the data are synthetic with a subset-dependent signal):
+  a. ridge   S=15,  n=7000,  H=128, T=1  ; agreement: test MSE in float64, relative
+  b. softmax S=7,   n=13200, H=128, C=6  ; agreement: test accuracy (points) and objective
+                                            (relative, both solutions scored by the same op)
+  c. ridge and softmax at S=255, n=2000, H=64 (C=6): time and peak memory
+Both sides use the same penalty: Ridge(alpha=l2); LogisticRegression(C=1/l2) (C > 2 classes).
+sklearn runs with its default tol (1e-4 on the mean-scaled gradient), as do we for float32.
+Peak memory is the growth of the process's peak RSS during the call (Linux clear_refs), so it
+counts torch and numpy allocations alike; Z itself exists before and is not counted.
+Each runner runs `repeats` times (default 1: the sklearn loops take seconds; ours gets one
+warm-up call first), the runners interleaved with a 0.5 s pause before each timed call; the
+median is shown. Both run with torch's / numpy's default thread counts (heads.fit does not
+change them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from mmkernels import heads
+from mmkernels.experiments.bench.timing import machine
+
+__all__ = ["HeadsCase", "heads_cases", "run_heads", "main"]
+
+L2 = 1.0
+SETTLE_S = 0.5  # pause before each timed call (see run_heads)
+
+
+@dataclass
+class HeadsCase:
+    name: str
+    shapes: dict
+    runners: dict[str, Callable[[], object]]          # "mmkernels" first, then baselines
+    targets: dict[str, float] = field(default_factory=dict)   # minimum speed-up per baseline
+    check: Callable[[], dict[str, float]] | None = None        # agreement figures
+
+
+def _peak_rss_growth_mb(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall ms, growth of peak RSS in MB) of one call."""
+    def rss(field_name: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name):
+                    return int(line.split()[1])
+        return 0
+    try:
+        # Return freed heap pages to the OS first, so that reused memory counts as growth.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = rss("VmRSS:")
+    except OSError:
+        base = -1
+    start = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - start) * 1e3
+    grown = (rss("VmHWM:") - base) / 1024 if base >= 0 else float("nan")
+    return ms, grown
+
+
+def _regression_data(S: int, n: int, H: int, seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    ntest = max(n // 4, 10)
+    base = torch.randn(n + ntest, H, generator=g)
+    y = base @ (torch.randn(H, generator=g) / H**0.5) + 0.5 * torch.randn(n + ntest, generator=g)
+    # Subset s sees the signal's features mixed with noise, more of the signal as s grows; a
+    # non-zero mean exercises the intercept.
+    mix = torch.linspace(0.2, 1.0, S)[:, None, None]
+    z = mix * base + (1 - mix**2).sqrt() * torch.randn(S, n + ntest, H, generator=g) + 0.1
+    return (z[:, :n].to(dtype).contiguous(), y[:n].to(dtype), z[:, n:].to(dtype).contiguous(),
+            y[n:].to(dtype))
+
+
+def _classification_data(S: int, n: int, H: int, C: int, seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    ntest = max(n // 4, 10)
+    y = torch.randint(0, C, (n + ntest,), generator=g)
+    means = torch.randn(S, C, H, generator=g) * torch.linspace(0.05, 0.25, S)[:, None, None]
+    z = torch.randn(S, n + ntest, H, generator=g) + means[:, y]
+    return (z[:, :n].to(dtype).contiguous(), y[:n], z[:, n:].to(dtype).contiguous(), y[n:])
+
+
+def _sk_ridge_loop(z: torch.Tensor, y: torch.Tensor) -> list:
+    zn, yn = z.numpy(), y.numpy()
+    return [Ridge(alpha=L2).fit(zn[s], yn) for s in range(zn.shape[0])]
+
+
+def _sk_logistic_loop(z: torch.Tensor, y: torch.Tensor) -> list:
+    zn, yn = z.numpy(), y.numpy()
+    return [LogisticRegression(C=1.0 / L2, max_iter=1000).fit(zn[s], yn)
+            for s in range(zn.shape[0])]
+
+
+def _ridge_case(name: str, S: int, n: int, H: int, check: bool) -> HeadsCase:
+    ztr, ytr, zte, yte = _regression_data(S, n, H, 0, torch.float32)
+
+    def agreement() -> dict[str, float]:
+        zd, yd, zt, yt = ztr.double(), ytr.double(), zte.double(), yte.double()
+        ours = heads.fit(zd, yd, task="regression", l2=L2).risk(zt, yt).numpy()
+        refs = _sk_ridge_loop(zd, yd)
+        theirs = np.array([((r.predict(zt[s].numpy()) - yt.numpy()) ** 2).mean()
+                           for s, r in enumerate(refs)])
+        return {"test_mse_max_rel_diff_f64": float(np.max(np.abs(ours - theirs) / theirs))}
+
+    return HeadsCase(
+        name, {"S": S, "n": n, "H": H, "T": 1, "dtype": "float32"},
+        {"mmkernels": lambda: heads.fit(ztr, ytr, task="regression", l2=L2),
+         "sklearn_loop": lambda: _sk_ridge_loop(ztr, ytr)},
+        {"sklearn_loop": 20.0} if check else {}, agreement if check else None)
+
+
+def _softmax_case(name: str, S: int, n: int, H: int, C: int, check: bool) -> HeadsCase:
+    ztr, ytr, zte, yte = _classification_data(S, n, H, C, 1, torch.float32)
+
+    def agreement() -> dict[str, float]:
+        ours = heads.fit(ztr, ytr, task="classification", l2=L2)
+        refs = _sk_logistic_loop(ztr, ytr)
+        acc_ours = ours.accuracy(zte, yte).numpy()
+        acc_sk = np.array([r.score(zte[s].numpy(), yte.numpy()) for s, r in enumerate(refs)])
+        op = torch.ops.mmkernels.softmax_regression_loss_grad
+        zd = ztr.double()
+        W = torch.stack([torch.tensor(r.coef_.T, dtype=torch.float64) for r in refs])
+        b = torch.stack([torch.tensor(r.intercept_, dtype=torch.float64) for r in refs])
+        obj_sk = op(zd, ytr, W, b, None, L2)[0].numpy()
+        obj_ours = op(zd, ytr, ours.coef, ours.intercept, None, L2)[0].numpy()
+        return {"test_acc_max_abs_diff_points": float(100 * np.max(np.abs(acc_ours - acc_sk))),
+                "objective_max_rel_diff": float(np.max(np.abs(obj_ours - obj_sk) / obj_sk)),
+                "ours_converged": float(ours.converged.double().mean()),
+                "ours_iters_total": float(ours.n_iter.sum()),
+                "sklearn_iters_total": float(sum(int(r.n_iter_[0]) for r in refs)),
+                "ours_iters_max": float(ours.n_iter.max())}
+
+    return HeadsCase(
+        name, {"S": S, "n": n, "H": H, "C": C, "dtype": "float32"},
+        {"mmkernels": lambda: heads.fit(ztr, ytr, task="classification", l2=L2),
+         "sklearn_loop": lambda: _sk_logistic_loop(ztr, ytr)},
+        {"sklearn_loop": 10.0} if check else {}, agreement if check else None)
+
+
+def heads_cases(scale: float = 1.0) -> list[HeadsCase]:
+    """The benchmark cases; scale multiplies every n (1.0 = the shapes of the targets)."""
+    def rows(n: int) -> int:
+        return max(50, int(n * scale))
+    return [
+        _ridge_case("a_ridge_S15", 15, rows(7000), 128, check=True),
+        _softmax_case("b_softmax_S7", 7, rows(13200), 128, 6, check=True),
+        _ridge_case("c_ridge_S255", 255, rows(2000), 64, check=False),
+        _softmax_case("c_softmax_S255", 255, rows(2000), 64, 6, check=False),
+    ]
+
+
+def run_heads(scale: float = 1.0, repeats: int = 1, only: list[str] | None = None) -> dict:
+    """Run the cases, print a table, return the results as a dict (JSON-ready)."""
+    results: dict = {"machine": machine(), "scale": scale, "cases": []}
+    print(f"# {results['machine']}")
+    print(f"{'case':16} {'runner':13} {'median ms':>10} {'speed-up':>9} {'target':>7}     "
+          f"{'peak MB':>8}")
+    for case in heads_cases(scale):
+        if only and not any(o in case.name for o in only):
+            continue
+        times, peaks = {}, {}
+        case.runners["mmkernels"]()  # warm-up (first-call costs); the baselines take seconds
+        # Runners interleaved, repeat by repeat: on a shared machine the load drifts over
+        # seconds, and a ratio of medians taken minutes apart would measure that drift.
+        # A pause before each timed call: numpy's BLAS threads keep spinning for a while after
+        # the sklearn loop returns, and the next runner would share the cores with them
+        # (measured: our first softmax fit right after it took 2x its time).
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in case.runners}
+        for _ in range(repeats):
+            for name, fn in case.runners.items():
+                time.sleep(SETTLE_S)
+                runs[name].append(_peak_rss_growth_mb(fn))
+        for name, rs in runs.items():
+            times[name] = statistics.median(r[0] for r in rs)
+            peaks[name] = max(r[1] for r in rs)
+        rows = []
+        for name, ms in times.items():
+            speedup = ms / times["mmkernels"]
+            target = case.targets.get(name)
+            ok = "" if target is None else ("ok" if speedup >= target else "MISS")
+            tgt = f"{target:.0f}x" if target else ""
+            print(f"{case.name:16} {name:13} {ms:10.1f} {speedup:8.2f}x {tgt:>7} {ok:4} "
+                  f"{peaks[name]:8.1f}")
+            rows.append({"runner": name, "median_ms": ms, "speedup": speedup, "target": target,
+                         "peak_rss_growth_mb": peaks[name]})
+        agreement = case.check() if case.check else {}
+        for key, value in agreement.items():
+            print(f"{'':16} {key} = {value:.3g}")
+        results["cases"].append({"name": case.name, "shapes": case.shapes, "runners": rows,
+                                 "agreement": agreement})
+        sys.stdout.flush()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmkernels bench heads", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="factor on every n")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="run only cases whose name contains one")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/heads_cpu.json"))
+    args = parser.parse_args(argv)
+    results = run_heads(args.scale, args.repeats, args.only)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

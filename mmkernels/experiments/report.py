@@ -163,7 +163,8 @@ def _table1_section(out: Path, res: RealResult, t1: list[dict]) -> list[str]:
                          digits={m.key: m.digits for m in ms})
     what = ("Accuracy is the weighted accuracy (WA, the fraction of test rows right), UA the "
             "unweighted accuracy (mean per-class recall), F1 macro- and class-weighted."
-            if d.task == "classification" else "Pearson r between prediction and target.")
+            if d.task == "classification" else "MSE is the end-to-end test loss, MAE the "
+            "mean absolute error, Pearson r the correlation of prediction and target.")
     tex = booktabs(t1, [Column("subset", "subset"), Column("size", "size"), *_pm_columns(ms)],
                    caption=f"Table 1 ({_where(d)}): end-to-end test metrics of every modality "
                            f"subset, trained on fraction {top:g} of the training set "

@@ -1,4 +1,4 @@
-"""Figures in the paper's form (matplotlib, Agg backend), each written as PNG (200 dpi), PDF
+"""Figures in the paper's form (matplotlib, Agg backend), each written as PNG (150 dpi), PDF
 and SVG side by side, atomically.
 
 * accuracy_vs_fraction: a test metric (accuracy by default) against the training fraction on a
@@ -70,7 +70,7 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
         with plt.rc_context({"svg.hashsalt": "mmkernels", "pdf.compression": 6}):
             for fmt in FORMATS:
                 buf = io.BytesIO()
-                fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight",
+                fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight",
                             metadata=_METADATA[fmt])
                 write_bytes_atomic(png.with_suffix(f".{fmt}"), buf.getvalue())
     finally:

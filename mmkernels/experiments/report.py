@@ -249,7 +249,8 @@ def _eta_section(out: Path, res: RealResult, eta: list[dict]) -> list[str]:
             if d.task == "classification" or m.key != "refit_test_acc"]
     lead = ["fraction"] if len(res.cfg.refit_fractions) > 1 else []
     md = tables.markdown(eta, [*lead, "subset", *(m.key for m in vals)],
-                         pm=[m.key for m in vals], digits={m.key: m.digits for m in vals})
+                         pm=[m.key for m in vals], digits={m.key: m.digits for m in vals},
+                         headers=[*lead, "subset", *(m.label for m in vals)])
     risk = "cross-entropy in nats" if d.task == "classification" else "MSE"
     tex = booktabs(eta, [*(Column(k, k) for k in lead), Column("subset", "subset"),
                          *_pm_columns(vals)],
@@ -260,9 +261,10 @@ def _eta_section(out: Path, res: RealResult, eta: list[dict]) -> list[str]:
                    label=f"tab:{d.name}-eta")
     _write_table(out, f"{d.name}_eta", md, tex)
     return ["### Latent quality per subset: refitted heads and eta", "",
-            f"refit_test_risk: {risk} of the head refitted on the frozen encoder; eta = "
-            f"refit_test_risk - that of {full} in the same seed (an estimate of the paper's "
-            "eta with the all-modality refit as reference; smaller is better).", "", md]
+            f"refit test risk: {risk} of the head refitted on the frozen encoder (and its "
+            f"accuracy, for classification); η = refit test risk - that of {full} in the same "
+            "seed (an estimate of the paper's eta with the all-modality refit as reference; "
+            "smaller is better).", "", md]
 
 
 def write_results(

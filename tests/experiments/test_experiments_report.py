@@ -83,7 +83,8 @@ def test_write_results_folder(tmp_path: Path) -> None:
         assert c["detail"]
     assert "Table 1" in text and "Table 3" in text and "Shapley" in text
     assert "| subset | size | accuracy WA (%) | UA (%) | macro F1 (%)" in text
-    assert "eta = refit_test_risk - that of TA" in text
+    assert "η = refit test risk - that of TA" in text
+    assert "| subset | refit test risk | refit test accuracy (%) | η |" in text
     assert "![tiny: macro F1 (%)](tiny_f1_macro_vs_fraction.png)" in text
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

@@ -37,7 +37,8 @@ Row = dict[str, Any]
 class Metric:
     """How a table shows one recorded value: its record field (``key``; aggregated rows carry
     ``key_mean`` / ``key_std``), header ``label``, the factor applied before averaging
-    (``scale``: 100 for fractions shown in %) and whether higher values are better."""
+    (``scale``: 100 for fractions shown in %), whether higher values are better, and the
+    decimals shown."""
 
     key: str
     label: str

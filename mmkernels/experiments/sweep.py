@@ -199,6 +199,34 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
     return rows
 
 
+#: Record field of each test metric of mmkernels.metrics (classification, then regression);
+#: the end-to-end test loss (cross-entropy or MSE) is "test_loss".
+TEST_METRICS = {"accuracy": "test_acc", "unweighted_accuracy": "test_ua",
+                "f1_macro": "test_f1_macro", "f1_weighted": "test_f1_weighted",
+                "mae": "test_mae", "pearson": "test_pearson"}
+
+
+@torch.no_grad()
+def _test_metrics(model, data: Prepared, chunk: int = 8192) -> dict[str, Tensor]:
+    """Every subset's test metrics (mmkernels.metrics, [S] each) from the model's test
+    outputs, computed in eval mode in chunks of rows."""
+    from mmkernels import metrics
+
+    was_training = model.training
+    model.eval()
+    try:
+        n = data.test_y.shape[0]
+        outs = [model([x[lo:lo + chunk] for x in data.test_xs]) for lo in range(0, n, chunk)]
+    finally:
+        model.train(was_training)
+    if data.task == "classification":
+        pred = torch.cat([o.argmax(dim=-1) for o in outs], dim=1)
+        return metrics.classification_metrics(pred, data.test_y, data.num_outputs)
+    out = torch.cat(outs, dim=1)
+    return metrics.regression_metrics(out[..., 0] if data.test_y.dim() == 1 else out,
+                                      data.test_y)
+
+
 def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict[str, list]:
     """Train every subset on a ``fraction`` of the training rows (rule: sampling module) and
     measure it. Returns {"subsets": [...], "refit": [...], "pairs": [...], "probe": [...]},
@@ -218,6 +246,7 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
               lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, progress=False)
     test = evaluate(model, data.test_xs, data.test_y, task=data.task)
     train = evaluate(model, xs, y, task=data.task)
+    scores = _test_metrics(model, data)
     base = {"dataset": data.name, "seed": seed, "fraction": fraction, "n_train": len(idx)}
     out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
     for s, sub in enumerate(data.subsets):
@@ -225,7 +254,8 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
             **base, "subset": data.subset_names[s], "size": len(sub),
             "modalities": " ".join(data.modality_names[k] for k in sub),
             "test_loss": float(test["loss"][s]), "train_loss": float(train["loss"][s]),
-            "test_acc": float(test["acc"][s]) if "acc" in test else None,
+            **{key: float(scores[m][s]) if m in scores else None
+               for m, key in TEST_METRICS.items()},
             "train_acc": float(train["acc"][s]) if "acc" in train else None,
             "epochs_run": res.epochs_run,
         })

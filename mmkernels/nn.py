@@ -80,6 +80,12 @@ def _as_mask(
     if isinstance(mask, Mapping):
         if names is None:
             raise ValueError("this module was built with unnamed dims: pass mask as [B, K]")
+        missing = [n for n in names if n not in mask]
+        extra = [n for n in mask if n not in names]
+        if missing or extra:
+            raise ValueError(
+                f"mask must have the keys {names}, missing {missing}, unexpected {extra}"
+            )
         mask = torch.stack([mask[n].to(torch.bool) for n in names], dim=1)
     if mask.shape != (batch, k):
         raise ValueError(f"mask: expected shape [{batch}, {k}], got {list(mask.shape)}")

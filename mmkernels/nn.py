@@ -312,7 +312,8 @@ class MaskedFusion(nn.Module):
                 x = [xj * scale for xj in x]
                 return self._op(x, m)
             out = self._op(x, m).view(batch, k, self.hidden[0])
-            mean = out.sum(dim=1, keepdim=True) / num.clamp(min=1).unsqueeze(2)
+            # in the op's output dtype (bfloat16 under autocast): the output keeps it
+            mean = out.sum(dim=1, keepdim=True) / num.clamp(min=1).unsqueeze(2).to(out.dtype)
             out = torch.where(m.unsqueeze(2), out, mean)
             return out.reshape(batch, k * self.hidden[0])
         return self._op(x, m)

@@ -148,7 +148,7 @@ def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
     """U[0, 1) float32 of like's shape; without a generator, the form torch.compile traces
     (it cannot pass generator=None with a symbolic batch size)."""
     if generator is None:
-        return torch.rand_like(like, dtype=torch.float32)
+        return torch.rand_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
     return torch.rand(like.shape, generator=generator, device=like.device)
 
 

@@ -118,6 +118,21 @@ def test_modality_dropout_rule():
     assert (kept[:, 1] != mask[:, 1]).any()
 
 
+def test_modality_dropout_draws_the_same_from_the_global_rng_and_a_generator():
+    # the draws depend on the RNG state only: not on the mask's values, layout or on whether
+    # a sample lost everything (no data-dependent draw, which torch.compile could not trace)
+    mask = torch.rand(40, 3, generator=torch.Generator().manual_seed(2)) < 0.7
+    p = torch.tensor([0.9, 0.2, 0.5])
+    torch.manual_seed(3)
+    from_global = modality_dropout(mask, p)
+    after_global = torch.rand(1)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(modality_dropout(mask, [0.9, 0.2, 0.5], generator=g), from_global)
+    assert torch.equal(torch.rand(1, generator=g), after_global)  # the same number of draws
+    torch.manual_seed(3)
+    assert torch.equal(modality_dropout(mask.t().contiguous().t(), p), from_global)
+
+
 def test_fusion_dropout_only_in_training():
     xs, _ = _data()
     mod = MaskedFusion(DIMS, 6, dropout=1.0, dtype=F64)

@@ -386,7 +386,8 @@ def fit(
         val = _evaluator(model, _select(xs, va), y[va], _select(mask, va), task)
         xs, y, mask = _select(xs, tr), y[tr], _select(mask, tr)
     if patience is not None and val is None:
-        raise ValueError("patience needs validation data: give val_fraction or val_data")
+        raise ValueError("patience needs validation data: give val_data" +
+                         ("" if loader else " or val_fraction"))
     train_pass = _batches(xs, y, mask, batch_size, DEFAULT_BATCH_SIZE, names, device, "xs")
 
     s_count = params[0].shape[0]

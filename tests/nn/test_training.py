@@ -276,6 +276,8 @@ def test_fit_names_what_does_not_fit_the_data_contract():
         ((model, loader), {"val_fraction": 0.2}, ValueError, "val_fraction splits tensors"),
         ((model, loader), {"seed": 1}, ValueError, "seed does not apply to a DataLoader"),
         ((model, loader), {"batch_size": 4}, ValueError, "batch_size does not apply"),
+        ((model, loader), {"patience": 2}, ValueError, "patience needs validation data: give "
+                                                       "val_data$"),
         ((model, (b for b in loader)), {}, TypeError, "one-shot iterator"),
         ((model, [{"text": dx["text"][:4]}]), {}, TypeError, "must be a list of modality"),
         ((model, DataLoader([{k: v for k, v in r.items() if k != "y"} for r in rows],

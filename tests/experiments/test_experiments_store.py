@@ -122,4 +122,6 @@ def test_start_over_keeps_every_old_store_and_respects_the_lock(tmp_path: Path) 
     assert len(set(kept)) == 2 and not (tmp_path / RECORDS_FILE).exists()
     assert [json.loads(p.read_text())["key"] for p in kept] == ["run0", "run1"]
     with store.writer(), pytest.raises(RuntimeError, match="in use by another sweep"):
-        store.start_over()  # a running sweep's records are never renamed under it
+        ResultStore(tmp_path).start_over()  # a running sweep's records are never renamed
+    with store.writer(), pytest.raises(RuntimeError, match="records are being written"):
+        store.start_over()  # not by the sweep itself either

@@ -13,6 +13,8 @@ Layout of ``out_dir`` (every file written atomically, see :mod:`.io`):
     <ds>_subsets_per_seed.csv         one row per (seed, fraction, subset)
     <ds>_pairs_per_seed.csv, <ds>_refit_per_seed.csv, <ds>_probe_per_seed.csv
     <ds>_table1.csv  _table2.csv  _table3.csv  _unimodal.csv  _shapley.csv  _laziness.csv
+    <ds>_diverged.csv                 the cells whose training diverged (only if any): their
+                                      subsets and epochs; they are in no other table
     <ds>_accuracy_vs_fraction.png
 """
 
@@ -66,6 +68,9 @@ def claims(res: RealResult) -> list[dict[str, Any]]:
                  "detail": "regression data: the accuracy claims are not checked"}]
     full = data.subset_names[-1]
     agg = tables.table2(recs["subsets"])
+    if not agg:
+        return [{"claim": "the paper's claims", "holds": None,
+                 "detail": "not checked: every cell diverged"}]
     by = {(r["subset"], r["fraction"]): r["test_acc_mean"] for r in agg}
     fracs = sorted({r["fraction"] for r in agg})
 
@@ -109,6 +114,35 @@ def claims(res: RealResult) -> list[dict[str, Any]]:
                     "detail": f"{len(neg)}/{len(t3)} pairs negative; largest gamma_loss "
                               f"{worst['gamma_loss_mean']:.4f} ({worst['M']} vs {worst['N']})"})
     return out
+
+
+def _complete_cells(rows: Sequence[dict], data: Prepared) -> list[dict]:
+    """The subset records of the cells that hold every subset with finite metrics (the
+    exact Shapley values need all of them); a diverged cell has none."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["fraction"], r["seed"]), []).append(r)
+    needs = ["test_loss"] + (["test_acc"] if data.task == "classification" else [])
+    return [r for grp in cells.values()
+            if {r["subset"] for r in grp} == set(data.subset_names)
+            and all(r.get(k) is not None for r in grp for k in needs) for r in grp]
+
+
+def _diverged_markdown(rows: Sequence[dict]) -> list[str]:
+    """The report's list of diverged cells: one line per cell, its subsets and epochs."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["fraction"], r["seed"]), []).append(r)
+    lines = ["### Diverged cells", "",
+             f"{len(cells)} cell(s) diverged: a training loss or a parameter was not finite "
+             "(NaN or Inf). They are left out of every table, figure and claim of this "
+             "dataset; a lower --lr or rescaled features may avoid it.", ""]
+    for (fraction, seed), grp in sorted(cells.items()):
+        what = ", ".join(f"{r['subset']} ({r['detected_in']}"
+                         + (f", epoch {r['epoch']})" if r.get("epoch") is not None else ")")
+                         for r in grp)
+        lines.append(f"- fraction {fraction:g}, seed {seed}: {what}")
+    return [*lines, ""]
 
 
 def _parse(data: Prepared):
@@ -174,37 +208,45 @@ def write_results(
         for key in ("subsets", "pairs", "refit", "probe"):
             if recs[key]:
                 write_csv(out / f"{name}_{key}_per_seed.csv", recs[key])
+        diverged = recs.get("diverged", [])
+        if diverged:
+            write_csv(out / f"{name}_diverged.csv", diverged)
         t1 = tables.table1(recs["subsets"], max(res.cfg.fractions))
         t2 = tables.table2(recs["subsets"])
         t3 = tables.table3(recs["pairs"])
         uni = tables.unimodal(recs["subsets"])
         lazy = tables.laziness(recs["probe"])
         shap, empty = tables.shapley_table(
-            recs["subsets"], d.modality_names, _parse(d), d.train_y.numpy(), d.test_y.numpy(),
-            d.task, d.num_outputs if d.task == "classification" else None)
+            _complete_cells(recs["subsets"], d), d.modality_names, _parse(d),
+            d.train_y.numpy(), d.test_y.numpy(), d.task,
+            d.num_outputs if d.task == "classification" else None)
         for fname, rows in (("table1", t1), ("table2", t2), ("table3", t3),
                             ("unimodal", uni), ("shapley", shap), ("laziness", lazy)):
             if rows:
                 write_csv(out / f"{name}_{fname}.csv", rows)
         metric = "test_acc" if d.task == "classification" else "test_loss"
         unit = "test accuracy (%)" if d.task == "classification" else "test loss"
-        figures.accuracy_vs_fraction(t2, out / f"{name}_accuracy_vs_fraction.png",
-                                     title=f"{name}: {unit} against the training fraction")
+        if t2:  # not when every cell diverged
+            figures.accuracy_vs_fraction(t2, out / f"{name}_accuracy_vs_fraction.png",
+                                         title=f"{name}: {unit} against the training fraction")
         c = res.cfg
         md += [f"## {name}: {d.num_modalities} modalities "
                f"({', '.join(d.modality_names)}), {d.train_y.shape[0]} train / "
                f"{d.test_y.shape[0]} test", "",
                f"Model: {c.fusion} fusion, hidden {c.hidden}, Adam lr {c.lr}, batch "
                f"{c.batch_size}, {c.epochs} epochs, weight decay {c.weight_decay}, seeds "
-               f"{c.seeds}. Training fractions: {SAMPLING_RULE}.", "",
-               f"### Table 1: {unit} of every subset (fraction {max(c.fractions):g})", "",
+               f"{c.seeds}. Training fractions: {SAMPLING_RULE}.", ""]
+        if diverged:
+            md += _diverged_markdown(diverged)
+        md += [f"### Table 1: {unit} of every subset (fraction {max(c.fractions):g})", "",
                tables.markdown(t1, ["subset", "size", metric], pm=[metric]),
                f"### Table 2: {unit} against the training fraction", "",
                tables.pivot_markdown(t2, "subset", "fraction", metric, col_fmt=_frac),
                "n_train per fraction: " + ", ".join(
                    f"{_frac(r['fraction'])}: {r['n_train_mean']:.0f}" for r in t2
-                   if r["subset"] == d.subset_names[0]), "",
-               f"![{name} Table 2]({name}_accuracy_vs_fraction.png)", ""]
+                   if r["subset"] == d.subset_names[0]), ""]
+        if t2:
+            md += [f"![{name} Table 2]({name}_accuracy_vs_fraction.png)", ""]
         if t3:
             md += ["### Table 3: latent quality of nested pairs M ⊃ N (frozen encoders, "
                    "refitted heads)", "",

@@ -285,3 +285,25 @@ def test_saved_sweep_json_is_written_only_once_the_run_is_accepted(tmp_path, fin
     assert main(["sweep", "--data", str(data), "--out", str(out), *OPTIONS]) == 0
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["options"]["data"] == str(data.resolve())
+
+
+def test_reproduce_refuses_before_writing_too(tmp_path, capsys) -> None:
+    out = tmp_path / "rep"
+    quick = ["reproduce", "--out", str(out), "--bundled", "--table4-seeds", "1",
+             "--n-train", "300", "--n-test", "100", "--no-progress"]
+    assert main(quick) == 0
+    before = snapshot(out)
+    for extra, says in ((["--n-train", "400"], r"another reproduce \(--n-train 300 there, 400"),
+                        (["--iemocap", str(tmp_path / "missing.pkl")], "no such pickle file"),
+                        (["--table4-seeds", "0"], "--table4-seeds: expected an int >= 1"),
+                        (["--bundled", "nope"], "--bundled: ")):
+        with pytest.raises(SystemExit, match=says):
+            main([*quick, *extra])
+        assert snapshot(out) == before
+    with pytest.raises(SystemExit, match="holds the results of `mmkernels reproduce`"):
+        main(["sweep", "--resume", str(out)])
+    with ResultStore(out).locked():  # another run holds OUT
+        assert main(quick) == 1
+    err = capsys.readouterr().err
+    assert f"resume with: mmkernels reproduce --out {out} --bundled" in err
+    assert snapshot(out) == before

@@ -307,3 +307,26 @@ def test_reproduce_refuses_before_writing_too(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert f"resume with: mmkernels reproduce --out {out} --bundled" in err
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"hidden": True}, r"hidden: expected an int >= 1, got True"),
+    ({"hidden": 2.5}, r"hidden: expected an int >= 1, got 2.5"),
+    ({"fusion": "middle"}, r'fusion: expected "late" or "early"'),
+    ({"seeds": []}, r"seeds: expected a non-empty list"),
+    ({"seeds": [0, 0]}, r"seeds: a seed is given twice"),
+    ({"seeds": [-1]}, r"seeds: expected an int >= 0, got -1"),
+    ({"fractions": []}, r"fractions: expected a non-empty list"),
+    ({"fractions": [0.5], "refit_fractions": [1.0]},
+     r"refit_fractions: 1.0 is not one of the fractions"),
+    ({"lr": float("nan")}, r"lr: expected a finite number > 0, got nan"),
+])
+def test_sweep_config_refuses_nonsense(kw, says) -> None:
+    with pytest.raises(sw.SweepConfigError, match=rf"SweepConfig\.{says}"):
+        sw.SweepConfig(**kw)
+
+
+def test_sweep_config_refit_fractions_default_to_the_largest() -> None:
+    assert sw.SweepConfig(fractions=[0.1, 0.5]).refit_fractions == [0.5]
+    assert sw.SweepConfig().refit_fractions == [1.0]
+    assert sw.SweepConfig(fractions=[0.5], refit_fractions=[]).refit_fractions == []  # no refits

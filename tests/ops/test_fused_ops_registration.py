@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import mmkernels
 from mmkernels import reference
@@ -153,7 +154,9 @@ def _layouts(ts):
 
 
 def _flat(result):
-    return [t for part in result for t in (part if isinstance(part, (list, tuple)) else [part])]
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for part in result for t in _flat(part)]
 
 
 @pytest.mark.parametrize(
@@ -194,12 +197,12 @@ def test_fake_outputs_have_the_real_kernels_layout(output_mask):
 
     mode = FakeTensorMode()
     for op, args in calls:
-        real = _layouts(_flat([op(*args)]))
+        real = _layouts(_flat(op(*args)))
         assert all(stride == torch.empty(shape).stride() for shape, stride, _ in real)
-        assert _layouts(_flat([op(*on(lambda t: t.to("meta"), args))])) == real
+        assert _layouts(_flat(op(*on(lambda t: t.to("meta"), args)))) == real
         fake_args = on(mode.from_tensor, args)
         with mode:
-            assert _layouts(_flat([op(*fake_args)])) == real
+            assert _layouts(_flat(op(*fake_args))) == real
 
 
 @pytest.mark.parametrize("per_subset,with_subsets,with_sample_mask", LAYOUTS)
@@ -214,7 +217,8 @@ def test_torch_compile_dynamic_shapes(per_subset, with_subsets, with_sample_mask
                                         sample_mask=present)
         return early.square().sum() + late.sum()
 
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     for batch_seed in (0, 1, 2):
         xs, weight, bias, weights, biases, smask, present = sample(
             per_subset, with_subsets, with_sample_mask, seed=batch_seed
@@ -232,3 +236,4 @@ def test_torch_compile_dynamic_shapes(per_subset, with_subsets, with_sample_mask
         torch.testing.assert_close(got, want)
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w)
+    assert counter.frame_count == 1, "a new batch size recompiled the graph"

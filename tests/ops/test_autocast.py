@@ -154,3 +154,19 @@ def check_training_matches_float32(fusion: str, device: str, dtype: torch.dtype)
 @pytest.mark.parametrize("fusion", ["early", "late"])
 def test_training_under_cpu_autocast_matches_float32(fusion: str) -> None:
     check_training_matches_float32(fusion, "cpu", torch.bfloat16)
+
+
+def test_autocast_inside_a_compiled_function() -> None:
+    """torch.compile traces the autocast region through the Autocast and Meta kernels."""
+    xs, mask = modalities("cpu")
+    w = torch.randn(H, sum(DIMS), requires_grad=True)
+
+    def f(xs, w, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return mmkernels.concat_project(xs, w, sample_mask=mask)
+
+    out = torch.compile(f, fullgraph=True)(xs, w, mask)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, f(xs, w, mask))
+    (grad,) = torch.autograd.grad(out.float().sum(), [w])
+    assert grad.dtype == torch.float32

@@ -507,14 +507,16 @@ def test_bfloat16_z_with_subset_index_equals_the_float32_upcast():
         assert torch.equal(g, r)
 
 
-@pytest.mark.parametrize("text", ["inf", "nan", "1e400", "-1", "infG", "8Q", "8GiBs", "iB"])
+@pytest.mark.parametrize("text", ["inf", "nan", "1e400", "-1", "infG", "8Q", "8GiBs", "iB", "0",
+                                  "0G"])
 def test_budget_rejects_non_finite_and_malformed_values(monkeypatch, text):
     monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", text)
     with pytest.raises(ValueError, match="MMKERNELS_MEMORY_BUDGET must be a byte count"):
         ops.gram(torch.zeros(1, 4, 2), torch.zeros(4))
 
 
-@pytest.mark.parametrize("text", ["8GiB", "8gib", "8G", "8GB", "OFF", "Off", "none", "0"])
+# "0" is an error, not "no limit" (issue 19: the message says "> 0"; "off" says no limit).
+@pytest.mark.parametrize("text", ["8GiB", "8gib", "8G", "8GB", "OFF", "Off", "none"])
 def test_budget_accepts_suffixes_and_off_in_any_case(monkeypatch, text):
     monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", text)
     g, _ = ops.gram(torch.zeros(1, 4, 2), torch.zeros(4))

@@ -845,6 +845,20 @@ def _softmax_heads(theta: Tensor, H: int, C: int, lam: Tensor, converged: Tensor
     return Heads("classification", coef, intercept, lam.clone(), converged, n_iter)
 
 
+def _column_moments(z: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance of every column of every subset, float64 [S, H] each, in
+    chunks of rows (no float64 copy of Z)."""
+    S, n, H = (int(d) for d in z.shape)
+    total = torch.zeros(S, H, dtype=torch.float64)
+    for r0 in range(0, n, rows):
+        total += z[:, r0:r0 + rows].sum(1, dtype=torch.float64)
+    mu = total / max(n, 1)
+    sq = torch.zeros(S, H, dtype=torch.float64)
+    for r0 in range(0, n, rows):
+        sq += (z[:, r0:r0 + rows].double() - mu.unsqueeze(1)).square().sum(1)
+    return mu, sq / max(n, 1)
+
+
 def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, *,
                    tol: float, max_iter: int, history: int, zid: Tensor | None = None,
                    fold: Tensor | None = None,
@@ -855,9 +869,17 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     Problem i fits subset zid[i] of Z (default: i, k = S) on the rows pieces[fold[i]] (a list
     of row ranges (r0, r1); default: all rows) with penalty l2[i], from theta0[i] (default
     0). Returns theta [k, (H+1) C] float64 (W flattened, then b), converged [k], n_iter [k].
+
+    The solver works in centred coordinates: logits = (z - mu) W + c with mu the subset's mean
+    row of Z, i.e. b = c - mu W. That is the same model and the same penalty (on W only), so
+    the same optimum, but the intercept no longer competes with the mean of Z: ReLU features
+    are all >= 0, and their mean direction made the uncentred problem ill-conditioned (L-BFGS
+    took ~2-5x the iterations on trained latents). The op still reads Z as it is stored.
     """
     S, n, H = (int(d) for d in z.shape)
     k = S if zid is None else len(zid)
+    mu_s, var_s = _column_moments(z)                                    # [S, H] each
+    mu = mu_s if zid is None else mu_s.index_select(0, zid)             # [k, H]
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
     P, HC = (H + 1) * C, H * C
     pieces = [[(0, n)]] if pieces is None else pieces
@@ -869,13 +891,25 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
         raise ValueError("a fold leaves no training rows (or only rows of weight 0)")
     scale = torch.tensor(rows_weight, dtype=torch.float64)[fold]        # [k]
     single = len(pieces) == 1
+    # L-BFGS's initial inverse Hessian: the inverse of the Hessian's diagonal at W = 0 in the
+    # centred coordinates (each class at probability 1/C): p (1 - p) var(z_h) + l2 / n for
+    # W[h, c] and p (1 - p) for c. The columns of trained latents differ in scale by 10-100x;
+    # the diagonal takes that out of the iteration count (the optimum is unchanged).
+    pc = (1.0 / C) * (1.0 - 1.0 / C)
+    var = var_s if zid is None else var_s.index_select(0, zid)
+    hess = torch.empty(k, P, dtype=torch.float64)
+    hess[:, :HC] = (pc * var).unsqueeze(2).expand(k, H, C).flatten(1) + (l2 / scale)[:, None]
+    hess[:, HC:] = pc
+    diag = 1.0 / hess.clamp_min(1e-10 * hess.amax(1, keepdim=True))
 
     def evaluate(theta: Tensor, pid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean-scaled objective [m] and gradient [m, P] (float64) of problems pid (None: all
         k), at theta [m, P]."""
         Wd = theta[:, :HC]
-        W = Wd.reshape(theta.shape[0], H, C).to(dt)
-        b = theta[:, HC:].to(dt)
+        W64 = Wd.reshape(theta.shape[0], H, C)
+        mu_p = mu if pid is None else mu.index_select(0, pid)
+        W = W64.to(dt)
+        b = (theta[:, HC:] - (mu_p.unsqueeze(1) @ W64).squeeze(1)).to(dt)
         zsel = pid if zid is None else (zid if pid is None else zid.index_select(0, pid))
         loss = grad = None
         if single:
@@ -912,6 +946,8 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
         assert loss is not None and grad is not None
         lam = l2 if pid is None else l2.index_select(0, pid)
         sc = scale if pid is None else scale.index_select(0, pid)
+        # d/dW at fixed c: the op's gradient in W minus mu (outer) its gradient in b.
+        grad[:, :HC] -= (mu_p.unsqueeze(2) * grad[:, HC:].unsqueeze(1)).flatten(1)
         loss += (0.5 * lam) * Wd.square().sum(1)
         grad[:, :HC] += lam.unsqueeze(1) * Wd
         return loss.div_(sc), grad.div_(sc.unsqueeze(1))
@@ -919,11 +955,19 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     def subsets_of(bad: list[int]) -> list[int]:
         return bad if zid is None else zid[bad].tolist()
 
+    def shift(theta: Tensor, sign: float) -> Tensor:
+        """Between b (sign -1: to b) and c = b + mu W (sign +1: to c)."""
+        out = theta.to(torch.float64).clone()
+        out[:, HC:] += sign * (mu.unsqueeze(1) @ out[:, :HC].reshape(k, H, C)).squeeze(1)
+        return out
+
+    theta0 = None if theta0 is None else shift(theta0, 1.0)
     # With several threads, problems are solved in groups of g with g * P below PyTorch's
     # intra-op grain, so that the solver's own tensor ops run serially (see _lbfgs).
     size = _softmax_group(k, P)
     if size >= k:
-        return _lbfgs(evaluate, k, P, tol, max_iter, history, theta0, subsets_of)
+        th, conv, its = _lbfgs(evaluate, k, P, tol, max_iter, history, theta0, subsets_of, diag)
+        return shift(th, -1.0), conv, its
     out = [torch.zeros(k, P, dtype=torch.float64), torch.zeros(k, dtype=torch.bool),
            torch.zeros(k, dtype=torch.int64)]
     for s0 in range(0, k, size):
@@ -935,10 +979,10 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
 
         part = _lbfgs(in_group, len(ids), P, tol, max_iter, history,
                       None if theta0 is None else theta0[ids],
-                      lambda bad, ids=ids: subsets_of(ids[bad].tolist()))
+                      lambda bad, ids=ids: subsets_of(ids[bad].tolist()), diag[ids])
         for o, p in zip(out, part, strict=True):
             o[ids] = p
-    return out[0], out[1], out[2]
+    return shift(out[0], -1.0), out[1], out[2]
 
 
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run serially
@@ -947,9 +991,12 @@ _GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements ru
 def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S: int, P: int,
            tol: float, max_iter: int, history: int, theta0: Tensor | None = None,
            subsets_of: Callable[[list[int]], list[int]] = lambda bad: bad,
-           ) -> tuple[Tensor, Tensor, Tensor]:
+           diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Batched L-BFGS over S independent problems with parameters theta [S, P], from theta0
     (default 0); returns (theta, converged [S], n_iter [S]).
+
+    diag [S, P] > 0: an estimate of the inverse Hessian's diagonal, the initial matrix of
+    every two-loop recursion (times the usual scalar s'y / y'Dy); None: the identity.
 
     The state is kept for the still-active problems only, compacted when some finish, so an
     iteration runs on views (no gathers) and evaluates exactly the problems that need it.
@@ -980,7 +1027,9 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     s_hist: list[Tensor] = []
     y_hist: list[Tensor] = []
     rho: list[Tensor] = []
-    gamma = 1.0 / g.norm(dim=1).clamp_min(1e-12)
+    dg = None if diag is None else diag.index_select(0, ids)
+    gamma = (1.0 / g.norm(dim=1).clamp_min(1e-12) if dg is None
+             else torch.ones(k, dtype=torch.float64))
     its = torch.zeros(k, dtype=torch.int64)
     pos = filled = 0
     for _ in range(max_iter):
@@ -997,6 +1046,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             q.addcmul_(a.unsqueeze(1), yv_[j], value=-1.0)
             alphas.append(a)
         r = q.mul_(gamma.unsqueeze(1))
+        if dg is not None:
+            r.mul_(dg)
         for j, a in zip(reversed(order), reversed(alphas), strict=True):
             beta = torch.linalg.vecdot(yv_[j], r).mul_(rv_[j])
             r.addcmul_(a.sub_(beta).unsqueeze(1), sv_[j])
@@ -1004,7 +1055,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         gd = torch.linalg.vecdot(g, d)
         uphill = gd >= 0
         if bool(uphill.any()):  # a stale history; restart those subsets on steepest descent
-            sd = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sd = g if dg is None else g * dg
+            sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
             d = torch.where(uphill.unsqueeze(1), -sd, d)
             gd = torch.linalg.vecdot(g, d)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
@@ -1052,7 +1104,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 hist.append(value)
             else:
                 hist[pos] = value
-        gamma = torch.where(good, sy / yv.square().sum(1).clamp_min(1e-300), gamma)
+        yy = yv.square() if dg is None else yv.square().mul_(dg)
+        gamma = torch.where(good, sy / yy.sum(1).clamp_min(1e-300), gamma)
         pos, filled = (pos + 1) % history, filled + 1
         th, f, g = new_th, new_f, new_g
         its += (~failed).long()
@@ -1068,6 +1121,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             keep = (~stop).nonzero().flatten()
             ids, th, f, g, gamma, its = (
                 t.index_select(0, keep) for t in (ids, th, f, g, gamma, its))
+            dg = None if dg is None else dg.index_select(0, keep)
             s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
                                    for hist in (s_hist, y_hist, rho))
             k = len(ids)
@@ -1075,3 +1129,331 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         theta_out.index_copy_(0, ids, th)
         n_iter.index_copy_(0, ids, its)
     return theta_out, converged, n_iter
+
+
+# ---- choosing l2 by cross-validation ------------------------------------------------------------
+
+
+def kfold(y: Tensor, k: int, *, stratify: bool = True) -> Tensor:
+    """Fold ids [n] in 0..k-1: with stratify (classification labels), the rows of each class
+    are dealt to the folds in turn (the classes one after another, so fold sizes differ by at
+    most one and every class is spread as evenly as it can be); without, rows are dealt in
+    order. Deterministic, no random draws; no fold is empty when n >= k >= 2."""
+    n = int(y.shape[0])
+    if not 2 <= k <= n:
+        raise ValueError(f"k-fold cross-validation needs 2 <= folds <= n = {n} rows, got "
+                         f"folds = {k}")
+    order = torch.argsort(y, stable=True) if stratify else torch.arange(n)
+    fold = torch.empty(n, dtype=torch.int64)
+    fold[order] = torch.arange(n) % k
+    return fold
+
+
+@dataclass
+class L2Search:
+    """What select_l2 found, per subset s and grid value j.
+
+    grid [S, L]: the l2 values tried (descending); score [S, L]: the mean over folds of the
+    held-out risk (mean cross-entropy in nats, or MSE), NaN where not evaluated; l2 [S]: the
+    chosen value (the lowest score; the larger l2 on ties); folds [n]: the fold of each row.
+    """
+
+    grid: Tensor
+    score: Tensor
+    l2: Tensor
+    folds: Tensor
+
+    @property
+    def num_folds(self) -> int:
+        return int(self.folds.max()) + 1
+
+
+def default_l2_grid(task: str, n: int) -> list[float]:
+    """The default grid of select_l2 for classification: n * 10^j for j = 0, -1, ..., -4
+    (l2 in sum-of-losses units, so n * lam is a per-row penalty lam: from one that outweighs
+    the loss to a nearly unpenalised fit). Regression has a per-subset default (see
+    select_l2)."""
+    if task != "classification":
+        raise ValueError("default_l2_grid: the regression default is relative to each "
+                         "subset's Gram (see select_l2)")
+    return [n * 10.0 ** -j for j in range(5)]
+
+
+RIDGE_GRID_RELATIVE = tuple(10.0 ** -j for j in range(-2, 7))  # x trace(centred Gram) / H
+
+
+def _fold_rows(fold: Tensor, F: int) -> tuple[list[list[tuple[int, int]]],
+                                              list[tuple[int, int]] | None]:
+    """Training row ranges per fold and held-out range per fold, when every fold is one
+    contiguous block of rows (fold ids non-decreasing); ([], None) otherwise."""
+    n = int(fold.shape[0])
+    if n > 1 and bool((fold[1:] < fold[:-1]).any()):
+        return [], None
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64),
+                        torch.bincount(fold, minlength=F).cumsum(0)]).tolist()
+    held = [(bounds[f], bounds[f + 1]) for f in range(F)]
+    train = [[r for r in ((0, lo), (hi, n)) if r[1] > r[0]] for lo, hi in held]
+    return train, held
+
+
+def _select(
+    z: Tensor | GroupedZ,
+    y: Tensor,
+    *,
+    task: str,
+    grid: Sequence[float] | None = None,
+    folds: int | Tensor = 5,
+    class_weight: str | Tensor | None = None,
+    num_classes: int | None = None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    history: int = 10,
+) -> tuple[L2Search, list[Tensor | None]]:
+    """select_l2, plus per group the starting point of the refit (classification: the mean
+    over folds of the solutions at each subset's chosen l2; regression: None)."""
+    return _select_impl(z, y, task=task, grid=grid, folds=folds, class_weight=class_weight,
+                        num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
+
+
+def select_l2(
+    z: Tensor | GroupedZ,
+    y: Tensor,
+    *,
+    task: str,
+    grid: Sequence[float] | None = None,
+    folds: int | Tensor = 5,
+    class_weight: str | Tensor | None = None,
+    num_classes: int | None = None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    history: int = 10,
+) -> L2Search:
+    """Choose each subset's l2 by k-fold cross-validation on the rows of Z, all subsets at once.
+
+    For every fold, grid value and subset, the head is fitted (as fit does) on the other folds'
+    rows and scored on the fold's rows by the unpenalised risk (mean cross-entropy in nats, or
+    MSE over rows and outputs); a subset's score at a grid value is the mean over folds, and
+    its l2 the grid value of lowest score: sklearn's LogisticRegressionCV(Cs=1/grid,
+    scoring="neg_log_loss") / RidgeCV(alphas=grid, scoring="neg_mean_squared_error") with the
+    same folds (their refit is fit(z, y, l2=result.l2)).
+
+    Args:
+        z: [S, n, H] tensor or a GroupedZ (fitted group by group; no padding columns).
+        grid: l2 values (sum-of-losses units, as fit's l2). Default: classification
+            default_l2_grid(n); regression 10^2 .. 10^-6 times trace(centred Gram) / H of each
+            subset (RIDGE_GRID_RELATIVE: scale-free, per subset).
+        folds: the number of folds (kfold: stratified for classification) or fold ids [n].
+            Folds that are contiguous blocks of rows (e.g. rows sorted by fold) are read in
+            place; other folds cost one pass over all rows per fold and evaluation.
+        class_weight, num_classes, tol, max_iter, history: as fit.
+
+    Classification solves the grid from the largest l2 down, each value warm-started from the
+    previous one's solution (the path LogisticRegressionCV follows), all folds and subsets of a
+    width group in one batched L-BFGS: a step's op calls cover every subset of the group.
+    """
+    return _select(z, y, task=task, grid=grid, folds=folds, class_weight=class_weight,
+                   num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)[0]
+
+
+def fit_cv(
+    z: Tensor | GroupedZ,
+    y: Tensor,
+    *,
+    task: str,
+    grid: Sequence[float] | None = None,
+    folds: int | Tensor = 5,
+    class_weight: str | Tensor | None = None,
+    num_classes: int | None = None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    history: int = 10,
+) -> tuple[Heads | GroupedHeads, L2Search]:
+    """select_l2, then every subset refitted on all rows at its chosen l2 (the multinomial
+    refit warm-started from the mean of its folds' solutions, as LogisticRegressionCV does):
+    (heads, search). Arguments as select_l2."""
+    search, inits = _select(z, y, task=task, grid=grid, folds=folds, class_weight=class_weight,
+                            num_classes=num_classes, tol=tol, max_iter=max_iter,
+                            history=history)
+    if task == "regression":
+        return fit(z, y, task=task, l2=search.l2), search
+    groups = z.groups if isinstance(z, GroupedZ) else [(torch.arange(int(z.shape[0])), z)]
+    y = _check_y(y, _num_rows(z), task)
+    C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
+    parts = []
+    for (ids, zg), init in zip(groups, inits, strict=True):
+        lam = search.l2[ids]
+        theta, converged, n_iter = _solve_softmax(
+            zg, y, sw, C, lam, tol=_default_tol(tol, zg.dtype), max_iter=max_iter,
+            history=history, theta0=init)
+        parts.append((ids, _softmax_heads(theta, int(zg.shape[2]), C, lam, converged, n_iter)))
+    if isinstance(z, GroupedZ):
+        return GroupedHeads(task, parts), search
+    return parts[0][1], search
+
+
+def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[float] | None,
+                 folds: int | Tensor, class_weight: str | Tensor | None,
+                 num_classes: int | None, tol: float | None, max_iter: int, history: int
+                 ) -> tuple[L2Search, list[Tensor | None]]:
+    if task not in _TASKS:
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    groups = z.groups if isinstance(z, GroupedZ) else None
+    if groups is None:
+        _check_z_tensor(z, finite=False)
+        S = int(z.shape[0])
+        groups = [(torch.arange(S), z)]
+    n = _num_rows(z)
+    y = _check_y(y, n, task)
+    if isinstance(folds, Tensor):
+        fold = folds.to(torch.int64)
+        if fold.shape != (n,) or (n and int(fold.min()) < 0):
+            raise ValueError(f"folds must be an int or fold ids [n] = [{n}] >= 0, got shape "
+                             f"{tuple(folds.shape)}")
+        F = int(fold.max()) + 1
+        if F < 2 or int(torch.bincount(fold, minlength=F).min()) == 0:
+            raise ValueError("folds must name at least 2 folds, each with at least one row")
+    else:
+        F = int(folds)
+        fold = kfold(y, F, stratify=task == "classification")
+    if grid is not None:
+        g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+        if g.numel() == 0 or not (bool(torch.isfinite(g).all()) and bool((g >= 0).all())):
+            raise ValueError(f"grid must hold l2 values that are finite and >= 0, got {grid}")
+        g = g.sort(descending=True).values
+    else:
+        g = None
+    S_all = sum(len(i) for i, _ in groups)
+    parts = []
+    for ids, zg in groups:
+        if task == "regression":
+            if class_weight is not None:
+                raise ValueError("class_weight applies to task='classification' only")
+            parts.append((ids, *_ridge_cv(zg, y, fold, F, g), None))
+        else:
+            gg = torch.tensor(default_l2_grid(task, n), dtype=torch.float64) if g is None else g
+            parts.append((ids, *_softmax_cv(zg, y, fold, F, gg, class_weight=class_weight,
+                                            num_classes=num_classes, tol=tol,
+                                            max_iter=max_iter, history=history)))
+    L = parts[0][1].shape[1]
+    grid_out = torch.empty(S_all, L, dtype=torch.float64)
+    score = torch.empty(S_all, L, dtype=torch.float64)
+    for ids, gr, sc, _ in parts:
+        grid_out[ids], score[ids] = gr, sc
+    best = torch.where(torch.isnan(score), math.inf, score).argmin(1)
+    search = L2Search(grid_out, score, grid_out.gather(1, best[:, None]).squeeze(1), fold)
+    return search, [init for _, _, _, init in parts]
+
+
+def _ridge_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor | None
+              ) -> tuple[Tensor, Tensor]:
+    """(grid [S, L], score [S, L]) of ridge on one width group: fold Grams are summed once and
+    each fold's training Gram is the total minus its own; held-out MSE from predictions."""
+    y2 = y.reshape(y.shape[0], -1)
+    S, H = int(z.shape[0]), int(z.shape[2])
+    T = int(y2.shape[1])
+    _check_budget(f"the ridge cross-validation of S = {S} subsets at H = {H}, T = {T} "
+                  f"({F} folds)", _ridge_bytes(S, H, T) * 2 + 8 * S * (H + 1) ** 2 * 2 * F)
+    _, held = _fold_rows(fold, F)
+    rows_of = [torch.arange(lo, hi) for lo, hi in held] if held is not None else \
+        [(fold == f).nonzero().flatten() for f in range(F)]
+    grams = []
+    for f in range(F):
+        if held is not None:
+            grams.append(_grams(z, y2, rows=held[f]))
+        else:
+            grams.append(_grams(z.index_select(1, rows_of[f]), y2[rows_of[f]]))
+    G = sum(gr[0] for gr in grams)
+    R = sum(gr[1] for gr in grams)
+    if grid is None:
+        A_all, _, _, _ = _centred(G, R)
+        base = A_all.diagonal(dim1=1, dim2=2).sum(1).clamp_min(0) / max(H, 1)
+        gr = base[:, None] * torch.tensor(RIDGE_GRID_RELATIVE, dtype=torch.float64)[None, :]
+    else:
+        gr = grid[None, :].expand(S, -1).clone()
+    score = torch.zeros(S, gr.shape[1], dtype=torch.float64)
+    for f in range(F):
+        A, rhs, mu, ybar = _centred(G - grams[f][0], R - grams[f][1])
+        zf = (z[:, held[f][0]:held[f][1]] if held is not None
+              else z.index_select(1, rows_of[f])).double()
+        yf = y2[rows_of[f]].double()
+        for j in range(gr.shape[1]):
+            coef, _ = _ridge_solve(A, rhs, gr[:, j])
+            intercept = ybar - (mu.unsqueeze(1) @ coef).squeeze(1)
+            pred = torch.baddbmm(intercept.unsqueeze(1), zf, coef)
+            score[:, j] += (pred - yf).square().mean((1, 2))
+    return gr, score / F
+
+
+def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
+                class_weight: str | Tensor | None, num_classes: int | None, tol: float | None,
+                max_iter: int, history: int) -> tuple[Tensor, Tensor]:
+    """(grid [S, L], score [S, L]) of the multinomial heads of one width group: the problems
+    (fold, subset) of all folds in one batched L-BFGS per grid value, warm-started along the
+    grid from the largest l2."""
+    S, n, H = (int(d) for d in z.shape)
+    C = int(y.max()) + 1 if num_classes is None else max(1, int(num_classes))
+    k, P = F * S, (H + 1) * C
+    _check_budget(f"the softmax cross-validation of S = {S} subsets at H = {H}, C = {C} ({F} "
+                  f"folds, L-BFGS history {history})",
+                  _softmax_bytes(k, H, C, history, n, z.dtype.itemsize, _softmax_group(k, P))
+                  + 8 * k * P)
+    C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
+    tol = _default_tol(tol, z.dtype)
+    train, held = _fold_rows(fold, F)
+    if held is None:  # folds interleaved: every fold reads all rows, with weight 0 held out
+        base = torch.ones(n, dtype=torch.float64) if sw is None else sw
+        weights = [base * (fold != f) for f in range(F)]
+        pieces: list[list[tuple[int, int]]] = [[(0, n)]] * F
+    else:
+        weights, pieces = None, train
+    zid = torch.arange(S).repeat(F)                                  # problem i: subset i % S
+    pfold = torch.arange(F).repeat_interleave(S)                     # ... of fold i // S
+    dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    theta = None
+    L = int(grid.shape[0])
+    score = torch.zeros(S, L, dtype=torch.float64)
+    best = torch.full((S,), math.inf, dtype=torch.float64)
+    init = torch.zeros(S, P, dtype=torch.float64)
+    for j in range(L):
+        lam = torch.full((k,), float(grid[j]), dtype=torch.float64)
+        if weights is None:
+            theta, _, _ = _solve_softmax(z, y, sw, C, lam, tol=tol, max_iter=max_iter,
+                                         history=history, zid=zid, fold=pfold, pieces=pieces,
+                                         theta0=theta)
+        else:
+            theta = _solve_weighted_folds(z, y, weights, C, lam, pfold, theta, tol=tol,
+                                          max_iter=max_iter, history=history)
+        W = theta[:, :H * C].reshape(k, H, C).to(dt)
+        b = theta[:, H * C:].to(dt)
+        for f in range(F):
+            sel = slice(f * S, (f + 1) * S)
+            if held is not None:
+                lo, hi = held[f]
+                loss, _, _ = _ops.softmax_regression_loss_grad(z[:, lo:hi], y[lo:hi], W[sel],
+                                                               b[sel], None, 0.0)
+                score[:, j] += loss.double() / (hi - lo)
+            else:
+                m = (fold == f).to(dt)
+                loss, _, _ = _ops.softmax_regression_loss_grad(z, y, W[sel], b[sel], m, 0.0)
+                score[:, j] += loss.double() / float(m.sum())
+        # The refit's starting point (as LogisticRegressionCV's): the mean over folds of the
+        # solutions at each subset's best l2 so far.
+        better = (score[:, j] < best).nonzero().flatten()
+        best[better] = score[better, j]
+        init[better] = theta.view(F, S, P).mean(0)[better]
+    return grid[None, :].expand(S, -1).clone(), score / F, init
+
+
+def _solve_weighted_folds(z: Tensor, y: Tensor, weights: list[Tensor], C: int, lam: Tensor,
+                          pfold: Tensor, theta0: Tensor | None, *, tol: float,
+                          max_iter: int, history: int) -> Tensor:
+    """Interleaved folds: each fold's problems (subsets 0..S-1 in order) solved with that
+    fold's row weights."""
+    theta = torch.empty(len(pfold), (int(z.shape[2]) + 1) * C, dtype=torch.float64)
+    for f, w in enumerate(weights):
+        sel = (pfold == f).nonzero().flatten()
+        th, _, _ = _solve_softmax(z, y, w, C, lam[sel], tol=tol, max_iter=max_iter,
+                                  history=history,
+                                  theta0=None if theta0 is None else theta0[sel])
+        theta[sel] = th
+    return theta

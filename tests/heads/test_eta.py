@@ -34,7 +34,8 @@ def cls_table():
     train_xs, train_y = _data(300, 0, "classification")
     test_xs, test_y = _data(200, 1, "classification")
     table = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
-                              task="classification", subsets=SUBSETS, pairs=[("B", "A")])
+                              task="classification", subsets=SUBSETS, pairs=[("B", "A")],
+                              l2=None)
     return table, (train_xs, train_y, test_xs, test_y)
 
 

@@ -64,7 +64,8 @@ def _sweep_config(args: argparse.Namespace, **over: Any):
           "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
           "seeds": list(range(args.seeds)), "fractions": list(args.fractions),
           "refit_fractions": list(args.refit_fractions or [max(args.fractions)]),
-          "head_l2": args.head_l2, "probe": not args.no_probe}
+          "head_l2": args.head_l2, "head_cv_folds": args.head_cv_folds,
+          "probe": not args.no_probe}
     kw.update(over)
     return SweepConfig(**kw)
 
@@ -87,7 +88,10 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
                    help="fractions with head refits (Table 3) and the laziness probe; "
                         "default the largest fraction")
     g.add_argument("--head-l2", type=float, default=None,
-                   help="l2 of the refitted heads (default: mmkernels.heads')")
+                   help="a fixed l2 for every refitted head (default: chosen per subset by "
+                        "cross-validation on the training rows)")
+    g.add_argument("--head-cv-folds", type=int, default=5,
+                   help="folds of that cross-validation (default %(default)s)")
     g.add_argument("--no-probe", action="store_true", help="skip the modality-laziness probe")
     p.add_argument("--out", default="results", help="results folder (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -201,7 +205,7 @@ def _print_claims(out: str) -> None:
 # DIR/sweep.json. Where cells run (executor, threads, progress) may change on resume.
 _SWEEP_OPTIONS = ("data", "name", "split_seed", "test_size", "hidden", "fusion", "epochs",
                   "batch_size", "lr", "weight_decay", "seeds", "fractions", "refit_fractions",
-                  "head_l2", "no_probe")
+                  "head_l2", "head_cv_folds", "no_probe", "no_standardize")
 
 
 def _resume_options(args: argparse.Namespace) -> None:
@@ -257,7 +261,8 @@ def sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = MultiModalDataset.load(args.data)
     name = args.name or Path(args.data).stem
-    data = prepare(ds, name, split_seed=args.split_seed, test_size=args.test_size)
+    data = prepare(ds, name, split_seed=args.split_seed, test_size=args.test_size,
+                   standardize=not args.no_standardize)
     cfg = _sweep_config(args)
     store = _store(args)
     with _executor(args) as ex:
@@ -265,7 +270,8 @@ def sweep(args: argparse.Namespace) -> int:
     runtime = time.perf_counter() - t0
     config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "sweep",
               "data": str(args.data), "name": name, "split_seed": args.split_seed,
-              "test_size": args.test_size, "executor": args.executor, "sweep": cfg.to_dict()}
+              "test_size": args.test_size, "standardize": not args.no_standardize,
+              "executor": args.executor, "sweep": cfg.to_dict()}
     report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
                            runtime_s=runtime, title=f"mmkernels sweep: {name}")
     _print_claims(args.out)
@@ -303,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/test split when the file has none")
     p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--no-standardize", action="store_true",
+                   help="use the features as stored (default: each feature standardised with "
+                        "the training rows' mean and standard deviation)")
     _add_sweep_args(p, epochs=50, seeds=3)
     p.set_defaults(fn=sweep)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")

@@ -212,7 +212,7 @@ def write_results(
                    "positive = M better. gamma_loss: refit test risk(M) - risk(N) in nats "
                    "(the definition's sign: NEGATIVE = M better). gamma_acc_points: refit "
                    "test accuracy(M) - (N), points (the paper's Table 3 sign: positive = M "
-                   "better).", "",
+                   "better).", "", f"Refitted heads: {c.head_l2_text()}.", "",
                    tables.markdown(t3, ["M", "N", "test_acc_diff_points", "gamma_loss",
                                         "gamma_acc_points"],
                                    pm=["test_acc_diff_points", "gamma_loss",

@@ -228,13 +228,18 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
             out.append(z[data.subsets.index((k,)), :, lo:hi])
         return torch.stack(out)
 
-    z_tr, z_te = blocks(xs, mask), blocks(data.test_xs, data.test_mask)
     num_classes = data.num_outputs if data.task == "classification" else None
+    fold = None
     if l2 is None:
-        folds = min(cv_folds, int(y.shape[0]))
-        fitted, _ = heads.fit_cv(z_tr, y, task=data.task, num_classes=num_classes,
-                                 folds=heads.kfold(y, folds,
-                                                   stratify=data.task == "classification"))
+        # Rows sorted by fold: every fold is a contiguous block the solver reads in place.
+        fold = heads.kfold(y, min(cv_folds, int(y.shape[0])),
+                           stratify=data.task == "classification")
+        order = torch.argsort(fold, stable=True)
+        xs, y, fold = [x[order] for x in xs], y[order], fold[order]
+        mask = None if mask is None else mask[order]
+    z_tr, z_te = blocks(xs, mask), blocks(data.test_xs, data.test_mask)
+    if fold is not None:
+        fitted, _ = heads.fit_cv(z_tr, y, task=data.task, num_classes=num_classes, folds=fold)
     else:
         fitted = heads.fit(z_tr, y, task=data.task, l2=l2, num_classes=num_classes)
     risk = fitted.risk(z_te, data.test_y)

@@ -863,12 +863,15 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
                    tol: float, max_iter: int, history: int, zid: Tensor | None = None,
                    fold: Tensor | None = None,
                    pieces: Sequence[Sequence[tuple[int, int]]] | None = None,
-                   theta0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   theta0: Tensor | None = None,
+                   moments: tuple[Tensor, Tensor] | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Solve k independent multinomial problems on Z [S, n, H].
 
     Problem i fits subset zid[i] of Z (default: i, k = S) on the rows pieces[fold[i]] (a list
     of row ranges (r0, r1); default: all rows) with penalty l2[i], from theta0[i] (default
     0). Returns theta [k, (H+1) C] float64 (W flattened, then b), converged [k], n_iter [k].
+    moments: _column_moments(z), when the caller has them (one pass over Z saved).
 
     The solver works in centred coordinates: logits = (z - mu) W + c with mu the subset's mean
     row of Z, i.e. b = c - mu W. That is the same model and the same penalty (on W only), so
@@ -878,7 +881,7 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     """
     S, n, H = (int(d) for d in z.shape)
     k = S if zid is None else len(zid)
-    mu_s, var_s = _column_moments(z)                                    # [S, H] each
+    mu_s, var_s = _column_moments(z) if moments is None else moments  # [S, H] each
     mu = mu_s if zid is None else mu_s.index_select(0, zid)             # [k, H]
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
     P, HC = (H + 1) * C, H * C
@@ -1208,9 +1211,10 @@ def _select(
     tol: float | None = None,
     max_iter: int = 1000,
     history: int = 10,
-) -> tuple[L2Search, list[Tensor | None]]:
-    """select_l2, plus per group the starting point of the refit (classification: the mean
-    over folds of the solutions at each subset's chosen l2; regression: None)."""
+) -> tuple[L2Search, list[tuple[Tensor, tuple[Tensor, Tensor]] | None]]:
+    """select_l2, plus per group what the refit starts from (classification: the mean over
+    folds of the solutions at each subset's chosen l2, and Z's column moments; regression:
+    None)."""
     return _select_impl(z, y, task=task, grid=grid, folds=folds, class_weight=class_weight,
                         num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
 
@@ -1280,11 +1284,12 @@ def fit_cv(
     y = _check_y(y, _num_rows(z), task)
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
     parts = []
-    for (ids, zg), init in zip(groups, inits, strict=True):
+    for (ids, zg), start in zip(groups, inits, strict=True):
+        assert start is not None
         lam = search.l2[ids]
         theta, converged, n_iter = _solve_softmax(
             zg, y, sw, C, lam, tol=_default_tol(tol, zg.dtype), max_iter=max_iter,
-            history=history, theta0=init)
+            history=history, theta0=start[0], moments=start[1])
         parts.append((ids, _softmax_heads(theta, int(zg.shape[2]), C, lam, converged, n_iter)))
     if isinstance(z, GroupedZ):
         return GroupedHeads(task, parts), search
@@ -1294,7 +1299,7 @@ def fit_cv(
 def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[float] | None,
                  folds: int | Tensor, class_weight: str | Tensor | None,
                  num_classes: int | None, tol: float | None, max_iter: int, history: int
-                 ) -> tuple[L2Search, list[Tensor | None]]:
+                 ) -> tuple[L2Search, list[tuple[Tensor, tuple[Tensor, Tensor]] | None]]:
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
     groups = z.groups if isinstance(z, GroupedZ) else None
@@ -1409,6 +1414,7 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
     zid = torch.arange(S).repeat(F)                                  # problem i: subset i % S
     pfold = torch.arange(F).repeat_interleave(S)                     # ... of fold i // S
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    moments = _column_moments(z)
     theta = None
     L = int(grid.shape[0])
     score = torch.zeros(S, L, dtype=torch.float64)
@@ -1419,10 +1425,11 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
         if weights is None:
             theta, _, _ = _solve_softmax(z, y, sw, C, lam, tol=tol, max_iter=max_iter,
                                          history=history, zid=zid, fold=pfold, pieces=pieces,
-                                         theta0=theta)
+                                         theta0=theta, moments=moments)
         else:
             theta = _solve_weighted_folds(z, y, weights, C, lam, pfold, theta, tol=tol,
-                                          max_iter=max_iter, history=history)
+                                          max_iter=max_iter, history=history,
+                                          moments=moments)
         W = theta[:, :H * C].reshape(k, H, C).to(dt)
         b = theta[:, H * C:].to(dt)
         for f in range(F):
@@ -1441,19 +1448,20 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
         better = (score[:, j] < best).nonzero().flatten()
         best[better] = score[better, j]
         init[better] = theta.view(F, S, P).mean(0)[better]
-    return grid[None, :].expand(S, -1).clone(), score / F, init
+    return grid[None, :].expand(S, -1).clone(), score / F, (init, moments)
 
 
 def _solve_weighted_folds(z: Tensor, y: Tensor, weights: list[Tensor], C: int, lam: Tensor,
                           pfold: Tensor, theta0: Tensor | None, *, tol: float,
-                          max_iter: int, history: int) -> Tensor:
+                          max_iter: int, history: int,
+                          moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Interleaved folds: each fold's problems (subsets 0..S-1 in order) solved with that
     fold's row weights."""
     theta = torch.empty(len(pfold), (int(z.shape[2]) + 1) * C, dtype=torch.float64)
     for f, w in enumerate(weights):
         sel = (pfold == f).nonzero().flatten()
         th, _, _ = _solve_softmax(z, y, w, C, lam[sel], tol=tol, max_iter=max_iter,
-                                  history=history,
+                                  history=history, moments=moments,
                                   theta0=None if theta0 is None else theta0[sel])
         theta[sel] = th
     return theta

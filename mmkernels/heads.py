@@ -1,7 +1,12 @@
 """Batched head refits: the best linear head on each subset's frozen representation.
 
 eta and gamma (docs/paper.md) need inf_h r(h o g_s) for every subset s. This module fits that head
-for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encoder):
+for all S subsets at once on Z [S, n, H], on an encoder's output (encoded(encoder, xs): encoded
+once, in memory or in a memory-mapped temporary file, never per solver iteration), or on a
+GroupedZ: each subset at its own width (a late-fusion subset of m modalities is m blocks wide,
+not padded to all K), in groups of equal width, one op call per group. select_l2 / fit_cv
+choose each subset's l2 by k-fold cross-validation (as scikit-learn's LogisticRegressionCV /
+RidgeCV on the same folds), all subsets and folds of a group in one batched solve.
 
 * task="regression" (squared loss): ridge in closed form. The native op mmkernels::gram builds
   the intercept-augmented Gram [Z_s 1]^T [Z_s 1] and [Z_s 1]^T Y for all subsets, accumulating
@@ -24,7 +29,10 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
   The multinomial gradient keeps sum_c W[:, c] = 0 and sum_c b_c = 0 from the zero start, so
   the (otherwise unidentified) intercept is the sum-to-zero one, as in sklearn.
   Solver: batched L-BFGS (history 10) with a per-subset backtracking Armijo line search and
-  per-subset convergence; the state (parameters, gradients, history) is kept for the
+  per-subset convergence, in centred coordinates (logits (z - mean z) W + c: the same model
+  and optimum, better conditioned for all-positive ReLU features) with the inverse of the
+  Hessian's diagonal at W = 0 as the initial matrix (on trained 6-view latents these two
+  halved the iterations of a cold start: 1443 -> 476 summed over 30 problems at H = 128); the state (parameters, gradients, history) is kept for the
   still-active subsets only and compacted when some finish, so an iteration runs on views and
   each evaluation reads exactly the active subsets of Z (the op's subset_index). Stopping rule
   (sklearn's gtol):

@@ -243,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                            "refit_over_train": phases["refit"] / phases["train"],
                            "op_share_of_refit_and_probe":
                                phases["op"] / (phases["refit"] + phases["probe"])}
+            c = clock.cpu
             print(f"part 1, fraction-1 cell (63 subsets, {args.epochs} epochs): {wall:.1f} s "
-                  f"wall ({cpu:.1f} s CPU): training {phases['train']:.1f} s, refits "
-                  f"{phases['refit']:.1f} s, probe {phases['probe']:.1f} s; refit / training "
+                  f"wall ({cpu:.1f} s CPU): training {phases['train']:.1f} s ({c['train']:.1f}"
+                  f" CPU), refits {phases['refit']:.1f} s ({c['refit']:.1f} CPU), probe "
+                  f"{phases['probe']:.1f} s ({c['probe']:.1f} CPU); refit / training "
                   f"{res['cell']['refit_over_train']:.2f}; native op "
                   f"{100 * res['cell']['op_share_of_refit_and_probe']:.0f} % of refits + probe")
         if "baselines" not in args.skip and "cell" not in args.skip:
@@ -267,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"K": K, "S": 2 ** K - 1, "pairs": pairs, "wall_s": wall, "cpu_s": cpu,
                        "train_s": phases["train"], "refit_s": phases["refit"],
                        "probe_s": phases["probe"], "op_s": phases["op"],
+                       "cpu": dict(clock.cpu),
                        "refit_ms_per_pair": 1e3 * phases["refit"] / pairs,
                        "train_ms_per_pair": 1e3 * phases["train"] / pairs,
                        "op_share_of_refit_and_probe":
                            phases["op"] / (phases["refit"] + phases["probe"])}
                 rows.append(row)
-                print(f"K={K} S={row['S']} pairs={pairs}: training {row['train_s']:.2f} s, "
+                print(f"K={K} S={row['S']} pairs={pairs}: {wall:.1f} s ({cpu:.1f} s CPU), "
+                      f"training {row['train_s']:.2f} s, "
                       f"refits {row['refit_s']:.2f} s ({row['refit_ms_per_pair']:.1f} ms/pair),"
                       f" probe {row['probe_s']:.2f} s, op "
                       f"{100 * row['op_share_of_refit_and_probe']:.0f} % of refits + probe",

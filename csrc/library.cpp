@@ -1,6 +1,7 @@
 // Every op schema of the package, and the Python module that carries the build information.
-// Kernels register per backend in csrc/cpu and csrc/cuda; autograd and fake kernels live in
-// mmkernels/ops.py.
+// Kernels register per dispatch key: csrc/cpu, csrc/cuda, csrc/meta (the fused ops' shape
+// checks, for meta and fake tensors) and csrc/autocast; autograd lives in mmkernels/ops.py,
+// with the head ops' fake kernels.
 #include <torch/library.h>
 
 #include <mmkernels/memory_budget.h>

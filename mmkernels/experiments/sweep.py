@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import operator
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -42,10 +44,38 @@ from .io import to_jsonable
 from .sampling import stratified_fraction
 from .store import ResultStore
 
-__all__ = ["SweepConfig", "Prepared", "prepare", "run_cell", "run_sweep", "laziness_probe",
-           "PAPER_FRACTIONS", "data_fingerprint", "cell_key"]
+__all__ = ["SweepConfig", "SweepConfigError", "Prepared", "prepare", "run_cell", "run_sweep",
+           "laziness_probe", "PAPER_FRACTIONS", "MAX_MODALITIES", "data_fingerprint", "cell_key"]
 
 PAPER_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# SubsetEnsemble's limit (2^20 - 1 subsets); check it before prepare() enumerates them.
+MAX_MODALITIES = 20
+
+
+class SweepConfigError(ValueError):
+    """A SweepConfig setting out of range; ``field`` names it, ``detail`` says why."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"SweepConfig.{field}: {detail}")
+        self.field, self.detail = field, detail
+
+
+def _int_at_least(field: str, value: Any, low: int) -> None:
+    ok = not isinstance(value, bool)
+    try:
+        ok = ok and operator.index(value) >= low
+    except TypeError:
+        ok = False
+    if not ok:
+        raise SweepConfigError(field, f"expected an int >= {low}, got {value!r}")
+
+
+def _finite(field: str, value: Any, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise SweepConfigError(field, f"expected a finite number {'>' if positive else '>='} "
+                                      f"0, got {value!r}")
 
 
 @dataclass
@@ -62,7 +92,7 @@ class SweepConfig:
         batch order and the fraction's subsample.
     fractions: training-set fractions (Table 2); 1.0 is Table 1.
     refit_fractions: fractions at which the frozen encoders get refitted heads (Table 3)
-        and the laziness probe runs.
+        and the laziness probe runs; each must be one of ``fractions`` (None: the largest).
     head_l2: l2 of the refitted heads (and of the probe's): None (default) chooses it per
         subset by head_cv_folds-fold cross-validation on the cell's training rows
         (mmkernels.heads.fit_cv); a float fixes it for every subset.
@@ -78,10 +108,46 @@ class SweepConfig:
     weight_decay: float = 0.0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     fractions: list[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
-    refit_fractions: list[float] = field(default_factory=lambda: [1.0])
+    refit_fractions: list[float] | None = None
     head_l2: float | None = None
     head_cv_folds: int = 5
     probe: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing or fail midway (SweepConfigError)."""
+        for name in ("hidden", "epochs", "batch_size"):
+            _int_at_least(name, getattr(self, name), 1)
+        if self.fusion not in ("late", "early"):
+            raise SweepConfigError("fusion", f'expected "late" or "early", got {self.fusion!r}')
+        _finite("lr", self.lr, positive=True)
+        _finite("weight_decay", self.weight_decay, positive=False)
+        if self.head_l2 is not None:
+            _finite("head_l2", self.head_l2, positive=False)
+        _int_at_least("head_cv_folds", self.head_cv_folds, 2)
+        if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
+            raise SweepConfigError("seeds", f"expected a non-empty list, got {self.seeds!r}")
+        for seed in self.seeds:
+            _int_at_least("seeds", seed, 0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise SweepConfigError("seeds", f"a seed is given twice in {list(self.seeds)}")
+        self._check_fractions("fractions", self.fractions)
+        if self.refit_fractions is None:
+            self.refit_fractions = [max(self.fractions)]
+        self._check_fractions("refit_fractions", self.refit_fractions, empty_ok=True)
+        for f in self.refit_fractions:
+            if not any(abs(f - g) < 1e-12 for g in self.fractions):
+                raise SweepConfigError("refit_fractions", f"{f!r} is not one of the fractions "
+                                                          f"{list(self.fractions)}")
+
+    @staticmethod
+    def _check_fractions(name: str, values: Any, empty_ok: bool = False) -> None:
+        if not isinstance(values, (list, tuple)) or not (values or empty_ok):
+            raise SweepConfigError(name, f"expected a non-empty list, got {values!r}")
+        for i, f in enumerate(values):
+            if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1):
+                raise SweepConfigError(name, f"expected fractions in (0, 1], got {f!r}")  # NaN too
+            if any(abs(f - g) < 1e-12 for g in values[:i]):
+                raise SweepConfigError(name, f"{f!r} is given twice")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,10 +324,43 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
     return rows
 
 
+#: Record field of each test metric of mmkernels.metrics (classification, then regression);
+#: the end-to-end test loss (cross-entropy or MSE) is "test_loss".
+TEST_METRICS = {"accuracy": "test_acc", "unweighted_accuracy": "test_ua",
+                "f1_macro": "test_f1_macro", "f1_weighted": "test_f1_weighted",
+                "mae": "test_mae", "pearson": "test_pearson"}
+
+
+@torch.no_grad()
+def _test_metrics(model, data: Prepared, chunk: int = 8192) -> dict[str, Tensor]:
+    """Every subset's test metrics (mmkernels.metrics, [S] each) from the model's test
+    outputs, computed in eval mode in chunks of rows."""
+    from mmkernels import metrics
+
+    was_training = model.training
+    model.eval()
+    try:
+        n = data.test_y.shape[0]
+        mask = data.test_mask
+        outs = [model([x[lo:lo + chunk] for x in data.test_xs],
+                      None if mask is None else mask[lo:lo + chunk]) for lo in range(0, n, chunk)]
+    finally:
+        model.train(was_training)
+    if data.task == "classification":
+        pred = torch.cat([o.argmax(dim=-1) for o in outs], dim=1)
+        return metrics.classification_metrics(pred, data.test_y, data.num_outputs)
+    out = torch.cat(outs, dim=1)
+    return metrics.regression_metrics(out[..., 0] if data.test_y.dim() == 1 else out,
+                                      data.test_y)
+
+
 def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict[str, list]:
     """Train every subset on a ``fraction`` of the training rows (rule: sampling module) and
-    measure it. Returns {"subsets": [...], "refit": [...], "pairs": [...], "probe": [...]},
-    lists of flat records (refit/pairs/probe empty unless fraction is in refit_fractions)."""
+    measure it. Returns {"subsets": [...], "refit": [...], "pairs": [...], "probe": [...],
+    "diverged": [...]}, lists of flat records (refit/pairs/probe empty unless fraction is in
+    refit_fractions). A cell in which any subset's training diverged (a loss or a parameter
+    not finite) has only "diverged" records, one per diverged subset (see :func:`_diverged`):
+    its other numbers would compare subsets that were not all trained."""
     from mmkernels import eta
     from mmkernels.training import evaluate, fit
 
@@ -279,14 +378,20 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
               progress=False)
     test = evaluate(model, data.test_xs, data.test_y, mask=data.test_mask, task=data.task)
     train = evaluate(model, xs, y, mask=mask, task=data.task)
+    scores = _test_metrics(model, data)
     base = {"dataset": data.name, "seed": seed, "fraction": fraction, "n_train": len(idx)}
-    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
+    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": [], "diverged": []}
+    diverged = _diverged(data, res, model, [test["loss"], train["loss"]])
+    if diverged:  # reported as diverged, never stored as a result (nor refitted)
+        out["diverged"] = [{**base, **row} for row in diverged]
+        return out
     for s, sub in enumerate(data.subsets):
         out["subsets"].append({
             **base, "subset": data.subset_names[s], "size": len(sub),
             "modalities": " ".join(data.modality_names[k] for k in sub),
             "test_loss": float(test["loss"][s]), "train_loss": float(train["loss"][s]),
-            "test_acc": float(test["acc"][s]) if "acc" in test else None,
+            **{key: float(scores[m][s]) if m in scores else None
+               for m, key in TEST_METRICS.items()},
             "train_acc": float(train["acc"][s]) if "acc" in train else None,
             "epochs_run": res.epochs_run,
         })
@@ -332,6 +437,42 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
     return out
 
 
+def _diverged(data: Prepared, res: Any, model: Any, losses: Sequence[Tensor]) -> list[dict]:
+    """One record per subset whose training diverged: {"subset", "epoch", "detected_in"}.
+    epoch (1-based) is the first whose mean training loss was not finite; a subset whose
+    losses stayed finite but whose parameters (after the last step) or final train / test
+    loss are not gets the last epoch run."""
+    history = res.history["train_loss"]
+    rows = []
+    for s, name in enumerate(data.subset_names):
+        stop = int(res.stopped_epoch[s])
+        h = history[: stop + 1 if stop >= 0 else None, s]
+        bad = (~torch.isfinite(h)).nonzero().flatten()
+        if bad.numel():
+            epoch, where = int(bad[0]) + 1, "training loss"
+        elif not all(bool(torch.isfinite(p[s]).all()) for p in model.parameters()):
+            epoch, where = res.epochs_run, "parameters"
+        elif not all(math.isfinite(float(loss[s])) for loss in losses):
+            epoch, where = res.epochs_run, "train or test loss"
+        else:
+            continue
+        rows.append({"subset": name, "epoch": epoch, "detected_in": where})
+    return rows
+
+
+def _stored_diverged(records: dict[str, list]) -> dict[str, list]:
+    """A stored cell as run_cell would return it now: one that an older version stored with
+    a non-finite (null) loss is a diverged cell (its epoch unknown), not a result."""
+    nulls = [r for r in records.get("subsets", []) if r.get("test_loss") is None
+             or r.get("train_loss") is None]
+    if not nulls:
+        return records
+    keep = ("dataset", "seed", "fraction", "n_train")
+    return {"subsets": [], "refit": [], "pairs": [], "probe": [],
+            "diverged": [{**{k: r.get(k) for k in keep}, "subset": r.get("subset"),
+                          "epoch": None, "detected_in": "stored loss"} for r in nulls]}
+
+
 def data_fingerprint(data: Prepared) -> str:
     """sha256 over the dataset's names, task, shapes and tensor bytes (presence masks
     included when the data have them)."""
@@ -372,15 +513,17 @@ def _cell_payload(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) 
 
 
 def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
-              desc: str | None = None, store: str | Path | None = None,
+              desc: str | None = None, store: str | Path | ResultStore | None = None,
               executor: Any = None) -> dict[str, list]:
     """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
     records of all cells concatenated per table, in (fraction, seed) order, as JSON types
-    (a NaN metric is None), whichever run or worker computed them.
+    (a NaN metric is None), whichever run or worker computed them. A diverged cell
+    contributes only its "diverged" records (see :func:`run_cell`).
 
     Args:
-        store: folder of the results store (:mod:`.store`): each finished cell is appended
-            there as soon as it finishes, and cells already there are not run again.
+        store: folder of the results store (:mod:`.store`), or a :class:`~.store.ResultStore`
+            (whose lock the caller may already hold): each finished cell is appended there as
+            soon as it finishes, and cells already there are not run again.
         executor: any concurrent.futures-style executor (``submit(fn, *args)`` returning a
             future with ``result()``): :class:`~.executors.RayExecutor`, a
             ``ProcessPoolExecutor``, Dask's ``client.get_executor()``, submitit's
@@ -396,10 +539,10 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
         for s in cfg.seeds:
             keys.setdefault(cell_key(fp, cfg, s, f), (s, f))
     results: dict[str, dict] = {}
-    rs = ResultStore(store) if store is not None else None
+    rs = store if isinstance(store, ResultStore) or store is None else ResultStore(store)
     with rs.writer() if rs is not None else nullcontext() as writer:
         if rs is not None:
-            results = {k: r["records"] for k, r in rs.records().items()
+            results = {k: _stored_diverged(r["records"]) for k, r in rs.records().items()
                        if k in keys and isinstance(r.get("records"), dict)}
         todo = [k for k in keys if k not in results]
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="cell",
@@ -423,8 +566,8 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
             for i in as_completed_any(futures):
                 finish(todo[i], futures[i].result())
         bar.close()
-    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": []}
+    out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": [], "diverged": []}
     for key in keys:
         for table, rows in results[key].items():
-            out[table].extend(rows)
+            out.setdefault(table, []).extend(rows)
     return out

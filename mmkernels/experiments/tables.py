@@ -3,14 +3,20 @@
 Every function takes the per-seed records (lists of flat dicts, as produced by
 :mod:`.sweep` and :mod:`.table4`) and returns aggregated rows (flat dicts with
 ``<value>_mean``, ``<value>_std`` and ``n_seeds``); :func:`markdown` renders rows, and
-:func:`pivot_markdown` a subset-by-column grid of "mean ± std" cells.
+:func:`pivot_markdown` a subset-by-column grid of "mean ± std" cells (:mod:`.latex` renders
+the same as booktabs LaTeX).
 
 std is the sample standard deviation (ddof = 1; 0 with a single seed).
+
+The end-to-end test metrics (computed once, by :mod:`mmkernels.metrics`, in the sweep) and how
+the tables show them are :data:`CLASSIFICATION_METRICS` and :data:`REGRESSION_METRICS`: each
+names its record field, its header, its scale (fractions as %) and which way is better.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,10 +25,75 @@ from mmkernels.markdown import markdown_table
 
 from .shapley import empty_set_values, shapley_values
 
-__all__ = ["aggregate", "table1", "table2", "table3", "unimodal", "shapley_table",
-           "laziness", "table4", "markdown", "pivot_markdown", "fmt_pm"]
+__all__ = ["Metric", "CLASSIFICATION_METRICS", "REGRESSION_METRICS", "TABLE3_VALUES",
+           "ETA_VALUES", "metrics_of", "metrics_for", "aggregate", "table1", "table2",
+           "table3", "eta_table",
+           "unimodal", "shapley_table", "laziness", "table4", "markdown", "pivot_markdown",
+           "fmt_pm"]
 
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a table shows one recorded value: its record field (``key``; aggregated rows carry
+    ``key_mean`` / ``key_std``), header ``label``, the factor applied before averaging
+    (``scale``: 100 for fractions shown in %), whether higher values are better, and the
+    decimals shown."""
+
+    key: str
+    label: str
+    scale: float = 1.0
+    higher_is_better: bool = True
+    digits: int = 2
+
+
+#: Classification: accuracy is the IEMOCAP literature's weighted accuracy (WA), UA the mean
+#: per-class recall; definitions in mmkernels.metrics.
+CLASSIFICATION_METRICS = (
+    Metric("test_acc", "accuracy WA (%)", 100.0, True),
+    Metric("test_ua", "UA (%)", 100.0, True),
+    Metric("test_f1_macro", "macro F1 (%)", 100.0, True),
+    Metric("test_f1_weighted", "weighted F1 (%)", 100.0, True),
+    Metric("test_loss", "cross-entropy (nats)", 1.0, False, 3),
+)
+REGRESSION_METRICS = (
+    Metric("test_loss", "MSE", 1.0, False, 3),
+    Metric("test_mae", "MAE", 1.0, False, 3),
+    Metric("test_pearson", "Pearson r", 1.0, True, 3),
+)
+#: Table 3 (nested pairs M ⊃ N; Δ and γ are M's value - N's): "better" is the direction in
+#: which M is better than N.
+TABLE3_VALUES = (
+    Metric("test_acc_diff_points", "Δ test accuracy (points)", 1.0, True, 3),
+    Metric("test_loss_diff", "Δ test loss", 1.0, False, 3),
+    Metric("gamma_loss", "γ (loss units)", 1.0, False, 3),
+    Metric("gamma_acc_points", "γ (accuracy points)", 1.0, True, 3),
+)
+#: The refitted heads per subset (eta's table).
+ETA_VALUES = (
+    Metric("refit_test_risk", "refit test risk", 1.0, False, 3),
+    Metric("refit_test_acc", "refit test accuracy (%)", 100.0, True),
+    Metric("eta", "η", 1.0, False, 3),
+)
+
+
+def metrics_of(rows: Sequence[Row]) -> tuple[Metric, ...]:
+    """The metrics of records, the primary one first (classification when they hold an
+    accuracy, else regression)."""
+    return CLASSIFICATION_METRICS if rows and rows[0].get("test_acc") is not None \
+        else REGRESSION_METRICS
+
+
+def metrics_for(task: str) -> tuple[Metric, ...]:
+    """The task's metrics, the primary one first."""
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    return CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+
+
+def _scales(ms: Sequence[Metric]) -> dict[str, float]:
+    return {m.key: m.scale for m in ms}
 
 
 def _std(v: Sequence[float]) -> float:
@@ -49,40 +120,53 @@ def aggregate(rows: Sequence[Row], keys: Sequence[str], values: Sequence[str],
     return out
 
 
-def _metric(rows: Sequence[Row]) -> tuple[str, float, str]:
-    """("test_acc", 100, "accuracy (%)") for classification records, else the test loss."""
-    if rows and rows[0].get("test_acc") is not None:
-        return "test_acc", 100.0, "test accuracy (%)"
-    return "test_loss", 1.0, "test loss (MSE)"
-
-
 def table1(rows: Sequence[Row], fraction: float = 1.0) -> list[Row]:
-    """Table 1: every subset's test accuracy (%) at ``fraction`` (default the full set)."""
+    """Table 1: every subset's test metrics (:func:`metrics_of`, fractions in %) at
+    ``fraction`` (default the full set)."""
     sel = [r for r in rows if abs(r["fraction"] - fraction) < 1e-12]
-    metric, scale, _ = _metric(sel)
-    return aggregate(sel, ["dataset", "subset", "size"], [metric], scale)
+    ms = metrics_of(sel)
+    return aggregate(sel, ["dataset", "subset", "size"], [m.key for m in ms], _scales(ms))
 
 
 def table2(rows: Sequence[Row]) -> list[Row]:
-    """Table 2: test accuracy (%) per subset and training fraction."""
-    metric, scale, _ = _metric(rows)
-    return aggregate(rows, ["dataset", "subset", "size", "fraction"], [metric, "n_train"],
-                     {metric: scale})
+    """Table 2: the test metrics (accuracy first, in %) per subset and training fraction,
+    with the mean number of training rows."""
+    ms = metrics_of(rows)
+    return aggregate(rows, ["dataset", "subset", "size", "fraction"],
+                     [m.key for m in ms] + ["n_train"], _scales(ms))
 
 
 def table3(pairs: Sequence[Row]) -> list[Row]:
     """Table 3: for every nested pair M ⊃ N, the end-to-end test-accuracy difference
-    (points, positive = M better), gamma in loss units (refit test risk(M) - risk(N),
-    NEGATIVE = M better) and gamma in accuracy points (positive = M better)."""
+    (points, positive = M better) and test-loss difference (negative = M better), gamma in
+    loss units (refit test risk(M) - risk(N), NEGATIVE = M better) and gamma in accuracy
+    points (positive = M better)."""
     return aggregate(pairs, ["dataset", "fraction", "M", "N", "size_M", "size_N"],
-                     ["test_acc_diff_points", "gamma_loss", "gamma_acc_points"])
+                     [m.key for m in TABLE3_VALUES])
+
+
+def eta_table(refit: Sequence[Row], full: str) -> list[Row]:
+    """eta per subset from the refit records: the refitted head's test risk and accuracy (%)
+    and eta = refit test risk(s) - refit test risk(``full``) in the same (fraction, seed), the
+    reference of :func:`mmkernels.eta.refit_quality` without a Bayes risk (an estimate:
+    eta < 0 means s's refit beat the all-modality subset's)."""
+    ref = {(r["dataset"], r["fraction"], r["seed"]): r["refit_test_risk"]
+           for r in refit if r["subset"] == full}
+    rows = []
+    for r in refit:
+        base = ref.get((r["dataset"], r["fraction"], r["seed"]))
+        eta = None if base is None or r["refit_test_risk"] is None \
+            else r["refit_test_risk"] - base
+        rows.append({**r, "eta": eta})
+    return aggregate(rows, ["dataset", "fraction", "subset", "size"],
+                     [m.key for m in ETA_VALUES], _scales(ETA_VALUES))
 
 
 def unimodal(rows: Sequence[Row]) -> list[Row]:
-    """Uni-modal baselines: the size-1 subsets, per fraction."""
-    metric, scale, _ = _metric(rows)
+    """Uni-modal baselines: the size-1 subsets' test metrics, per fraction."""
+    ms = metrics_of(rows)
     return aggregate([r for r in rows if r["size"] == 1],
-                     ["dataset", "subset", "fraction"], [metric], scale)
+                     ["dataset", "subset", "fraction"], [m.key for m in ms], _scales(ms))
 
 
 def shapley_table(rows: Sequence[Row], modality_names: Sequence[str],
@@ -149,13 +233,22 @@ def _cell(v: Any, digits: int) -> str:
     return str(v)
 
 
-def markdown(rows: Sequence[Row], columns: Sequence[str], *, digits: int = 2,
-             pm: Sequence[str] = ()) -> str:
-    """A Markdown table of ``columns``; a name in ``pm`` renders its _mean/_std as
-    "mean ± std"."""
-    return markdown_table(columns, [
-        [fmt_pm(r.get(f"{c}_mean"), r.get(f"{c}_std"), digits) if c in pm
-         else _cell(r.get(c), digits) for c in columns] for r in rows])
+def markdown(rows: Sequence[Row], columns: Sequence[str], *,
+             digits: int | Mapping[str, int] = 2, pm: Sequence[str] = (),
+             headers: Sequence[str] | None = None) -> str:
+    """A Markdown table of ``columns`` (headed by ``headers``, default the column names); a
+    name in ``pm`` renders its _mean/_std as "mean ± std". ``digits``: decimals, one number
+    or one per column (default 2)."""
+    if headers is not None and len(headers) != len(columns):
+        raise ValueError(f"headers: expected {len(columns)} (one per column), got "
+                         f"{len(headers)}")
+
+    def d(c: str) -> int:
+        return digits.get(c, 2) if isinstance(digits, Mapping) else digits
+
+    return markdown_table(list(headers or columns), [
+        [fmt_pm(r.get(f"{c}_mean"), r.get(f"{c}_std"), d(c)) if c in pm
+         else _cell(r.get(c), d(c)) for c in columns] for r in rows])
 
 
 def pivot_markdown(rows: Sequence[Row], row_key: str, col_key: str, value: str, *,

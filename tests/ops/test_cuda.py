@@ -168,3 +168,34 @@ def test_backward_is_deterministic_on_cuda() -> None:
 
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---- autocast and the Meta kernels on CUDA -----------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_training_under_cuda_autocast_matches_float32(fusion: str, dtype: torch.dtype) -> None:
+    from test_autocast import check_training_matches_float32
+
+    check_training_matches_float32(fusion, "cuda", dtype)
+
+
+@pytest.mark.parametrize("op", ["concat_project", "project_concat"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_mixes_a_layer_output_with_float32(op: str, dtype: torch.dtype) -> None:
+    """fp16 / bf16 from an autocast layer next to float32 modalities and weights."""
+    from test_autocast import DIMS, fused_call, fused_params, modalities
+
+    xs, mask = modalities("cuda")
+    layer = torch.nn.Linear(DIMS[0], DIMS[0], device="cuda")
+    params = fused_params(op, "cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        first = layer(xs[0])
+        assert first.dtype == dtype
+        out = fused_call(op, [first, *xs[1:]], params, mask)
+    assert out.dtype == dtype
+    hand = [t.detach().to(dtype) for t in (first, *xs[1:], *params)]
+    assert torch.equal(out, fused_call(op, hand[: len(DIMS)], hand[len(DIMS) :], mask))
+    grads = torch.autograd.grad(out.float().sum(), [layer.weight, *params])
+    assert all(g.dtype == torch.float32 for g in grads)

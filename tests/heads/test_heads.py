@@ -213,9 +213,19 @@ def test_huge_refit_raises_before_allocating(monkeypatch):
         heads.fit(z, torch.arange(10), task="classification", num_classes=10000)
 
 
-def test_many_subsets_are_solved_in_groups_like_one_at_a_time():
-    """S * (H+1) * C above PyTorch's intra-op grain: the subsets are solved in groups (84 at H
-    = 64, C = 6); each subset's heads equal its own fit, and messages name global subsets."""
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test (groups depend on it), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_many_subsets_are_solved_in_groups_like_one_at_a_time(threads):
+    """S * (H+1) * C above PyTorch's intra-op grain: with several threads the subsets are
+    solved in groups (84 at H = 64, C = 6); each subset's heads equal its own fit, and
+    messages name global subsets."""
+    threads(2)
     g = torch.Generator().manual_seed(6)
     S, n, H, C = 90, 40, 64, 6
     y = torch.arange(n) % C
@@ -232,12 +242,14 @@ def test_many_subsets_are_solved_in_groups_like_one_at_a_time():
         heads.fit(z, y, task="classification")
 
 
-def test_softmax_budget_charges_one_group_of_solver_state(monkeypatch):
-    """The L-BFGS history is alive for one group at a time: a fit whose group needs fit the
-    budget runs although the history of all S subsets would not."""
+def test_softmax_budget_charges_one_group_of_solver_state(monkeypatch, threads):
+    """With several threads the L-BFGS history is alive for one group at a time: a fit whose
+    group needs fit the budget runs although the history of all S subsets would not. With one
+    thread all S are one group (the solver's ops are serial anyway)."""
     S, n, H, C = 64, 50, 127, 8  # P = 1024: groups of 31
     z = torch.randn(S, n, H)
     y = torch.arange(n) % C
+    threads(2)
     need = heads._softmax_bytes(S, H, C, 10, n, 4, group=31)
     assert need < heads._softmax_bytes(S, H, C, 10, n, 4)
     monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", str(need))
@@ -246,6 +258,10 @@ def test_softmax_budget_charges_one_group_of_solver_state(monkeypatch):
     monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", str(need - 1))
     with pytest.raises(ValueError, match=rf"\({need} bytes\), more than"):
         heads.fit(z, y, task="classification", max_iter=3)
+    threads(1)
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", str(heads._softmax_bytes(S, H, C, 10, n, 4)))
+    one = heads.fit(z, y, task="classification", max_iter=3)
+    assert heads._softmax_group(S, (H + 1) * C) == S and one.coef.shape == (S, H, C)
 
 
 def test_an_encoded_z_is_encoded_once_not_per_solver_iteration(monkeypatch):

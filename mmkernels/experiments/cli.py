@@ -72,7 +72,8 @@ def _sweep_config(args: argparse.Namespace, **over: Any):
           "seeds": list(range(args.seeds)), "fractions": list(args.fractions),
           "refit_fractions": None if args.refit_fractions is None
           else list(args.refit_fractions),
-          "head_l2": args.head_l2, "probe": not args.no_probe}
+          "head_l2": args.head_l2, "head_cv_folds": args.head_cv_folds,
+          "probe": not args.no_probe}
     kw.update(over)
     try:
         return SweepConfig(**kw)
@@ -98,7 +99,10 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
                    help="fractions with head refits (Table 3) and the laziness probe; "
                         "default the largest fraction")
     g.add_argument("--head-l2", type=float, default=None,
-                   help="l2 of the refitted heads (default: mmkernels.heads')")
+                   help="a fixed l2 for every refitted head (default: chosen per subset by "
+                        "cross-validation on the training rows)")
+    g.add_argument("--head-cv-folds", type=int, default=5,
+                   help="folds of that cross-validation (default %(default)s)")
     g.add_argument("--no-probe", action="store_true", help="skip the modality-laziness probe")
     p.add_argument("--out", default="results", help="results folder (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -315,7 +319,7 @@ def _prepared(args: argparse.Namespace, option: str, load: Any, name: str,
 # The options that define the results of `reproduce` (its folder's sweep.json).
 _REPRODUCE_OPTIONS = ("quick", "bundled", "iemocap", "table4_seeds", "n_train", "n_test",
                       "hidden", "fusion", "epochs", "batch_size", "lr", "weight_decay", "seeds",
-                      "fractions", "refit_fractions", "head_l2", "no_probe")
+                      "fractions", "refit_fractions", "head_l2", "head_cv_folds", "no_probe")
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -383,7 +387,7 @@ def _print_claims(out: str) -> None:
 # DIR/sweep.json. Where cells run (executor, threads, progress) may change on resume.
 _SWEEP_OPTIONS = ("data", "name", "split_seed", "test_size", "hidden", "fusion", "epochs",
                   "batch_size", "lr", "weight_decay", "seeds", "fractions", "refit_fractions",
-                  "head_l2", "no_probe")
+                  "head_l2", "head_cv_folds", "no_probe", "no_standardize")
 
 
 def _resume_options(args: argparse.Namespace) -> None:
@@ -444,7 +448,8 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = _sweep_config(args)
     name = args.name or Path(args.data).stem
     data = _prepared(args, f"--data {args.data}", lambda: MultiModalDataset.load(args.data),
-                     name, split_seed=args.split_seed, test_size=args.test_size)
+                     name, split_seed=args.split_seed, test_size=args.test_size,
+                     standardize=not args.no_standardize)
     if args.threads:
         torch.set_num_threads(args.threads)
     record = {"subcommand": "sweep", "options": {k: getattr(args, k) for k in _SWEEP_OPTIONS}}
@@ -457,8 +462,8 @@ def sweep(args: argparse.Namespace) -> int:
         runtime = time.perf_counter() - t0
         config = {"command": ["mmkernels", *args.argv], "subcommand": "sweep",
                   "data": str(args.data), "name": name, "split_seed": args.split_seed,
-                  "test_size": args.test_size, "executor": args.executor,
-                  "sweep": cfg.to_dict()}
+                  "test_size": args.test_size, "standardize": not args.no_standardize,
+                  "executor": args.executor, "sweep": cfg.to_dict()}
         report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
                                runtime_s=runtime, title=f"mmkernels sweep: {name}")
     _print_claims(args.out)
@@ -520,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/test split when the file has none")
     p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--no-standardize", action="store_true",
+                   help="use the features as stored (default: each feature standardised with "
+                        "the training rows' mean and standard deviation)")
     _add_sweep_args(p, epochs=50, seeds=3)
     p.set_defaults(fn=sweep)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")

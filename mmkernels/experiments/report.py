@@ -272,7 +272,8 @@ def _table3_section(out: Path, res: RealResult, t3: list[dict]) -> list[str]:
             f"{first} gamma_loss: refit test risk(M) - risk(N) in "
             f"{'nats' if cls else 'MSE'} (the definition's sign: NEGATIVE = M better)."
             + (" gamma_acc_points: refit test accuracy(M) - (N), points (the paper's Table 3 "
-               "sign: positive = M better)." if cls else ""), "", md]
+               "sign: positive = M better)." if cls else ""), "",
+            f"Refitted heads: {res.cfg.head_l2_text()}.", "", md]
 
 
 def _eta_section(out: Path, res: RealResult, eta: list[dict]) -> list[str]:

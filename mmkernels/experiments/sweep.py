@@ -93,7 +93,10 @@ class SweepConfig:
     fractions: training-set fractions (Table 2); 1.0 is Table 1.
     refit_fractions: fractions at which the frozen encoders get refitted heads (Table 3)
         and the laziness probe runs; each must be one of ``fractions`` (None: the largest).
-    head_l2: l2 of the refitted heads (None: mmkernels.heads' default, sklearn C = 1).
+    head_l2: l2 of the refitted heads (and of the probe's): None (default) chooses it per
+        subset by head_cv_folds-fold cross-validation on the cell's training rows
+        (mmkernels.heads.fit_cv); a float fixes it for every subset.
+    head_cv_folds: folds of that cross-validation.
     probe: run the modality-laziness probe (late fusion only).
     """
 
@@ -107,6 +110,7 @@ class SweepConfig:
     fractions: list[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
     refit_fractions: list[float] | None = None
     head_l2: float | None = None
+    head_cv_folds: int = 5
     probe: bool = True
 
     def __post_init__(self) -> None:
@@ -119,6 +123,7 @@ class SweepConfig:
         _finite("weight_decay", self.weight_decay, positive=False)
         if self.head_l2 is not None:
             _finite("head_l2", self.head_l2, positive=False)
+        _int_at_least("head_cv_folds", self.head_cv_folds, 2)
         if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
             raise SweepConfigError("seeds", f"expected a non-empty list, got {self.seeds!r}")
         for seed in self.seeds:
@@ -147,6 +152,13 @@ class SweepConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def head_l2_text(self) -> str:
+        """How the refitted heads' l2 is chosen, for reports."""
+        if self.head_l2 is None:
+            return (f"l2 chosen per subset by {self.head_cv_folds}-fold cross-validation on the "
+                    "training rows (mean held-out risk)")
+        return f"l2 fixed at {self.head_l2:g} for every subset"
+
 
 @dataclass
 class Prepared:
@@ -162,6 +174,9 @@ class Prepared:
     num_outputs: int
     subsets: list[tuple[int, ...]]
     subset_names: list[str]
+    train_mask: Tensor | None = None
+    test_mask: Tensor | None = None
+    standardized: bool = False
 
     @property
     def num_modalities(self) -> int:
@@ -169,19 +184,24 @@ class Prepared:
 
 
 def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
-            test_size: float = 0.3) -> Prepared:
+            test_size: float = 0.3, standardize: bool = False) -> Prepared:
     """Tensors of a dataset's train and test rows. A dataset without a split gets a seeded
     (stratified for classification) train/test split of ``test_size``; a "valid" split is
     left out (the paper describes none).
 
-    Presence masks are not used: the sweep trains each subset on the features as stored
-    (zero-filled where a modality is missing), and warns when the dataset has a mask."""
-    if ds.presence is not None and not bool(np.all(ds.presence)):
-        import warnings
+    Presence: a dataset's presence mask (when some modality is absent somewhere) travels with
+    the rows (``train_mask`` / ``test_mask``, bool [n, K]) to training, evaluation and the
+    refits, which then never read an absent modality's stored features: every subset is
+    trained and scored on every row, seeing on each row the modalities of the subset that the
+    row has (absent blocks are zero in the fused ops: the paper's masking map).
 
-        warnings.warn(f"{name}: the dataset's presence mask is ignored by the sweep; missing "
-                      "modalities enter as their stored (e.g. zero-filled) features",
-                      stacklevel=2)
+    standardize: scale each feature to mean 0 and standard deviation 1 with the statistics
+    of the TRAINING rows where its modality is present (a constant feature is only centred;
+    absent entries become 0), as the bundled loaders do; `mmkernels sweep` does it by default.
+    Unscaled features break training: a feature block with values in the hundreds drives
+    every ReLU unit of its encoder dead within a few Adam steps (the block's positive mean
+    moves every pre-activation by ~ lr * d * mean per step), and that subset stays at chance.
+    """
     if ds.split is None:
         rng = np.random.default_rng(split_seed)
         is_test = np.zeros(ds.n, dtype=bool)
@@ -203,9 +223,35 @@ def prepare(ds: MultiModalDataset, name: str, *, split_seed: int = 0,
         num_outputs = 1 if ds.labels.ndim == 1 else int(ds.labels.shape[1])
     labels = modality_labels(ds.names)
     subs = all_subsets(ds.n_modalities)
-    return Prepared(name, ds.task, ds.names, train.to_torch(), train.torch_labels(),
-                    test.to_torch(), test.torch_labels(), num_outputs, subs,
-                    [subset_name(s, labels) for s in subs])
+    masked = ds.presence is not None and not bool(np.all(ds.presence))
+    train_mask = train.torch_presence() if masked else None
+    test_mask = test.torch_presence() if masked else None
+    train_xs, test_xs = train.to_torch(), test.to_torch()
+    if standardize:
+        train_xs, test_xs = _standardized(train_xs, test_xs, train_mask, test_mask)
+    return Prepared(name, ds.task, ds.names, train_xs, train.torch_labels(), test_xs,
+                    test.torch_labels(), num_outputs, subs,
+                    [subset_name(s, labels) for s in subs], train_mask, test_mask, standardize)
+
+
+def _standardized(train_xs: list[Tensor], test_xs: list[Tensor], train_mask: Tensor | None,
+                  test_mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Each feature standardised with the present training rows' mean and std (float64)."""
+    out_tr, out_te = [], []
+    for k, (tr, te) in enumerate(zip(train_xs, test_xs, strict=True)):
+        rows = tr.double() if train_mask is None else tr.double()[train_mask[:, k]]
+        mean = rows.mean(0) if len(rows) else torch.zeros(tr.shape[1], dtype=torch.float64)
+        std = rows.std(0, correction=0) if len(rows) else torch.ones_like(mean)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        scaled = []
+        for x, m in ((tr, train_mask), (te, test_mask)):
+            z = (x.double() - mean) / std
+            if m is not None:
+                z = torch.where(m[:, k : k + 1], z, 0.0)
+            scaled.append(z.to(x.dtype))
+        out_tr.append(scaled[0])
+        out_te.append(scaled[1])
+    return out_tr, out_te
 
 
 def _model(data: Prepared, cfg: SweepConfig, seed: int):
@@ -217,14 +263,17 @@ def _model(data: Prepared, cfg: SweepConfig, seed: int):
 
 @torch.no_grad()
 def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
-                   l2: float | None = None) -> list[dict[str, Any]]:
+                   l2: float | None = None, mask: Tensor | None = None,
+                   cv_folds: int = 5) -> list[dict[str, Any]]:
     """Modality-laziness probe for a late-fusion SubsetEnsemble.
 
     For each modality k, refit a linear head on modality k's block of the latent of the
     jointly trained all-modality model ("joint"), and on the latent of the model trained on k
-    alone ("alone"); both heads are fitted on the training rows ``xs, y`` and scored on the
-    test rows. joint risk > alone risk (or joint accuracy < alone accuracy) means the joint
-    training under-learned modality k (modality laziness / competition).
+    alone ("alone"); both heads are fitted on the training rows ``xs, y`` (presence ``mask``;
+    the test rows with ``data.test_mask``) and scored on the test rows. joint risk > alone risk
+    (or joint accuracy < alone accuracy) means the joint training under-learned modality k
+    (modality laziness / competition). l2: None chooses it per head by cv_folds-fold
+    cross-validation on the training rows (as the refits), a float fixes it.
     """
     from mmkernels import heads
 
@@ -234,8 +283,8 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
     full = data.subsets.index(tuple(range(k_all)))
     offsets = np.cumsum([0, *model.hidden])
 
-    def blocks(x: Sequence[Tensor]) -> Tensor:
-        z = model.latents(list(x))
+    def blocks(x: Sequence[Tensor], m: Tensor | None) -> Tensor:
+        z = model.latents(list(x), m)
         out = []
         for k in range(k_all):
             lo, hi = offsets[k], offsets[k + 1]
@@ -245,9 +294,20 @@ def laziness_probe(model, data: Prepared, xs: Sequence[Tensor], y: Tensor, *,
             out.append(z[data.subsets.index((k,)), :, lo:hi])
         return torch.stack(out)
 
-    z_tr, z_te = blocks(xs), blocks(data.test_xs)
-    fitted = heads.fit(z_tr, y, task=data.task, l2=l2,
-                       num_classes=data.num_outputs if data.task == "classification" else None)
+    num_classes = data.num_outputs if data.task == "classification" else None
+    fold = None
+    if l2 is None:
+        # Rows sorted by fold: every fold is a contiguous block the solver reads in place.
+        fold = heads.kfold(y, min(cv_folds, int(y.shape[0])),
+                           stratify=data.task == "classification")
+        order = torch.argsort(fold, stable=True)
+        xs, y, fold = [x[order] for x in xs], y[order], fold[order]
+        mask = None if mask is None else mask[order]
+    z_tr, z_te = blocks(xs, mask), blocks(data.test_xs, data.test_mask)
+    if fold is not None:
+        fitted, _ = heads.fit_cv(z_tr, y, task=data.task, num_classes=num_classes, folds=fold)
+    else:
+        fitted = heads.fit(z_tr, y, task=data.task, l2=l2, num_classes=num_classes)
     risk = fitted.risk(z_te, data.test_y)
     acc = fitted.accuracy(z_te, data.test_y) if data.task == "classification" else None
     rows = []
@@ -281,7 +341,9 @@ def _test_metrics(model, data: Prepared, chunk: int = 8192) -> dict[str, Tensor]
     model.eval()
     try:
         n = data.test_y.shape[0]
-        outs = [model([x[lo:lo + chunk] for x in data.test_xs]) for lo in range(0, n, chunk)]
+        mask = data.test_mask
+        outs = [model([x[lo:lo + chunk] for x in data.test_xs],
+                      None if mask is None else mask[lo:lo + chunk]) for lo in range(0, n, chunk)]
     finally:
         model.train(was_training)
     if data.task == "classification":
@@ -309,11 +371,13 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
                               sub_seed, n=len(y_np))
     it = torch.as_tensor(idx)
     xs, y = [x[it] for x in data.train_xs], data.train_y[it]
+    mask = None if data.train_mask is None else data.train_mask[it]
     model = _model(data, cfg, seed)
-    res = fit(model, xs, y, task=data.task, epochs=cfg.epochs, batch_size=cfg.batch_size,
-              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, progress=False)
-    test = evaluate(model, data.test_xs, data.test_y, task=data.task)
-    train = evaluate(model, xs, y, task=data.task)
+    res = fit(model, xs, y, mask=mask, task=data.task, epochs=cfg.epochs,
+              batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+              progress=False)
+    test = evaluate(model, data.test_xs, data.test_y, mask=data.test_mask, task=data.task)
+    train = evaluate(model, xs, y, mask=mask, task=data.task)
     scores = _test_metrics(model, data)
     base = {"dataset": data.name, "seed": seed, "fraction": fraction, "n_train": len(idx)}
     out: dict[str, list] = {"subsets": [], "refit": [], "pairs": [], "probe": [], "diverged": []}
@@ -333,9 +397,13 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
         })
     if not _refits(cfg, fraction):
         return out
+    # model.latents itself (not a wrapper): eta recognises a late-fusion model and refits each
+    # subset on its own modalities' blocks only.
     table = eta.refit_quality(
-        lambda x: model.latents(x), xs, y, data.test_xs, data.test_y, task=data.task,
-        subsets=data.subsets, names=data.subset_names, l2=cfg.head_l2,
+        model.latents, xs, y, data.test_xs, data.test_y, task=data.task,
+        train_mask=mask, test_mask=data.test_mask, subsets=data.subsets,
+        names=data.subset_names, l2="cv" if cfg.head_l2 is None else cfg.head_l2,
+        cv_folds=cfg.head_cv_folds,
         num_classes=data.num_outputs if data.task == "classification" else None)
     by_name = {r["subset"]: r for r in table.rows}
     e2e = {r["subset"]: r for r in out["subsets"]}
@@ -344,7 +412,8 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
                              "size": len(row["modalities"].split()),
                              "refit_test_risk": row["test_risk"],
                              "refit_test_acc": row["test_accuracy"],
-                             "converged": row["converged"]})
+                             "converged": row["converged"], "refit_l2": row["l2"],
+                             "refit_cv_risk": row["cv_risk"]})
     for m, sm in enumerate(data.subsets):
         for n_, sn in enumerate(data.subsets):
             if m == n_ or not set(sn) < set(sm):
@@ -362,7 +431,8 @@ def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> di
                 100.0 * (ra["test_accuracy"] - rb["test_accuracy"]),
             })
     if cfg.probe and cfg.fusion == "late" and data.num_modalities > 1:
-        for row in laziness_probe(model, data, xs, y, l2=cfg.head_l2):
+        for row in laziness_probe(model, data, xs, y, l2=cfg.head_l2, mask=mask,
+                                  cv_folds=cfg.head_cv_folds):
             out["probe"].append({**base, **row})
     return out
 
@@ -404,10 +474,12 @@ def _stored_diverged(records: dict[str, list]) -> dict[str, list]:
 
 
 def data_fingerprint(data: Prepared) -> str:
-    """sha256 over the dataset's names, task, shapes and tensor bytes."""
+    """sha256 over the dataset's names, task, shapes and tensor bytes (presence masks
+    included when the data have them)."""
     h = hashlib.sha256()
     h.update(json.dumps([data.name, data.task, data.modality_names, data.num_outputs]).encode())
-    for t in [*data.train_xs, data.train_y, *data.test_xs, data.test_y]:
+    masks = [m for m in (data.train_mask, data.test_mask) if m is not None]
+    for t in [*data.train_xs, data.train_y, *data.test_xs, data.test_y, *masks]:
         c = t.detach().contiguous().cpu()
         h.update(str((tuple(c.shape), str(c.dtype))).encode())
         h.update(c.numpy().tobytes())

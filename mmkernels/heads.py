@@ -32,7 +32,7 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
   default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (sklearn's default; the loss
   and gradient are computed in float32 then). Each evaluation is the fused native op
   mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
-  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads_cpu.cpp).
+  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
   Why this solver:
   - The cost is one pass over Z per evaluation: 4 n H C flops and n H words per subset (~40
     MFLOP and 6.8 MB at n = 13,200, H = 128, C = 6, float32); the kernel runs at ~55 ns per
@@ -67,8 +67,8 @@ for all S subsets at once on Z [S, n, H] (or on chunks of Z produced by an encod
 Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
 (averaged over outputs) for regression, the mean cross-entropy (nats) for classification.
 
-The native ops have fake kernels (torch.library.opcheck passes) and no autograd: they are
-solver internals, never differentiated.
+The native ops have Meta kernels in C++ (csrc/meta/heads_meta.cpp: torch.library.opcheck
+passes) and no autograd: they are solver internals, never differentiated.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mmkernels._native import native
 from mmkernels.memory import check_memory
 
 __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
@@ -87,6 +88,12 @@ __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
 _ops = torch.ops.mmkernels
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Z (and per-chunk op buffers) held at once
 _TASKS = ("regression", "classification")
+
+
+def _compute_dtype(zdtype: torch.dtype) -> torch.dtype:
+    """The dtype the native ops accumulate Z of zdtype in, and the solvers' compute dtype: the
+    one rule of csrc/include/mmkernels/accumulation.h (float64 for float64, else float32)."""
+    return native().accumulation_dtype(zdtype)
 
 
 # ---- the memory budget of the solvers' own state ----------------------------------------------
@@ -277,7 +284,7 @@ class Heads:
         return out
 
     def _decision(self, z: Tensor) -> Tensor:
-        dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dt = _compute_dtype(z.dtype)
         return torch.baddbmm(self.intercept.to(dt).unsqueeze(1), z.to(dt), self.coef.to(dt))
 
     def predict(self, z: ZLike) -> Tensor:
@@ -313,7 +320,7 @@ class Heads:
                 if int(yc.max()) >= self.coef.shape[2]:
                     raise ValueError(f"y holds label {int(yc.max())} but the heads have "
                                      f"{self.coef.shape[2]} classes")
-                dt = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+                dt = _compute_dtype(chunk.dtype)
                 loss, _, _ = _ops.softmax_regression_loss_grad(
                     chunk, yc, self.coef.to(dt), self.intercept.to(dt), None, 0.0)
                 total += loss.double()
@@ -510,7 +517,7 @@ def _fit_softmax(z: ZLike, y: Tensor, *, l2: float, class_weight: str | Tensor |
         S, H, zdtype = z.shape[0], z.shape[2], z.dtype
     else:
         S, H, zdtype = z.shape()
-    dt = torch.float64 if zdtype == torch.float64 else torch.float32
+    dt = _compute_dtype(zdtype)
     if tol is None:
         tol = 1e-6 if dt == torch.float64 else 1e-4
     if not (math.isfinite(tol) and tol > 0):

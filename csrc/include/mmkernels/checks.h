@@ -18,6 +18,16 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return os.str();
 }
 
+// The same for sizes that may be symbolic (a Meta kernel under torch.compile's dynamic shapes
+// sees SymInts; c10::SymInt prints its value, or its expression when it has none).
+inline std::string sym_shape_str(c10::SymIntArrayRef sizes) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << "]";
+  return os.str();
+}
+
 // ValueError on the Python side: these are caller mistakes, not internal failures.
 #define MMK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
 
@@ -49,6 +59,15 @@ inline void check_shape(const char* op, const std::string& name, const at::Tenso
   check_defined(op, name, t);
   MMK_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", shape_str(expected), " (",
             what, "), got ", shape_str(t.sizes()));
+}
+
+// check_shape for symbolic sizes: usable by a Meta kernel and by the real kernel alike (on a
+// real tensor sym_sizes() holds plain integers, and the message is check_shape's).
+inline void check_sym_shape(const char* op, const std::string& name, const at::Tensor& t,
+                            c10::SymIntArrayRef expected, const std::string& what) {
+  check_defined(op, name, t);
+  MMK_CHECK(t.sym_sizes() == expected, op, ": ", name, " must have shape ",
+            sym_shape_str(expected), " (", what, "), got ", sym_shape_str(t.sym_sizes()));
 }
 
 inline void check_mask(const char* op, const std::string& name, const at::Tensor& mask,

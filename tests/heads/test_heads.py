@@ -118,6 +118,22 @@ def test_float32_and_bfloat16_gram_accumulate_in_float32():
     assert G64.dtype == torch.float64 and G64[0, 8, 8].item() == 500
 
 
+def test_one_accumulation_rule_for_the_ops_and_the_solvers():
+    # The C++ rule (accumulation.h), asked for by heads.py, is the dtype the Gram op returns.
+    from mmkernels._native import native
+
+    expected = {torch.float32: torch.float32, torch.bfloat16: torch.float32,
+                torch.float16: torch.float32, torch.float64: torch.float64}
+    for dt, acc in expected.items():
+        assert native().accumulation_dtype(dt) == acc
+        assert heads._compute_dtype(dt) == acc
+        if dt != torch.float16:  # the head ops take float32, float64 and bfloat16 Z
+            assert ops.gram(torch.randn(1, 3, 2).to(dt), torch.randn(3).to(dt))[0].dtype == acc
+    fitted = heads.fit(torch.randn(2, 9, 3).bfloat16(), torch.arange(9) % 3,
+                       task="classification")
+    assert fitted.decision_function(torch.randn(2, 4, 3).bfloat16()).dtype == torch.float32
+
+
 def test_bfloat16_z_fits_like_its_float32_upcast():
     z = torch.randn(3, 200, 6).bfloat16()
     y = (z[0, :, 0] > 0).long()

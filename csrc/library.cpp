@@ -4,6 +4,7 @@
 // with the head ops' fake kernels.
 #include <torch/library.h>
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/memory_budget.h>
 
 #ifndef MMKERNELS_NO_PYTHON
@@ -64,5 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(b.bytes, b.source);
       },
       "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
+  m.def("accumulation_dtype", &mmkernels::accumulation_dtype,
+        "the dtype the native ops accumulate inputs of a dtype in");
 }
 #endif

@@ -41,7 +41,7 @@ RidgeCV on the same folds), all subsets and folds of a group in one batched solv
   default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (sklearn's default; the loss
   and gradient are computed in float32 then). Each evaluation is the fused native op
   mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
-  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads_cpu.cpp).
+  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
   Why this solver:
   - The cost is one pass over Z per evaluation: 4 n H C flops and n H words per subset (~40
     MFLOP and 6.8 MB at n = 13,200, H = 128, C = 6, float32); the kernel runs at ~55 ns per
@@ -76,8 +76,8 @@ RidgeCV on the same folds), all subsets and folds of a group in one batched solv
 Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
 (averaged over outputs) for regression, the mean cross-entropy (nats) for classification.
 
-The native ops have fake kernels (torch.library.opcheck passes) and no autograd: they are
-solver internals, never differentiated.
+The native ops have Meta kernels in C++ (csrc/meta/heads_meta.cpp: torch.library.opcheck
+passes) and no autograd: they are solver internals, never differentiated.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mmkernels._native import native
 from mmkernels.memory import check_memory
 
 __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
@@ -98,6 +99,12 @@ __all__ = ["Encoded", "Heads", "encoded", "fit", "DEFAULT_MEMORY_BUDGET"]
 _ops = torch.ops.mmkernels
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of Z (and per-chunk op buffers) held at once
 _TASKS = ("regression", "classification")
+
+
+def _compute_dtype(zdtype: torch.dtype) -> torch.dtype:
+    """The dtype the native ops accumulate Z of zdtype in, and the solvers' compute dtype: the
+    one rule of csrc/include/mmkernels/accumulation.h (float64 for float64, else float32)."""
+    return native().accumulation_dtype(zdtype)
 
 
 # ---- the memory budget of the solvers' own state ----------------------------------------------
@@ -468,7 +475,7 @@ class Heads:
         return out
 
     def _decision(self, z: Tensor) -> Tensor:
-        dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        dt = _compute_dtype(z.dtype)
         return torch.baddbmm(self.intercept.to(dt).unsqueeze(1), z.to(dt), self.coef.to(dt))
 
     def predict(self, z: ZLike) -> Tensor:
@@ -504,7 +511,7 @@ class Heads:
                 if int(yc.max()) >= self.coef.shape[2]:
                     raise ValueError(f"y holds label {int(yc.max())} but the heads have "
                                      f"{self.coef.shape[2]} classes")
-                dt = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+                dt = _compute_dtype(chunk.dtype)
                 loss, _, _ = _ops.softmax_regression_loss_grad(
                     chunk, yc, self.coef.to(dt), self.intercept.to(dt), None, 0.0)
                 total += loss.double()
@@ -892,7 +899,7 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     k = S if zid is None else len(zid)
     mu_s, var_s = _column_moments(z) if moments is None else moments  # [S, H] each
     mu = mu_s if zid is None else mu_s.index_select(0, zid)             # [k, H]
-    dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dt = _compute_dtype(z.dtype)
     P, HC = (H + 1) * C, H * C
     pieces = [[(0, n)]] if pieces is None else pieces
     fold = torch.zeros(k, dtype=torch.int64) if fold is None else fold
@@ -1424,7 +1431,7 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
         weights, pieces = None, train
     zid = torch.arange(S).repeat(F)                                  # problem i: subset i % S
     pfold = torch.arange(F).repeat_interleave(S)                     # ... of fold i // S
-    dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dt = _compute_dtype(z.dtype)
     moments = _column_moments(z)
     theta = None
     L = int(grid.shape[0])

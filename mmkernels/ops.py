@@ -10,7 +10,6 @@ present(s, b, k) = subset_mask[s, k] and sample_mask[b, k], a missing mask count
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -140,57 +139,6 @@ def _check_shape(op: str, name: str, t: Tensor, expected: list, what: str) -> No
 
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_z_fake(op: str, z: Tensor, others: dict) -> None:
-    _fail(z.dim() == 3, op, f"z must be 3-d [S, n, H], got shape {list(z.shape)}")
-    _fail(z.dtype in _FLOATS[:3], op, f"z must be float32, float64 or bfloat16, got {z.dtype}")
-    for name, t in others.items():
-        if t is not None:
-            _fail(t.device == z.device, op,
-                  f"{name} is on {t.device}, expected {z.device} (the device of z)")
-
-
-@torch.library.register_fake("mmkernels::gram")
-def _gram_fake(z, y):
-    op = "mmkernels::gram"
-    _check_z_fake(op, z, {"y": y})
-    _fail(y.dim() in (1, 2), op, f"y must be [n] or [n, T], got shape {list(y.shape)}")
-    _fail(y.shape[0] == z.shape[1], op,
-          f"y has {y.shape[0]} rows, expected n = {z.shape[1]} (dim 1 of z)")
-    _fail(y.dtype in _FLOATS[:3], op, f"y must be float32, float64 or bfloat16, got {y.dtype}")
-    # float32 accumulation for float32/bfloat16 z, float64 for float64 (as the CPU kernel).
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    width = z.shape[2] + 1
-    outputs = 1 if y.dim() == 1 else y.shape[1]
-    return (z.new_empty([z.shape[0], width, width], dtype=acc),
-            z.new_empty([z.shape[0], width, outputs], dtype=acc))
-
-
-@torch.library.register_fake("mmkernels::softmax_regression_loss_grad")
-def _softmax_regression_loss_grad_fake(z, y, w, b, sample_weight, l2, subset_index=None):
-    op = "mmkernels::softmax_regression_loss_grad"
-    _check_z_fake(op, z, {"y": y, "w": w, "b": b, "sample_weight": sample_weight,
-                          "subset_index": subset_index})
-    S, n, H = z.shape
-    if subset_index is not None:
-        _fail(subset_index.dtype == torch.int64 and subset_index.dim() == 1, op,
-              f"subset_index must be a 1-d int64 tensor, got {subset_index.dtype} "
-              f"{list(subset_index.shape)}")
-        S = subset_index.shape[0]
-    _fail(w.dim() == 3 and w.dtype in (torch.float32, torch.float64), op,
-          f"w must be 3-d [S, H, C] float32 or float64, got {w.dtype} {list(w.shape)}")
-    _fail(w.shape[2] >= 1, op, f"w must have at least one class (dim 2), got {list(w.shape)}")
-    _check_shape(op, "w", w, [S, H, w.shape[2]], "[S, H, C] with S, H from z")
-    _fail(b.dtype == w.dtype, op, f"b has dtype {b.dtype}, expected {w.dtype} (the dtype of w)")
-    _check_shape(op, "b", b, [S, w.shape[2]], "[S, C]")
-    _fail(y.dtype == torch.int64, op, f"y must be int64 class labels, got {y.dtype}")
-    _check_shape(op, "y", y, [n], "[n], n from z")
-    if sample_weight is not None:
-        _check_shape(op, "sample_weight", sample_weight, [n], "[n], n from z")
-    _fail(math.isfinite(l2) and l2 >= 0, op, f"l2 must be finite and >= 0, got {l2}")
-    # No autograd for the head-refit ops: they are solver internals (mmkernels/heads.py).
-    return w.new_empty([w.shape[0]]), torch.empty_like(w), torch.empty_like(b)
 
 
 # ---- autograd ---------------------------------------------------------------------------------

@@ -30,10 +30,6 @@ struct ForwardSmem {
   static constexpr int bytes() { return kHeader + P::STAGES * (kA + kB); }
 };
 
-MMK_DEVICE bool subset_uses(const uint8_t* subset_mask, int K, int64_t s, int k) {
-  return subset_mask == nullptr || subset_mask[s * K + k] != 0;
-}
-
 template <class P, int NK, int FaultKind = kNoFault>
 __global__ void __launch_bounds__(P::THREADS)
     fused_forward_kernel(const ForwardParams p) {
@@ -107,11 +103,11 @@ __global__ void __launch_bounds__(P::THREADS)
     const Elem* a = static_cast<const Elem*>(p.x[k]) + m0 * p.ldx[k] + load_k0;
     const Elem* b = static_cast<const Elem*>(p.w[k]) + w_off + (int64_t)n0 * p.ldw[k] + load_k0;
     copy_tile<Elem, P::BM, P::BK, P::LD_K, P::THREADS>(tid, sA + stage * A_ELEMS, a, p.ldx[k],
-                                                      rows_left, p.dims[k] - load_k0, row_bits,
-                                                      k, p.vec_x[k]);
+                                                      rows_left, p.dims[k] - load_k0,
+                                                      RowBits{row_bits, k}, p.vec_x[k]);
     copy_tile<Elem, P::BN, P::BK, P::LD_K, P::THREADS>(tid, sB + stage * B_ELEMS, b, p.ldw[k],
-                                                      cols_left, p.dims[k] - load_k0, nullptr,
-                                                      0, p.vec_w[k]);
+                                                      cols_left, p.dims[k] - load_k0, AllRows{},
+                                                      p.vec_w[k]);
     load_k0 += P::BK;
     if (load_k0 >= p.dims[k]) {
       load_k0 = 0;

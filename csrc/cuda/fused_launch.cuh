@@ -4,6 +4,7 @@
 // the emulator in csrc/emulator/driver.cpp, so the emulator tests run this code too.
 #pragma once
 
+#include "fused_backward.cuh"
 #include "fused_forward.cuh"
 
 #include <algorithm>
@@ -143,6 +144,132 @@ void launch_forward(const FusedProblem& f, void* stream) {
   else MMK_LAUNCH((fused_forward_kernel<P, 1, FaultKind>), blocks, P::THREADS, smem, stream, p);
 }
 
+template <class P>
+BackwardParams backward_params(const FusedProblem& f, ReduceParams& red) {
+  const int E = elem_bytes((DType)f.dtype);
+  BackwardParams p{};
+  p.K = f.K;
+  p.late = f.late;
+  p.relu = f.relu;
+  p.has_subsets = f.has_subsets;
+  p.per_subset = f.per_subset;
+  p.B = f.B;
+  p.S = f.has_subsets ? f.S : 1;
+  p.out = f.out;
+  p.grad_out = f.grad_out;
+  p.out_ld = out_width(f);
+  p.out_step = f.B * p.out_ld;
+  p.subset_mask = f.has_subsets ? f.subset_mask : nullptr;
+  p.sample_mask = f.sample_mask;
+  int64_t D = 0;
+  for (int k = 0; k < f.K; ++k) D += f.dims[k];
+  int64_t feat_off[kMaxModalities], out_off[kMaxModalities];
+  prefix(f.dims, f.K, feat_off);
+  prefix(f.widths, f.K, out_off);
+  int gx_tiles = 0, gw_tiles = 0;
+  for (int k = 0; k < f.K; ++k) {
+    p.dims[k] = (int32_t)f.dims[k];
+    p.width[k] = (int32_t)f.widths[k];
+    p.dz_off[k] = f.late ? out_off[k] : 0;
+    p.x[k] = f.x[k];
+    p.ldx[k] = f.ldx[k];
+    p.vec_x[k] = widest_copy(f.x[k], {f.ldx[k]}, E);
+    if (f.late) {
+      p.w[k] = f.weight[k];
+      p.ldw[k] = f.dims[k];
+      p.w_step[k] = f.per_subset ? f.widths[k] * f.dims[k] : 0;
+    } else {
+      p.w[k] = offset_ptr(f.weight[0], feat_off[k], E);
+      p.ldw[k] = D;
+      p.w_step[k] = f.per_subset ? f.widths[0] * D : 0;
+    }
+    p.vec_w[k] = widest_copy(p.w[k], {p.ldw[k], p.w_step[k]}, E);
+    p.gx[k] = f.grad_x[k];
+    p.gx_tile_start[k] = gx_tiles;
+    gx_tiles += (int)ceil_div(f.dims[k], P::BN);
+    p.gw_tile_start[k] = gw_tiles;
+    gw_tiles += (int)(ceil_div(f.widths[k], P::BM) * ceil_div(f.dims[k], P::BN));
+  }
+  p.gx_tile_start[f.K] = gx_tiles;
+  p.gw_tile_start[f.K] = gw_tiles;
+  const int64_t groups = f.per_subset ? p.S : 1;
+  p.n_wgroups = p.n_bgroups = (int32_t)groups;
+  p.want_w = f.grad_weight[0] != nullptr;
+  p.want_b = f.grad_bias[0] != nullptr;
+  // The workspace of one split mirrors the gradients' own layouts, one after the other.
+  red = ReduceParams{};
+  int64_t off = 0;
+  auto segment = [&](int64_t len, void* dst) {
+    red.seg_begin[red.nseg] = off;
+    red.seg_len[red.nseg] = len;
+    red.seg_dst[red.nseg] = dst;
+    ++red.nseg;
+    off += len;
+  };
+  if (p.want_w) {
+    for (int k = 0; k < f.K; ++k) {
+      p.gw_off[k] = f.late ? off : feat_off[k];
+      p.gw_ld[k] = f.late ? f.dims[k] : D;
+      p.gw_group_step[k] = f.late ? f.widths[k] * f.dims[k] : f.widths[0] * D;
+      if (f.late) segment(groups * f.widths[k] * f.dims[k], f.grad_weight[k]);
+    }
+    if (!f.late) segment(groups * f.widths[0] * D, f.grad_weight[0]);
+  }
+  if (p.want_b) {
+    for (int k = 0; k < (f.late ? f.K : 1); ++k) {
+      p.gb_off[k] = off;
+      p.gb_group_step[k] = f.widths[k];
+      segment(groups * f.widths[k], f.grad_bias[k]);
+    }
+  }
+  p.split_elems = off;
+  // Split the batch so that the partial-sum kernels fill the device about twice.
+  const int64_t tiles = std::max<int64_t>(1, groups * gw_tiles);
+  int64_t ns = ceil_div(2 * (int64_t)std::max(1, f.num_sms), tiles);
+  ns = std::min<int64_t>(std::max<int64_t>(ns, 1), std::max<int64_t>(1, ceil_div(f.B, 64)));
+  ns = std::min<int64_t>(ns, 256);
+  p.chunk = f.B > 0 ? ceil_div(ceil_div(f.B, ns), P::BK) * P::BK : 0;
+  p.nsplit = f.B > 0 ? (int32_t)ceil_div(f.B, p.chunk) : 1;
+  red.nsplit = p.nsplit;
+  red.split_elems = p.split_elems;
+  return p;
+}
+
+template <class P>
+int64_t backward_workspace_elems_for(const FusedProblem& f) {
+  ReduceParams red;
+  const BackwardParams p = backward_params<P>(f, red);
+  return (int64_t)p.nsplit * p.split_elems;
+}
+
+template <class P, int FaultKind = kNoFault>
+void launch_backward(const FusedProblem& f, void* stream) {
+  ReduceParams red;
+  BackwardParams p = backward_params<P>(f, red);
+  p.ws = f.workspace;
+  red.ws = f.workspace;
+  using Elem = typename P::elem;
+  if (f.grad_x[0] != nullptr && f.B > 0 && p.gx_tile_start[f.K] > 0) {
+    const int64_t blocks = ceil_div(f.B, P::BM) * p.gx_tile_start[f.K];
+    MMK_LAUNCH((fused_grad_x_kernel<P, FaultKind>), blocks, P::THREADS, GradXSmem<P>::bytes(),
+               stream, p);
+  }
+  if (p.want_w) {
+    const int64_t blocks = (int64_t)p.nsplit * p.n_wgroups * p.gw_tile_start[f.K];
+    if (blocks > 0)
+      MMK_LAUNCH((fused_grad_w_kernel<P, FaultKind>), blocks, P::THREADS, GradWSmem<P>::bytes(),
+                 stream, p);
+  }
+  if (p.want_b) {
+    const int64_t blocks = (int64_t)p.nsplit * p.n_bgroups * ceil_div(p.out_ld, kBiasThreads);
+    if (blocks > 0) MMK_LAUNCH(fused_grad_b_kernel<Elem>, blocks, kBiasThreads, 0, stream, p);
+  }
+  if (p.split_elems > 0) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(p.split_elems, kReduceThreads), 4096);
+    MMK_LAUNCH(fused_reduce_kernel<Elem>, blocks, kReduceThreads, 0, stream, red);
+  }
+}
+
 // Runs BODY with `P` naming the math policy of the problem's dtype (TF32 tensor cores for
 // float32 when allowed, else SIMT FMA; SIMT for float64).
 #define MMK_WITH_POLICY(f, ...)                                                  \
@@ -174,6 +301,18 @@ void launch_forward(const FusedProblem& f, void* stream) {
 template <int FaultKind = kNoFault>
 void forward(const FusedProblem& f, void* stream) {
   MMK_WITH_POLICY(f, launch_forward<P, FaultKind>(f, stream));
+}
+
+template <int FaultKind = kNoFault>
+void backward(const FusedProblem& f, void* stream) {
+  MMK_WITH_POLICY(f, launch_backward<P, FaultKind>(f, stream));
+}
+
+// Elements (float32, or float64 for float64) of the workspace backward() needs.
+inline int64_t backward_workspace_elems(const FusedProblem& f) {
+  int64_t n = 0;
+  MMK_WITH_POLICY(f, n = backward_workspace_elems_for<P>(f));
+  return n;
 }
 
 }  // namespace mmkernels::cuda

@@ -74,4 +74,48 @@ struct ForwardParams {
   int64_t out_ld, out_step;  // row width; elements per subset
 };
 
+// Backward launch parameters (the three kernels of fused_backward.cuh and the reduction).
+// dZ[s, b, c] = act'(out[s, b, c]) * grad_out[s, b, c]; modality k's columns of dZ are
+// [dz_off[k], dz_off[k] + width[k]).
+struct BackwardParams {
+  int32_t K, late, relu, has_subsets, per_subset;
+  int64_t B, S;
+  int32_t dims[kMaxModalities], width[kMaxModalities];
+  int64_t dz_off[kMaxModalities];
+  const void* out;
+  const void* grad_out;
+  int64_t out_ld, out_step;
+  const void* x[kMaxModalities];
+  int64_t ldx[kMaxModalities];
+  int32_t vec_x[kMaxModalities];
+  const void* w[kMaxModalities];  // as ForwardParams
+  int64_t ldw[kMaxModalities], w_step[kMaxModalities];
+  int32_t vec_w[kMaxModalities];
+  const uint8_t* subset_mask;
+  const uint8_t* sample_mask;
+  // grad_x: column tiles of every modality, flattened.
+  void* gx[kMaxModalities];
+  int32_t gx_tile_start[kMaxModalities + 1];
+  // Partial sums over batch chunks, reduced in split order: workspace [nsplit][split_elems].
+  void* ws;
+  int64_t split_elems, chunk;
+  int32_t nsplit;
+  // grad_W partials: weight groups (S per subset, else 1) x tiles of every modality.
+  int32_t n_wgroups, gw_tile_start[kMaxModalities + 1];
+  int32_t want_w, want_b;
+  int64_t gw_off[kMaxModalities], gw_ld[kMaxModalities], gw_group_step[kMaxModalities];
+  // grad_b partials: bias groups x (one per column of dZ).
+  int32_t n_bgroups;
+  int64_t gb_off[kMaxModalities], gb_group_step[kMaxModalities];
+};
+
+// The fixed-order reduction of the partials into the gradients (each segment contiguous).
+struct ReduceParams {
+  int32_t nsplit, nseg, dtype_out_f64;
+  const void* ws;
+  int64_t split_elems;
+  int64_t seg_begin[2 * kMaxModalities], seg_len[2 * kMaxModalities];
+  void* seg_dst[2 * kMaxModalities];
+};
+
 }  // namespace mmkernels::cuda

@@ -148,22 +148,27 @@ struct SimtPolicy : TileShape<Elem, 64, 64, 16, 256, sizeof(Elem) == 8 ? 2 : 3> 
   }
 };
 
+// Subset s uses modality k (no subset mask: every subset uses every modality). The [S, K]
+// mask is read on the device by every block that needs it: no host copy, no sync.
+MMK_DEVICE bool subset_uses(const uint8_t* subset_mask, int K, int64_t s, int k) {
+  return subset_mask == nullptr || subset_mask[s * K + k] != 0;
+}
+
 // ---- predicated tile copy -------------------------------------------------------------------------
 
 // Copies a ROWS x COLS tile into shared memory (row stride LDS elements): element (r, c) is
-// g[r * ld + c] when r < rows_left, bit `bit` of row_bits[r] is set (row_bits null: every row),
-// and c < cols_left; everything else is zero, and a row or tail left out is never read.
+// g[r * ld + c] when r < rows_left, row_ok(r) and c < cols_left; everything else is zero, and
+// a row or tail left out is never read (a select: whatever it holds, NaN included, stays out).
 // `vec` is the widest copy (16, 8 or 4 bytes) that the addresses allow, or sizeof(Elem) when
 // not even 4 bytes do (2-byte elements at odd offsets): then plain loads and stores.
-template <typename Elem, int ROWS, int COLS, int LDS, int THREADS>
+template <typename Elem, int ROWS, int COLS, int LDS, int THREADS, class RowOk>
 MMK_DEVICE void copy_tile(int tid, Elem* s, const Elem* g, int64_t ld, int rows_left,
-                          int cols_left, const uint32_t* row_bits, int bit, int vec) {
+                          int cols_left, RowOk row_ok, int vec) {
   constexpr int E = (int)sizeof(Elem);
   if (vec < 4) {
     for (int i = tid; i < ROWS * COLS; i += THREADS) {
       const int r = i / COLS, c = i % COLS;
-      const bool ok = r < rows_left && c < cols_left &&
-                      (row_bits == nullptr || ((sload(&row_bits[r]) >> bit) & 1u));
+      const bool ok = r < rows_left && c < cols_left && row_ok(r);
       Elem v = Convert<Elem>::from(0.0f);
       if (ok) v = g[r * ld + c];
       sstore(&s[r * LDS + c], v);
@@ -173,7 +178,7 @@ MMK_DEVICE void copy_tile(int tid, Elem* s, const Elem* g, int64_t ld, int rows_
   const int per = vec / E, chunks = COLS / per;
   for (int i = tid; i < ROWS * chunks; i += THREADS) {
     const int r = i / chunks, c = (i % chunks) * per;
-    const bool ok = r < rows_left && (row_bits == nullptr || ((sload(&row_bits[r]) >> bit) & 1u));
+    const bool ok = r < rows_left && row_ok(r);
     int n = ok ? cols_left - c : 0;
     n = n < 0 ? 0 : (n > per ? per : n);
     const Elem* src = n > 0 ? g + r * ld + c : g;
@@ -183,6 +188,25 @@ MMK_DEVICE void copy_tile(int tid, Elem* s, const Elem* g, int64_t ld, int rows_
     else cp_async<4>(dst, src, n * E);
   }
 }
+
+struct AllRows {
+  MMK_DEVICE bool operator()(int) const { return true; }
+};
+
+// Rows whose bit `bit` is set in a shared-memory word per row.
+struct RowBits {
+  const uint32_t* bits;
+  int bit;
+  MMK_DEVICE bool operator()(int r) const { return (sload(&bits[r]) >> bit) & 1u; }
+};
+
+// Rows b0 + r that have modality k in a [B, K] sample mask (null: every row).
+struct MaskRows {
+  const uint8_t* mask;
+  int64_t b0;
+  int K, k;
+  MMK_DEVICE bool operator()(int r) const { return mask == nullptr || mask[(b0 + r) * K + k] != 0; }
+};
 
 // The widest copy (bytes) that a base address, a row stride and a column offset allow.
 MMK_HOST_DEVICE int copy_width(const void* base, int64_t ld_elems, int elem_bytes) {

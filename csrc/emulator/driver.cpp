@@ -94,6 +94,18 @@ int mmk_emu_forward(const FusedProblem* f, int fault, char* err, int errlen) {
   });
 }
 
+int64_t mmk_emu_backward_workspace_elems(const FusedProblem* f) {
+  return backward_workspace_elems(*f);
+}
+
+int mmk_emu_backward(const FusedProblem* f, int fault, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    if (fault == kSkipBarrier) backward<kSkipBarrier>(*f, nullptr);
+    else if (fault == kOffByOneTile) backward<kOffByOneTile>(*f, nullptr);
+    else backward<kNoFault>(*f, nullptr);
+  });
+}
+
 // kind: 0 bf16, 1 f16 (m16n8k16), 2 tf32 (m16n8k8).
 int mmk_emu_mma(int kind, const float* A, const float* B, const int32_t* a_pos,
                 const int32_t* b_pos, const int32_t* c_pos, float* D, char* err, int errlen) {

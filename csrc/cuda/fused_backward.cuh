@@ -58,8 +58,36 @@ struct GradXSmem {
   static constexpr int bytes() { return kHeader + P::STAGES * (kA + kB); }
 };
 
+// Loads one K step of grad_x: A = dZ rows (summed over subsets, or subset load_s's), formed
+// in registers; B = W_{s,k} rows h via cp.async. Advances the cursor (load_s, load_h0).
+template <class P>
+MMK_DEVICE void grad_x_load(const BackwardParams& p, int tid, int k, int64_t m0, int n0,
+                            int rows_left, int cols_left, const uint32_t* row_bits,
+                            typename P::elem* a, typename P::elem* bs, int64_t& load_s,
+                            int& load_h0) {
+  using Elem = typename P::elem;
+  using acc_t = typename P::acc_t;
+  const int width = p.width[k];
+  for (int i = tid; i < P::BM * P::BK; i += P::THREADS) {
+    const int r = i / P::BK, c = i % P::BK, h = load_h0 + c;
+    acc_t v = acc_t(0);
+    if (r < rows_left && h < width && (sload(&row_bits[r]) & 1u))
+      v = grad_rows<Elem>(p, load_s, k, m0 + r, p.dz_off[k] + h);
+    sstore(&a[r * P::LD_K + c], Convert<Elem>::from(v));
+  }
+  const int64_t w_off = p.per_subset ? load_s * p.w_step[k] : 0;
+  const Elem* b = static_cast<const Elem*>(p.w[k]) + w_off + (int64_t)load_h0 * p.ldw[k] + n0;
+  copy_tile<Elem, P::BK, P::BN, P::LD_BN, P::THREADS>(tid, bs, b, p.ldw[k], width - load_h0,
+                                                     cols_left, AllRows{}, p.vec_w[k]);
+  load_h0 += P::BK;
+  if (load_h0 >= width) {
+    load_h0 = 0;
+    if (p.per_subset) load_s = next_user(p, k, load_s + 1);
+  }
+}
+
 template <class P, int FaultKind = kNoFault>
-__global__ void __launch_bounds__(P::THREADS) fused_grad_x_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(P::THREADS, 2) fused_grad_x_kernel(const BackwardParams p) {
   using Elem = typename P::elem;
   using acc_t = typename P::acc_t;
   MMK_DYNAMIC_SMEM(smem);
@@ -70,9 +98,10 @@ __global__ void __launch_bounds__(P::THREADS) fused_grad_x_kernel(const Backward
   constexpr int A_ELEMS = P::template a_elems<false>(), B_ELEMS = P::template b_elems<true>();
 
   const int tid = threadIdx.x;
-  const int n_tiles = p.gx_tile_start[p.K];
-  const int64_t row_tile = (int64_t)blockIdx.x / n_tiles;
-  const int ct = (int)((int64_t)blockIdx.x % n_tiles);
+  // 32-bit index arithmetic: a 64-bit division is a call, with a stack frame.
+  const unsigned n_tiles = (unsigned)p.gx_tile_start[p.K];
+  const int64_t row_tile = blockIdx.x / n_tiles;
+  const int ct = (int)(blockIdx.x % n_tiles);
   int k = 0;
   while (k + 1 < p.K && ct >= p.gx_tile_start[k + 1]) ++k;
   const int64_t m0 = row_tile * P::BM + (FaultKind == kOffByOneTile ? 1 : 0);
@@ -107,37 +136,19 @@ __global__ void __launch_bounds__(P::THREADS) fused_grad_x_kernel(const Backward
 
   int64_t load_s = p.per_subset ? next_user(p, k, 0) : -1;
   int load_h0 = 0;
-  auto load_step = [&](int stage) {
-    Elem* a = sA + stage * A_ELEMS;
-    for (int i = tid; i < P::BM * P::BK; i += P::THREADS) {
-      const int r = i / P::BK, c = i % P::BK, h = load_h0 + c;
-      acc_t v = acc_t(0);
-      if (r < rows_left && h < width && (sload(&row_bits[r]) & 1u))
-        v = grad_rows<Elem>(p, load_s, k, m0 + r, p.dz_off[k] + h);
-      sstore(&a[r * P::LD_K + c], Convert<Elem>::from(v));
-    }
-    const int64_t w_off = p.per_subset ? load_s * p.w_step[k] : 0;
-    const Elem* b = static_cast<const Elem*>(p.w[k]) + w_off + (int64_t)load_h0 * p.ldw[k] + n0;
-    copy_tile<Elem, P::BK, P::BN, P::LD_BN, P::THREADS>(tid, sB + stage * B_ELEMS, b, p.ldw[k],
-                                                       width - load_h0, cols_left, AllRows{},
-                                                       p.vec_w[k]);
-    load_h0 += P::BK;
-    if (load_h0 >= width) {
-      load_h0 = 0;
-      if (p.per_subset) load_s = next_user(p, k, load_s + 1);
-    }
-  };
-
   MMK_UNROLL
   for (int s = 0; s < P::STAGES - 1; ++s) {
-    if (s < steps) load_step(s);
+    if (s < steps) grad_x_load<P>(p, tid, k, m0, n0, rows_left, cols_left, row_bits, sA + s * A_ELEMS, sB + s * B_ELEMS, load_s, load_h0);
     cp_async_commit();
   }
   for (int64_t i = 0; i < steps; ++i) {
     cp_async_wait<P::STAGES - 2>();
     if (FaultKind != kSkipBarrier) __syncthreads();
     const int64_t j = i + P::STAGES - 1;
-    if (j < steps) load_step((int)(j % P::STAGES));
+    if (j < steps) {
+      const int st = (int)(j % P::STAGES);
+      grad_x_load<P>(p, tid, k, m0, n0, rows_left, cols_left, row_bits, sA + st * A_ELEMS, sB + st * B_ELEMS, load_s, load_h0);
+    }
     cp_async_commit();
     const int stage = (int)(i % P::STAGES);
     P::template compute<false, true>(tid, sA + stage * A_ELEMS, sB + stage * B_ELEMS, acc);
@@ -162,10 +173,36 @@ struct GradWSmem {
   static constexpr int bytes() { return P::STAGES * (kA + kB); }
 };
 
+// Loads one K step (BK batch rows from load_b0) of a grad_W partial: A = dZ^T rows formed in
+// registers ([b][h]); B = x_k rows via cp.async, absent rows zero-filled, never read.
+template <class P>
+MMK_DEVICE void grad_w_load(const BackwardParams& p, int tid, int k, int64_t s_sel, int h0,
+                            int j0, int64_t c1, typename P::elem* a, typename P::elem* bs,
+                            int64_t& load_b0) {
+  using Elem = typename P::elem;
+  using acc_t = typename P::acc_t;
+  const int width = p.width[k];
+  for (int i = tid; i < P::BK * P::BM; i += P::THREADS) {
+    const int r = i / P::BM, c = i % P::BM;
+    const int64_t b = load_b0 + r;
+    const int h = h0 + c;
+    acc_t v = acc_t(0);
+    if (b < c1 && h < width && (p.sample_mask == nullptr || p.sample_mask[b * p.K + k] != 0))
+      v = grad_rows<Elem>(p, s_sel, k, b, p.dz_off[k] + h);
+    sstore(&a[r * P::LD_AM + c], Convert<Elem>::from(v));
+  }
+  const Elem* x = static_cast<const Elem*>(p.x[k]) + load_b0 * p.ldx[k] + j0;
+  copy_tile<Elem, P::BK, P::BN, P::LD_BN, P::THREADS>(tid, bs, x, p.ldx[k], (int)(c1 - load_b0),
+                                                     p.dims[k] - j0,
+                                                     MaskRows{p.sample_mask, load_b0, p.K, k},
+                                                     p.vec_x[k]);
+  load_b0 += P::BK;
+}
+
 // One partial tile of grad_W: rows h (BM) and columns j (BN) of a weight group's modality-k
 // block, summed over one batch chunk.
 template <class P, int FaultKind = kNoFault>
-__global__ void __launch_bounds__(P::THREADS) fused_grad_w_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(P::THREADS, 2) fused_grad_w_kernel(const BackwardParams p) {
   using Elem = typename P::elem;
   using acc_t = typename P::acc_t;
   MMK_DYNAMIC_SMEM(smem);
@@ -174,10 +211,10 @@ __global__ void __launch_bounds__(P::THREADS) fused_grad_w_kernel(const Backward
   constexpr int A_ELEMS = P::template a_elems<true>(), B_ELEMS = P::template b_elems<true>();
 
   const int tid = threadIdx.x;
-  const int tiles = p.gw_tile_start[p.K];
-  const int64_t per_split = (int64_t)p.n_wgroups * tiles;
-  const int split = (int)((int64_t)blockIdx.x / per_split);
-  const int64_t rem = (int64_t)blockIdx.x % per_split;
+  const unsigned tiles = (unsigned)p.gw_tile_start[p.K];
+  const unsigned per_split = (unsigned)p.n_wgroups * tiles;
+  const int split = (int)(blockIdx.x / per_split);
+  const unsigned rem = blockIdx.x % per_split;
   const int64_t wg = rem / tiles;
   const int t = (int)(rem % tiles);
   int k = 0;
@@ -200,34 +237,19 @@ __global__ void __launch_bounds__(P::THREADS) fused_grad_w_kernel(const Backward
   for (int i = 0; i < P::ACC; ++i) acc[i] = acc_t(0);
 
   int64_t load_b0 = c0;
-  auto load_step = [&](int stage) {
-    Elem* a = sA + stage * A_ELEMS;  // [b][h]
-    for (int i = tid; i < P::BK * P::BM; i += P::THREADS) {
-      const int r = i / P::BM, c = i % P::BM;
-      const int64_t b = load_b0 + r;
-      const int h = h0 + c;
-      acc_t v = acc_t(0);
-      if (b < c1 && h < width && (p.sample_mask == nullptr || p.sample_mask[b * p.K + k] != 0))
-        v = grad_rows<Elem>(p, s_sel, k, b, p.dz_off[k] + h);
-      sstore(&a[r * P::LD_AM + c], Convert<Elem>::from(v));
-    }
-    const Elem* x = static_cast<const Elem*>(p.x[k]) + load_b0 * p.ldx[k] + j0;
-    copy_tile<Elem, P::BK, P::BN, P::LD_BN, P::THREADS>(
-        tid, sB + stage * B_ELEMS, x, p.ldx[k], (int)(c1 - load_b0), p.dims[k] - j0,
-        MaskRows{p.sample_mask, load_b0, p.K, k}, p.vec_x[k]);
-    load_b0 += P::BK;
-  };
-
   MMK_UNROLL
   for (int s = 0; s < P::STAGES - 1; ++s) {
-    if (s < steps) load_step(s);
+    if (s < steps) grad_w_load<P>(p, tid, k, s_sel, h0, j0, c1, sA + s * A_ELEMS, sB + s * B_ELEMS, load_b0);
     cp_async_commit();
   }
   for (int64_t i = 0; i < steps; ++i) {
     cp_async_wait<P::STAGES - 2>();
     if (FaultKind != kSkipBarrier) __syncthreads();
     const int64_t j = i + P::STAGES - 1;
-    if (j < steps) load_step((int)(j % P::STAGES));
+    if (j < steps) {
+      const int st = (int)(j % P::STAGES);
+      grad_w_load<P>(p, tid, k, s_sel, h0, j0, c1, sA + st * A_ELEMS, sB + st * B_ELEMS, load_b0);
+    }
     cp_async_commit();
     const int stage = (int)(i % P::STAGES);
     P::template compute<true, true>(tid, sA + stage * A_ELEMS, sB + stage * B_ELEMS, acc);
@@ -251,12 +273,12 @@ constexpr int kBiasThreads = 256;
 template <typename Elem>
 __global__ void __launch_bounds__(kBiasThreads) fused_grad_b_kernel(const BackwardParams p) {
   using acc_t = typename AccOf<Elem>::type;
-  const int64_t ncol_blocks = (p.out_ld + kBiasThreads - 1) / kBiasThreads;
-  const int64_t per_split = p.n_bgroups * ncol_blocks;
-  const int split = (int)((int64_t)blockIdx.x / per_split);
-  const int64_t rem = (int64_t)blockIdx.x % per_split;
+  const unsigned ncol_blocks = (unsigned)((p.out_ld + kBiasThreads - 1) / kBiasThreads);
+  const unsigned per_split = (unsigned)p.n_bgroups * ncol_blocks;
+  const int split = (int)(blockIdx.x / per_split);
+  const unsigned rem = blockIdx.x % per_split;
   const int64_t bg = rem / ncol_blocks;
-  const int64_t col = (rem % ncol_blocks) * kBiasThreads + threadIdx.x;
+  const int64_t col = (int64_t)(rem % ncol_blocks) * kBiasThreads + threadIdx.x;
   if (col >= p.out_ld) return;
   int k = 0;
   if (p.late)

@@ -43,11 +43,11 @@ __global__ void __launch_bounds__(P::THREADS)
   constexpr int A_ELEMS = P::template a_elems<false>(), B_ELEMS = P::template b_elems<false>();
 
   const int tid = threadIdx.x;
-  const int64_t bid = blockIdx.x;
-  const int64_t per_row = (int64_t)p.n_groups * p.n_coltiles;
-  const int64_t row_tile = bid / per_row;
-  const int group = (int)((bid % per_row) / p.n_coltiles);
-  const int ct = (int)(bid % p.n_coltiles);
+  // 32-bit index arithmetic: a 64-bit division is a call, with a stack frame.
+  const unsigned per_row = (unsigned)p.n_groups * (unsigned)p.n_coltiles;
+  const int64_t row_tile = blockIdx.x / per_row;
+  const int group = (int)((blockIdx.x % per_row) / (unsigned)p.n_coltiles);
+  const int ct = (int)(blockIdx.x % (unsigned)p.n_coltiles);
   int cg = 0;
   while (cg + 1 < p.n_colgroups && ct >= p.col_tile_start[cg + 1]) ++cg;
   const int64_t m0 = row_tile * P::BM + (FaultKind == kOffByOneTile ? 1 : 0);

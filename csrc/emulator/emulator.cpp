@@ -284,7 +284,8 @@ void smem_read(const void* p, size_t bytes, const char* what) {
     }
     if (!sh.written) {
       std::ostringstream os;
-      os << what << ": reads shared byte " << off + i << ", which nothing has written";
+      os << what << ": reads shared byte " << off + i
+         << ", which no thread has written yet (a missing barrier or cp.async wait?)";
       fail(os.str());
     }
     if (sh.write_epoch == epoch && sh.writer != f.view.linear)

@@ -5,7 +5,7 @@ The library is the kernels' own source (csrc/cuda/*.cuh) compiled as host C++ ag
 emulator's shim; `run_forward` / `run_backward` take torch CPU tensors and fill the same
 FusedProblem the CUDA op files fill from CUDA tensors.
 
-    python tests/csrc/emulator.py            # build (scripts/setup_env.sh runs this)
+    python tests/cuda_emulator.py            # build (scripts/setup_env.sh runs this)
     MMKERNELS_EMULATOR_SANITIZE=1 ...        # the AddressSanitizer + UBSan build instead
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["csrc/emulator/emulator.cpp", "csrc/emulator/driver.cpp"]
 MAX_K = 16
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}

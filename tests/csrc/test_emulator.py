@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import ctypes
 
+import cuda_emulator as emu
 import numpy as np
 import pytest
 import torch
-
-import cuda_emulator as emu
 from cuda_cases import run_case, sample_case
 
-# ---- fragment layouts, written from the PTX ISA's tables (g = lane // 4, t = lane % 4) ------------
+# ---- fragment layouts, written from the PTX ISA's tables (g = lane // 4, t = lane % 4) -------
 
 
 def mma_positions(kind: str, wrong: bool = False):
@@ -29,7 +28,8 @@ def mma_positions(kind: str, wrong: bool = False):
             a += [(g + 8 * (j % 2)) * K + t + 4 * (j // 2) for j in range(4)]
             b += [(t + 4 * j) * 8 + lane // 4 for j in range(2)]
         else:
-            a += [(g + 8 * (j % 2)) * K + 2 * t + 8 * (j // 2) + h for j in range(4) for h in range(2)]
+            a += [(g + 8 * (j % 2)) * K + 2 * t + 8 * (j // 2) + h
+                  for j in range(4) for h in range(2)]
             gl, tl = lane // 4, lane % 4
             b += [(2 * tl + 8 * j + h) * 8 + gl for j in range(2) for h in range(2)]
         gl, tl = lane // 4, lane % 4
@@ -43,7 +43,8 @@ def run_mma(kind: str, A: np.ndarray, B: np.ndarray, C: np.ndarray, wrong: bool 
     err = ctypes.create_string_buffer(1024)
     code = emu.lib().mmk_emu_mma(
         {"bf16": 0, "f16": 1, "tf32": 2}[kind],
-        *(np.ascontiguousarray(m, dtype=np.float32).ctypes.data_as(ctypes.c_void_p) for m in (A, B)),
+        *(np.ascontiguousarray(m, dtype=np.float32).ctypes.data_as(ctypes.c_void_p)
+          for m in (A, B)),
         *(p.ctypes.data_as(ctypes.c_void_p) for p in (a_pos, b_pos, c_pos)),
         D.ctypes.data_as(ctypes.c_void_p),
         err,
@@ -68,7 +69,8 @@ def test_mma_matches_the_matrix_product(kind: str) -> None:
     rng = np.random.default_rng(0)
     K = 8 if kind == "tf32" else 16
     for _ in range(5):
-        A, B, C = rng.standard_normal((16, K)), rng.standard_normal((K, 8)), rng.standard_normal((16, 8))
+        A, B = rng.standard_normal((16, K)), rng.standard_normal((K, 8))
+        C = rng.standard_normal((16, 8))
         D = run_mma(kind, A, B, C)
         expected = rounded(A, kind) @ rounded(B, kind) + C.astype(np.float32)
         np.testing.assert_allclose(D, expected, rtol=1e-6, atol=1e-5)
@@ -105,9 +107,11 @@ def test_ldmatrix_follows_the_ptx_layout(trans: bool) -> None:
     for lane in range(32):
         for i in range(4):
             if trans:
-                lo, hi = M[8 * i + 2 * (lane % 4), lane // 4], M[8 * i + 2 * (lane % 4) + 1, lane // 4]
+                row = 8 * i + 2 * (lane % 4)
+                lo, hi = M[row, lane // 4], M[row + 1, lane // 4]
             else:
-                lo, hi = M[8 * i + lane // 4, 2 * (lane % 4)], M[8 * i + lane // 4, 2 * (lane % 4) + 1]
+                row = 8 * i + lane // 4
+                lo, hi = M[row, 2 * (lane % 4)], M[row, 2 * (lane % 4) + 1]
             assert got[lane, i] == int(lo) | (int(hi) << 16), (lane, i)
 
 

@@ -8,7 +8,7 @@
 #include <mmkernels/memory_budget.h>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -21,13 +21,20 @@ namespace mmkernels::cuda {
 // MMKERNELS_CUDA_BACKEND: "fused" (the default) or "cublas" (the fallback, which synchronises
 // with the host). Devices below sm_80 always get the fallback: the fused kernels need mma.sync
 // m16n8k16 and cp.async.
+// A device attribute (cached by the runtime; no synchronisation).
+inline int device_attribute(cudaDeviceAttr what, const at::Tensor& x) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, what, x.device().index()));
+  return v;
+}
+
 inline bool use_cublas_fallback(const char* op, const at::Tensor& x) {
   const char* env = std::getenv("MMKERNELS_CUDA_BACKEND");
   const std::string choice = env ? env : "fused";
   TORCH_CHECK_VALUE(choice == "fused" || choice == "cublas" || choice.empty(), op,
                     ": MMKERNELS_CUDA_BACKEND must be \"fused\" or \"cublas\", got \"", choice, "\"");
   if (choice == "cublas") return true;
-  return at::cuda::getDeviceProperties(x.device().index())->major < 8;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, x) < 8;
 }
 
 inline DType dtype_code(at::ScalarType t) {
@@ -86,7 +93,7 @@ inline FusedProblem start_problem(const char* op, const FusionPlan& p, at::Tenso
   }
   if (subset_mask.has_value()) f.subset_mask = static_cast<const uint8_t*>(keep.dense(*subset_mask).data_ptr());
   if (sample_mask.has_value()) f.sample_mask = static_cast<const uint8_t*>(keep.dense(*sample_mask).data_ptr());
-  f.num_sms = at::cuda::getDeviceProperties(xs[0].device().index())->multiProcessorCount;
+  f.num_sms = device_attribute(cudaDevAttrMultiProcessorCount, xs[0]);
   return f;
 }
 

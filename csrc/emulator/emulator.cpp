@@ -16,6 +16,7 @@
 #endif
 #endif
 #ifdef MMK_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -122,7 +123,14 @@ unsigned char* stack_pool(size_t fibers) {
   static size_t pool_fibers = 0;
   const size_t page = 4096, span = kStackBytes + page;
   if (fibers > pool_fibers) {
-    if (pool) munmap(pool, pool_fibers * span);
+    if (pool) {
+#ifdef MMK_EMU_ASAN
+      // Frames left on the old stacks keep their redzones poisoned: clear the shadow before
+      // the pages go back (the next mapping there, maybe Python's heap, must start clean).
+      for (size_t i = 0; i < pool_fibers; ++i) ASAN_UNPOISON_MEMORY_REGION(pool + i * span + page, kStackBytes);
+#endif
+      munmap(pool, pool_fibers * span);
+    }
     void* p = mmap(nullptr, fibers * span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
     if (p == MAP_FAILED) throw EmulatorError("emulator: cannot map fiber stacks");
@@ -483,6 +491,10 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
           f.view.thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
           f.view.linear = i;
           f.stack = pool + i * (kStackBytes + 4096) + 4096;
+#ifdef MMK_EMU_ASAN
+          // A fiber of an earlier block may have left its frames' redzones poisoned.
+          ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
           // Initial frame: six callee-saved registers (r12 = the fiber), then the trampoline
           // as return address; 16-byte aligned at the trampoline's call.
           auto* top = reinterpret_cast<void**>(f.stack + kStackBytes);

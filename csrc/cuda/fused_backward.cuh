@@ -8,7 +8,7 @@
 //    split order (deterministic: no atomics). Absent rows of x_k are zero-filled as the tile
 //    is copied (selected out: a NaN there never reaches grad_W).
 //  * grad_b: per column, the sum of dZ over the rows (and subsets) the bias reaches, in the
-//    same split-and-reduce scheme.
+//    same split-and-reduce scheme with finer chunks (one thread per column needs many blocks).
 #pragma once
 
 #include "fused_params.h"
@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(kBiasThreads) fused_grad_b_kernel(const Backwa
   int k = 0;
   if (p.late)
     while (k + 1 < p.K && col >= p.dz_off[k + 1]) ++k;
-  const int64_t c0 = (int64_t)split * p.chunk;
-  const int64_t c1 = c0 + p.chunk < p.B ? c0 + p.chunk : p.B;
+  const int64_t c0 = (int64_t)split * p.chunk_b;
+  const int64_t c1 = c0 + p.chunk_b < p.B ? c0 + p.chunk_b : p.B;
   acc_t acc = acc_t(0);
   for (int64_t b = c0; b < c1; ++b) {
     // project_concat: the bias reaches only present blocks (a select, not a product).
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kBiasThreads) fused_grad_b_kernel(const Backwa
         if (!p.late || subset_uses(p.subset_mask, p.K, s, k)) acc += grad_z<Elem>(p, s, b, col);
     }
   }
-  acc_t* ws = static_cast<acc_t*>(p.ws) + (int64_t)split * p.split_elems;
+  acc_t* ws = static_cast<acc_t*>(p.ws) + p.b_base + (int64_t)split * p.b_split_elems;
   ws[p.gb_off[k] + bg * p.gb_group_step[k] + (col - p.dz_off[k])] = acc;
 }
 
@@ -307,14 +307,15 @@ template <typename Elem>
 __global__ void __launch_bounds__(kReduceThreads) fused_reduce_kernel(const ReduceParams r) {
   using acc_t = typename AccOf<Elem>::type;
   const acc_t* ws = static_cast<const acc_t*>(r.ws);
-  for (int64_t e = (int64_t)blockIdx.x * kReduceThreads + threadIdx.x; e < r.split_elems;
+  for (int64_t e = (int64_t)blockIdx.x * kReduceThreads + threadIdx.x; e < r.total;
        e += (int64_t)gridDim.x * kReduceThreads) {
     int seg = 0;
-    while (seg < r.nseg && e >= r.seg_begin[seg] + r.seg_len[seg]) ++seg;
-    if (seg == r.nseg || r.seg_dst[seg] == nullptr) continue;
+    int64_t i = e;
+    while (seg + 1 < r.nseg && i >= r.seg_len[seg]) i -= r.seg_len[seg++];
+    const acc_t* src = ws + r.seg_src[seg] + i;
     acc_t v = acc_t(0);
-    for (int s = 0; s < r.nsplit; ++s) v += ws[(int64_t)s * r.split_elems + e];
-    static_cast<Elem*>(r.seg_dst[seg])[e - r.seg_begin[seg]] = Convert<Elem>::from(v);
+    for (int s = 0; s < r.seg_nsplit[seg]; ++s) v += src[(int64_t)s * r.seg_stride[seg]];
+    static_cast<Elem*>(r.seg_dst[seg])[i] = Convert<Elem>::from(v);
   }
 }
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <string>
+#include <vector>
 #include <stdexcept>
 
 #if defined(MMKERNELS_EMULATOR)
@@ -196,42 +197,70 @@ BackwardParams backward_params(const FusedProblem& f, ReduceParams& red) {
   p.n_wgroups = p.n_bgroups = (int32_t)groups;
   p.want_w = f.grad_weight[0] != nullptr;
   p.want_b = f.grad_bias[0] != nullptr;
-  // The workspace of one split mirrors the gradients' own layouts, one after the other.
+  // One split of each region mirrors the gradients' own layouts, one after the other.
   red = ReduceParams{};
-  int64_t off = 0;
-  auto segment = [&](int64_t len, void* dst) {
-    red.seg_begin[red.nseg] = off;
-    red.seg_len[red.nseg] = len;
-    red.seg_dst[red.nseg] = dst;
-    ++red.nseg;
-    off += len;
+  struct Seg {
+    int64_t off, len;
+    void* dst;
   };
+  std::vector<Seg> w_segs, b_segs;
+  int64_t w_len = 0, b_len = 0;
   if (p.want_w) {
     for (int k = 0; k < f.K; ++k) {
-      p.gw_off[k] = f.late ? off : feat_off[k];
+      p.gw_off[k] = f.late ? w_len : feat_off[k];
       p.gw_ld[k] = f.late ? f.dims[k] : D;
       p.gw_group_step[k] = f.late ? f.widths[k] * f.dims[k] : f.widths[0] * D;
-      if (f.late) segment(groups * f.widths[k] * f.dims[k], f.grad_weight[k]);
+      if (f.late) {
+        w_segs.push_back({w_len, groups * f.widths[k] * f.dims[k], f.grad_weight[k]});
+        w_len += w_segs.back().len;
+      }
     }
-    if (!f.late) segment(groups * f.widths[0] * D, f.grad_weight[0]);
+    if (!f.late) {
+      w_segs.push_back({0, groups * f.widths[0] * D, f.grad_weight[0]});
+      w_len = w_segs.back().len;
+    }
   }
   if (p.want_b) {
     for (int k = 0; k < (f.late ? f.K : 1); ++k) {
-      p.gb_off[k] = off;
+      p.gb_off[k] = b_len;
       p.gb_group_step[k] = f.widths[k];
-      segment(groups * f.widths[k], f.grad_bias[k]);
+      b_segs.push_back({b_len, groups * f.widths[k], f.grad_bias[k]});
+      b_len += b_segs.back().len;
     }
   }
-  p.split_elems = off;
-  // Split the batch so that the partial-sum kernels fill the device about twice.
+  // grad_W: split the batch so that the partial-sum blocks fill the device about twice.
   const int64_t tiles = std::max<int64_t>(1, groups * gw_tiles);
   int64_t ns = ceil_div(2 * (int64_t)std::max(1, f.num_sms), tiles);
   ns = std::min<int64_t>(std::max<int64_t>(ns, 1), std::max<int64_t>(1, ceil_div(f.B, 64)));
   ns = std::min<int64_t>(ns, 256);
   p.chunk = f.B > 0 ? ceil_div(ceil_div(f.B, ns), P::BK) * P::BK : 0;
   p.nsplit = f.B > 0 ? (int32_t)ceil_div(f.B, p.chunk) : 1;
-  red.nsplit = p.nsplit;
-  red.split_elems = p.split_elems;
+  // grad_b: one thread per column walks its chunk's rows: about 8 chunks per multiprocessor,
+  // of at least 64 rows.
+  const int64_t target_b = std::min<int64_t>(4096, 8 * (int64_t)std::max(1, f.num_sms));
+  p.chunk_b = f.B > 0 ? std::max<int64_t>(64, ceil_div(f.B, target_b)) : 0;
+  p.nsplit_b = f.B > 0 ? (int32_t)ceil_div(f.B, p.chunk_b) : 1;
+  p.split_elems = w_len;
+  p.b_split_elems = b_len;
+  p.b_base = (int64_t)p.nsplit * w_len;
+  for (const Seg& g : w_segs) {
+    red.seg_src[red.nseg] = g.off;
+    red.seg_len[red.nseg] = g.len;
+    red.seg_stride[red.nseg] = w_len;
+    red.seg_nsplit[red.nseg] = p.nsplit;
+    red.seg_dst[red.nseg] = g.dst;
+    red.total += g.len;
+    ++red.nseg;
+  }
+  for (const Seg& g : b_segs) {
+    red.seg_src[red.nseg] = p.b_base + g.off;
+    red.seg_len[red.nseg] = g.len;
+    red.seg_stride[red.nseg] = b_len;
+    red.seg_nsplit[red.nseg] = p.nsplit_b;
+    red.seg_dst[red.nseg] = g.dst;
+    red.total += g.len;
+    ++red.nseg;
+  }
   return p;
 }
 
@@ -239,7 +268,7 @@ template <class P>
 int64_t backward_workspace_elems_for(const FusedProblem& f) {
   ReduceParams red;
   const BackwardParams p = backward_params<P>(f, red);
-  return (int64_t)p.nsplit * p.split_elems;
+  return p.b_base + (int64_t)p.nsplit_b * p.b_split_elems;
 }
 
 template <class P, int FaultKind = kNoFault>
@@ -261,11 +290,11 @@ void launch_backward(const FusedProblem& f, void* stream) {
                  stream, p);
   }
   if (p.want_b) {
-    const int64_t blocks = (int64_t)p.nsplit * p.n_bgroups * ceil_div(p.out_ld, kBiasThreads);
+    const int64_t blocks = (int64_t)p.nsplit_b * p.n_bgroups * ceil_div(p.out_ld, kBiasThreads);
     if (blocks > 0) MMK_LAUNCH(fused_grad_b_kernel<Elem>, blocks, kBiasThreads, 0, stream, p);
   }
-  if (p.split_elems > 0) {
-    const int64_t blocks = std::min<int64_t>(ceil_div(p.split_elems, kReduceThreads), 4096);
+  if (red.total > 0) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(red.total, kReduceThreads), 4096);
     MMK_LAUNCH(fused_reduce_kernel<Elem>, blocks, kReduceThreads, 0, stream, red);
   }
 }

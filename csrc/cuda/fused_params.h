@@ -96,25 +96,29 @@ struct BackwardParams {
   // grad_x: column tiles of every modality, flattened.
   void* gx[kMaxModalities];
   int32_t gx_tile_start[kMaxModalities + 1];
-  // Partial sums over batch chunks, reduced in split order: workspace [nsplit][split_elems].
+  // Partial sums over batch chunks, reduced in split order. Workspace: the grad_W partials
+  // [nsplit][split_elems], then the grad_b partials [nsplit_b][b_split_elems] from b_base.
   void* ws;
-  int64_t split_elems, chunk;
-  int32_t nsplit;
+  int64_t split_elems, chunk, b_base, b_split_elems, chunk_b;
+  int32_t nsplit, nsplit_b;
   // grad_W partials: weight groups (S per subset, else 1) x tiles of every modality.
   int32_t n_wgroups, gw_tile_start[kMaxModalities + 1];
   int32_t want_w, want_b;
   int64_t gw_off[kMaxModalities], gw_ld[kMaxModalities], gw_group_step[kMaxModalities];
-  // grad_b partials: bias groups x (one per column of dZ).
+  // grad_b partials: bias groups x (one thread per column of dZ).
   int32_t n_bgroups;
   int64_t gb_off[kMaxModalities], gb_group_step[kMaxModalities];
 };
 
-// The fixed-order reduction of the partials into the gradients (each segment contiguous).
+// The fixed-order reduction of the partials into the gradients. Segment i: its gradient
+// (seg_len elements, contiguous) is the sum over seg_nsplit partials, partial s at
+// ws + seg_src[i] + s * seg_stride[i]; the segments' elements are enumerated one after another.
 struct ReduceParams {
-  int32_t nsplit, nseg, dtype_out_f64;
+  int32_t nseg;
   const void* ws;
-  int64_t split_elems;
-  int64_t seg_begin[2 * kMaxModalities], seg_len[2 * kMaxModalities];
+  int64_t total;  // sum of seg_len
+  int64_t seg_src[2 * kMaxModalities], seg_len[2 * kMaxModalities], seg_stride[2 * kMaxModalities];
+  int32_t seg_nsplit[2 * kMaxModalities];
   void* seg_dst[2 * kMaxModalities];
 };
 

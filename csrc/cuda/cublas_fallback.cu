@@ -215,7 +215,7 @@ at::Tensor concat_project(at::TensorList xs, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& subset_mask,
                                const c10::optional<at::Tensor>& sample_mask,
                                c10::string_view activation) {
-  const auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
+  auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   read_subsets(p, subset_mask);
   check_modality_count("concat_project", p);
@@ -232,7 +232,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
     const c10::optional<at::Tensor>& subset_mask, const c10::optional<at::Tensor>& sample_mask,
     c10::string_view activation, std::array<bool, 3> output_mask) {
   const char* op = "concat_project_backward";
-  const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
+  auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   read_subsets(p, subset_mask);
   check_modality_count(op, p);
@@ -305,7 +305,7 @@ at::Tensor project_concat(at::TensorList xs, at::TensorList weights, at::TensorL
                                const c10::optional<at::Tensor>& subset_mask,
                                const c10::optional<at::Tensor>& sample_mask,
                                c10::string_view activation) {
-  const auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
+  auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   read_subsets(p, subset_mask);
   check_modality_count("project_concat", p);
@@ -323,7 +323,7 @@ project_concat_backward(const at::Tensor& grad_out, const at::Tensor& out, at::T
                              const c10::optional<at::Tensor>& sample_mask,
                              c10::string_view activation, std::array<bool, 3> output_mask) {
   const char* op = "project_concat_backward";
-  const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
+  auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
   read_subsets(p, subset_mask);
   check_modality_count(op, p);

@@ -155,11 +155,7 @@ __global__ void __launch_bounds__(P::THREADS)
         if (subset_uses(p.subset_mask, p.K, s, q) && ((segs >> q) & 1u)) combo |= 1u << q;
     }
     const bool block_used = !p.late || subset_uses(p.subset_mask, p.K, s, cg);
-    MMK_UNROLL
-    for (int i = 0; i < P::ACC; ++i) {
-      int r, c;
-      P::coord(tid, i, r, c);
-      if (r >= rows_left || c >= cols_left) continue;
+    auto value = [&](int i, int r, int c) {
       acc_t v = bias_s ? to_acc(bias_s[n0 + c]) : acc_t(0);
       MMK_UNROLL
       for (int q = 0; q < NK; ++q)
@@ -167,7 +163,30 @@ __global__ void __launch_bounds__(P::THREADS)
       if (p.relu && v < acc_t(0)) v = acc_t(0);
       // project_concat: an absent block is exactly zero (the bias must not leak); a select.
       if (p.late && !(block_used && ((sload(&row_bits[r]) >> cg) & 1u))) v = acc_t(0);
-      out[(m0 + r) * p.out_ld + p.col_off[cg] + n0 + c] = Convert<Elem>::from(v);
+      return Convert<Elem>::from(v);
+    };
+    // Tensor-core accumulators come in column pairs (c, c + 1): one 2-element store each when
+    // the output rows allow it.
+    const bool pairs = P::kPairs && p.out_ld % 2 == 0 && p.col_off[cg] % 2 == 0 &&
+                       reinterpret_cast<uintptr_t>(out) % (2 * sizeof(Elem)) == 0;
+    MMK_UNROLL
+    for (int i = 0; i < P::ACC; i += P::kPairs ? 2 : 1) {
+      int r, c;
+      P::coord(tid, i, r, c);
+      if (r >= rows_left || c >= cols_left) continue;
+      Elem* o = &out[(m0 + r) * p.out_ld + p.col_off[cg] + n0 + c];
+      const Elem v0 = value(i, r, c);
+      if (P::kPairs && c + 1 < cols_left) {
+        const Elem v1 = value(i + 1, r, c + 1);
+        if (pairs) {
+          store_pair(o, v0, v1);
+        } else {
+          o[0] = v0;
+          o[1] = v1;
+        }
+      } else {
+        o[0] = v0;
+      }
     }
   }
 }

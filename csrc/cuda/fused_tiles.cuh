@@ -48,6 +48,7 @@ template <typename Elem, int BK_>
 struct MmaPolicy : TileShape<Elem, 64, 64, BK_, 128, 3> {
   using S = TileShape<Elem, 64, 64, BK_, 128, 3>;
   static constexpr int MT = 2, NT = 4, ACC = MT * NT * 4;
+  static constexpr bool kPairs = true;  // accumulators 2j, 2j + 1: columns c, c + 1 of one row
   static constexpr bool kTF32 = sizeof(Elem) == 4;
 
   // Row and column in the block tile of accumulator i of this thread.
@@ -124,6 +125,7 @@ struct SimtPolicy : TileShape<Elem, 64, 64, 16, 256, sizeof(Elem) == 8 ? 2 : 3> 
   using S = TileShape<Elem, 64, 64, 16, 256, sizeof(Elem) == 8 ? 2 : 3>;
   using acc_t = typename S::acc_t;
   static constexpr int ACC = 16;
+  static constexpr bool kPairs = false;
 
   MMK_DEVICE static void coord(int tid, int i, int& row, int& col) {
     row = (tid >> 4) + 16 * (i >> 2);
@@ -152,6 +154,15 @@ struct SimtPolicy : TileShape<Elem, 64, 64, 16, 256, sizeof(Elem) == 8 ? 2 : 3> 
 // mask is read on the device by every block that needs it: no host copy, no sync.
 MMK_DEVICE bool subset_uses(const uint8_t* subset_mask, int K, int64_t s, int k) {
   return subset_mask == nullptr || subset_mask[s * K + k] != 0;
+}
+
+// Two adjacent elements in one store (p aligned to 2 * sizeof(T)).
+template <typename T>
+MMK_DEVICE void store_pair(T* p, T a, T b) {
+  struct alignas(2 * sizeof(T)) Pair {
+    T a, b;
+  };
+  *reinterpret_cast<Pair*>(p) = Pair{a, b};
 }
 
 // ---- predicated tile copy -------------------------------------------------------------------------

@@ -464,7 +464,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   if (g_block) throw EmulatorError("emulator: launch from inside a launch");
   const int n = (int)(block.x * block.y * block.z);
   if (n <= 0 || n > 1024) throw EmulatorError("emulator: a block has 1 to 1024 threads");
-  if (smem_bytes > 227 * 1024) throw EmulatorError("emulator: more than 227 KiB of shared memory");
+  // The default dynamic shared-memory limit of a launch (more needs cudaFuncSetAttribute,
+  // which the kernels do not call).
+  if (smem_bytes > 48 * 1024) throw EmulatorError("emulator: more than 48 KiB of dynamic shared memory");
   unsigned char* pool = stack_pool(n);
   Block b;
   b.body = &body;

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -49,7 +50,7 @@ inline DType dtype_code(at::ScalarType t) {
 // Keeps the contiguous copies a launch points into alive until the call returns (the copies
 // are stream-ordered: freeing them after the launch is safe with the caching allocator).
 struct Keep {
-  std::vector<at::Tensor> tensors;
+  std::deque<at::Tensor> tensors;  // a deque: references to earlier entries stay valid
   const at::Tensor& operator()(at::Tensor t) {
     tensors.push_back(std::move(t));
     return tensors.back();

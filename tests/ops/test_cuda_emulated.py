@@ -91,3 +91,12 @@ def test_more_than_four_modalities_under_subsets(dtype: torch.dtype, tf32: bool)
     """K > 4 with one shared weight: one launch over (subset, tile) pairs instead."""
     case = Case(False, [3, 9, 17, 2, 30, 8], 65, [20], 9, False, 0.8, True, True, dtype, tf32, 3)
     run_case(case, check=True)
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("per_subset", [False, True])
+def test_no_subsets_at_all(late: bool, per_subset: bool) -> None:
+    """subset_mask [0, K]: an empty output, and zero weight and bias gradients."""
+    widths = [5, 6] if late else [7]
+    case = Case(late, [3, 9], 17, widths, 0, per_subset, 0.5, True, True, torch.float32, False, 2)
+    run_case(case, check=True)

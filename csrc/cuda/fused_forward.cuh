@@ -31,7 +31,7 @@ struct ForwardSmem {
 };
 
 template <class P, int NK, int FaultKind = kNoFault>
-__global__ void __launch_bounds__(P::THREADS)
+__global__ void __launch_bounds__(P::THREADS, P::MIN_BLOCKS)
     fused_forward_kernel(const ForwardParams p) {
   using Elem = typename P::elem;
   using acc_t = typename P::acc_t;

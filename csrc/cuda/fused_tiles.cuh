@@ -21,6 +21,9 @@ struct TileShape {
   using elem = Elem;
   using acc_t = typename AccOf<Elem>::type;
   static constexpr int BM = BM_, BN = BN_, BK = BK_, THREADS = Threads, STAGES = Stages;
+  // Blocks per multiprocessor promised to ptxas: with none it may trade a few spills for
+  // occupancy; 2 blocks of 128 threads still allow 255 registers a thread.
+  static constexpr int MIN_BLOCKS = Threads <= 128 ? 2 : 1;
   static constexpr int PAD = 16 / (int)sizeof(Elem);
   // Leading dimensions (elements) of the two storage orders.
   static constexpr int LD_K = BK + PAD;   // [m][k] or [n][k]

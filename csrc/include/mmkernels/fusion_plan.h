@@ -190,9 +190,11 @@ inline void check_backward(const char* op, const FusionShape& s, bool concat_fir
 
 inline void fill_subsets(FusionPlan& p, const c10::optional<at::Tensor>& subset_mask) {
   p.uses.assign(p.S * p.K, 1);
-  if (p.has_subsets) {
-    // The subset mask is tiny ([S, K]); a host copy lets every backend plan on the CPU.
-    const at::Tensor m = subset_mask->to(at::kCPU).contiguous();
+  // The subset mask is tiny ([S, K]); read on the host it lets a backend plan on the CPU. A
+  // mask on another device is not read here (the copy would synchronise with the host): `uses`
+  // stays all ones, a superset, and that backend reads the mask on its device (csrc/cuda).
+  if (p.has_subsets && subset_mask->is_cpu()) {
+    const at::Tensor m = subset_mask->contiguous();
     const bool* ptr = m.data_ptr<bool>();
     for (int64_t i = 0; i < p.S * p.K; ++i) p.uses[i] = ptr[i] ? 1 : 0;
   }

@@ -42,36 +42,8 @@ RidgeCV on the same folds), all subsets and folds of a group in one batched solv
   and gradient are computed in float32 then). Each evaluation is the fused native op
   mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
   Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
-  Why this solver:
-  - The cost is one pass over Z per evaluation: 4 n H C flops and n H words per subset (~40
-    MFLOP and 6.8 MB at n = 13,200, H = 128, C = 6, float32); the kernel runs at ~55 ns per
-    row of Z per thread here (~0.75 ms per subset evaluation, ~55 GFLOP/s). L-BFGS needs about one
-    evaluation per iteration (the unit step is accepted almost always) and takes the same
-    iteration counts as sklearn's lbfgs on the same objective and gtol (5-20 on the benchmark),
-    so the speed-up over sklearn's loop is the kernel's speed plus the batching.
-  - Newton was rejected: its Hessian costs n (H C)^2 per iteration, ~8 GFLOP per subset at H =
-    128, C = 6, i.e. ~200 evaluations' worth, to save ~10 iterations.
-  - A warm start from the ridge solution (one Newton step from W = 0 with the Gram) costs a
-    Gram per subset, 2 n (H+1)^2 flops (~11 evaluations' worth of flops at H = 128, C = 6).
-    Tried on the benchmark: 77 iterations instead of 91 over the 7 subsets, but 25 % slower
-    overall (the Gram took more time than the 14 evaluations saved); not used.
-  - The solver's own algebra is on [k, (H+1) C] tensors a history slot at a time: ~80 small
-    op calls per iteration, ~0.75 ms, ~15 ms of a ~60-100 ms fit at the benchmark's shapes
-    (the evaluations are the rest). Moving it into C++ would save at most that.
-  Threads: fit never changes torch's thread count (process-global state, unsafe with several
-  Python threads; the old code set 1 thread around the solver). Instead:
-  - the native op uses up to the caller's torch.get_num_threads(): helpers from ATen's
-    inter-op pool claim (subset, row block) tasks from a shared counter and the caller runs
-    what they have not claimed, so it never waits for a helper that has not got a CPU yet (an
-    OpenMP region waits for every team thread: on this 2-core machine shared with other busy
-    processes that made 2 threads 2.5x slower than 1); below ~1M elements of Z per call the
-    op runs on the calling thread;
-  - the solver's own ops stay below PyTorch's intra-op grain (serial): subsets are solved in
-    groups of k with k (H+1) C < 32768, and gathers use index_select / index_copy_.
-  Results depend on the thread count only through the op's summation order (rounding level),
-  and so, once one op call covers >= 2^20 elements of Z (K n H for the K subsets it
-  evaluates), on K too: the rows of a subset are split into blocks by the thread count and K,
-  so a subset's bits can change with the other subsets evaluated alongside it (see fit).
+  Why this solver, and how it uses threads (results depend on the thread count only through
+  the op's summation order): docs/heads.md.
 
 Risks reported by Heads.risk are unpenalised and unweighted means: the mean squared error
 (averaged over outputs) for regression, the mean cross-entropy (nats) for classification.

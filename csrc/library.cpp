@@ -1,10 +1,10 @@
 // Every op schema of the package, and the Python module that carries the build information.
-// Kernels register per dispatch key: csrc/cpu, csrc/cuda, csrc/meta (the fused ops' shape
-// checks, for meta and fake tensors) and csrc/autocast; autograd lives in mmkernels/ops.py,
-// with the head ops' fake kernels.
+// Kernels register per dispatch key: csrc/cpu, csrc/cuda, csrc/meta (every op's shape checks,
+// for meta and fake tensors) and csrc/autocast; autograd lives in mmkernels/ops.py.
 #include <torch/library.h>
 
 #include <mmkernels/accumulation.h>
+#include <mmkernels/allocation_cache.h>
 #include <mmkernels/memory_budget.h>
 
 #ifndef MMKERNELS_NO_PYTHON
@@ -67,5 +67,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
   m.def("accumulation_dtype", &mmkernels::accumulation_dtype,
         "the dtype the native ops accumulate inputs of a dtype in");
+  m.def("set_allocation_cache", &mmkernels::set_allocation_cache,
+        "cache freed large CPU blocks up to limit_bytes (0: off); whether it is on");
+  m.def(
+      "allocation_cache_stats",
+      [] {
+        const auto s = mmkernels::allocation_cache_stats();
+        return std::make_tuple(s.cached_bytes, s.hits, s.misses);
+      },
+      "(cached bytes, hits, misses) of the CPU allocation cache");
 }
 #endif

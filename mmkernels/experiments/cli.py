@@ -346,6 +346,9 @@ def reproduce(args: argparse.Namespace) -> int:
                      _sweep_config(args, fusion="late")))
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mmkernels.cpu_memory import enable_allocation_cache
+
+    enable_allocation_cache()  # training steps reuse their large tensors' pages
     progress = not args.no_progress
     record = {"subcommand": "reproduce",
               "options": {k: getattr(args, k) for k in _REPRODUCE_OPTIONS}}
@@ -452,6 +455,9 @@ def sweep(args: argparse.Namespace) -> int:
                      standardize=not args.no_standardize)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mmkernels.cpu_memory import enable_allocation_cache
+
+    enable_allocation_cache()  # training steps reuse their large tensors' pages
     record = {"subcommand": "sweep", "options": {k: getattr(args, k) for k in _SWEEP_OPTIONS}}
     with _results_folder(args, record) as store:
         t0 = time.perf_counter()

@@ -24,10 +24,14 @@ __all__ = ["RayExecutor", "as_completed_any", "run_with_threads"]
 
 
 def run_with_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` with ``threads`` torch threads (in a worker process, which owns them)."""
+    """``fn(*args)`` with ``threads`` torch threads and the CPU allocation cache
+    (mmkernels.cpu_memory), in a worker process, which owns both."""
     import torch
 
+    from mmkernels.cpu_memory import enable_allocation_cache
+
     torch.set_num_threads(threads)
+    enable_allocation_cache()
     return fn(*args)
 
 

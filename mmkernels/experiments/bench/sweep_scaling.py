@@ -16,6 +16,11 @@ native head op's share of the refits. Baselines in the same run, on the same tra
   encoder re-run and Z re-scanned for NaN at every L-BFGS evaluation): the seconds of one such
   evaluation, measured over three, times the evaluations the padded fit needed. An estimate:
   the real run takes over 20 minutes.
+* allocation cache: training steps of the cell's model (forward, backward, Adam) with and
+  without the CPU allocation cache (mmkernels.cpu_memory; the sweep turns it on), in
+  alternating rounds, CPU seconds per step (median of the rounds).
+
+The whole cell runs with the allocation cache on, as `mmkernels sweep` does.
 
 Part 2, cost against K = 2..max-k (S = 3..255): K views of width 32, 2,000 samples, 10 classes,
 hidden 32, scaling-epochs epochs, the sweep's defaults otherwise. Reported per K: the (subset,
@@ -191,6 +196,39 @@ def _baselines(data, cfg, model) -> dict[str, Any]:
             "streamed_over_compact_estimate": per_eval * evaluations / t_compact}
 
 
+def _allocation_cache_steps(data, cfg, rounds: int = 5, steps: int = 3) -> dict[str, float]:
+    """CPU seconds per training step with and without the allocation cache, interleaved."""
+    from mmkernels import cpu_memory
+    from mmkernels.experiments import sweep
+
+    model = sweep._model(data, cfg, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    xs, y = data.train_xs, data.train_y
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model.losses(model(xs, data.train_mask), y).sum().backward()
+        opt.step()
+
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                if mode == "on":
+                    cpu_memory.enable_allocation_cache()
+                else:
+                    cpu_memory.disable_allocation_cache()
+                step()  # the first step of a mode fills the cache (or empties it)
+                c = time.process_time()
+                for _ in range(steps):
+                    step()
+                times[mode].append((time.process_time() - c) / steps)
+    finally:
+        cpu_memory.enable_allocation_cache()
+    on, off = float(np.median(times["on"])), float(np.median(times["off"]))
+    return {"step_cpu_s_cache_on": on, "step_cpu_s_cache_off": off, "off_over_on": off / on}
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -230,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    from mmkernels.cpu_memory import enable_allocation_cache
+
+    enable_allocation_cache()  # as mmkernels sweep does
     res: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg()}
     print(f"# {res['machine']}\n# load average {res['load_before']}")
     try:
@@ -258,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"streamed path {base['streamed_eval_s']:.2f} s per evaluation x "
                   f"{base['evaluations']} evaluations = ~{base['streamed_refit_estimate_s']:.0f}"
                   f" s (estimate, {base['streamed_over_compact_estimate']:.0f}x)")
+            steps = _allocation_cache_steps(six, cfg)
+            res["allocation_cache"] = steps
+            print(f"training step: {steps['step_cpu_s_cache_on']:.3f} s CPU with the allocation"
+                  f" cache, {steps['step_cpu_s_cache_off']:.3f} s without "
+                  f"({steps['off_over_on']:.2f}x)", flush=True)
         rows = []
         if "scaling" not in args.skip:
             for K in range(2, args.max_k + 1):

@@ -21,7 +21,7 @@ from mmkernels.ops import concat_project, project_concat  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY = ("eta", "heads", "memory", "nn", "reference", "subsets", "training")
+_LAZY = ("cpu_memory", "eta", "heads", "memory", "nn", "reference", "subsets", "training")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -271,7 +271,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def run_gram(z: torch.Tensor, y: torch.Tensor, num_sms: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def run_gram(z: torch.Tensor, y: torch.Tensor,
+             num_sms: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """mmkernels::gram's CUDA kernels on CPU tensors z [S, n, H] (unit stride along H) and y
     [n] or [n, T]; G and R are poisoned (NaN) before the kernels run."""
     assert z.dim() == 3 and (z.shape[2] <= 1 or z.stride(2) == 1)

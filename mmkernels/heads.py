@@ -78,6 +78,13 @@ Risks reported by Heads.risk are unpenalised and unweighted means: the mean squa
 
 The native ops have Meta kernels in C++ (csrc/meta/heads_meta.cpp: torch.library.opcheck
 passes) and no autograd: they are solver internals, never differentiated.
+
+On a GPU (Z a CUDA tensor, or an encoder whose output is one) every tensor the solvers make is
+on Z's device and the ops run their CUDA kernels (csrc/cuda/gram.cuh, softmax_regression.cuh:
+fixed-order reductions, so a given GPU gives the same bits run to run). The L-BFGS reads the
+device once per iteration when every problem accepts its unit step (the acceptance and the
+convergence test read together); a halved step or a problem finishing adds a read. GPU
+results agree with the CPU's to rounding, not bit for bit (other summation orders).
 """
 
 from __future__ import annotations

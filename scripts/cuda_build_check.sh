@@ -4,8 +4,8 @@
 # a smoke test of it (a CUDA kernel for every op, registration, opcheck, Meta kernels: what the
 # CUDA build adds; the CPU suite runs on the CPU build). The CUDA venv is cached outside the
 # clone.
-#   * ptxas's resource report (-Xptxas -v) of every fused kernel, for sm_80 and sm_90: no
-#     spill stores or loads and no stack frame (local memory) in any of them;
+#   * ptxas's resource report (-Xptxas -v) of every fused and head-refit kernel, for sm_80 and
+#     sm_90: no spill stores or loads and no stack frame (local memory) in any of them;
 #   * cuobjdump --list-elf: the extension carries sm_80 and sm_90 machine code.
 # MMKERNELS_CUDA_BUILD_DIR=DIR builds in DIR instead (kept: a second run recompiles only what
 # changed) -- for iterating on the kernels.
@@ -38,7 +38,7 @@ echo "cuda_build_check: built in $(( $(date +%s) - start )) s"
 
 # ptxas reports, per kernel and arch: "Compiling entry function 'NAME' for 'sm_XX'", then
 # "N bytes stack frame, N bytes spill stores, N bytes spill loads". Every fused kernel
-# (fused_*_kernel) must show zeros.
+# (fused_*_kernel) and head-refit kernel (gram_*, softmax_*) must show zeros.
 "$CU_VENV/bin/python" - cuda-build.log <<'EOF'
 import re
 import sys
@@ -50,10 +50,10 @@ entries = re.findall(
     text,
     flags=re.S,
 )
-fused = [e for e in entries if "fused_" in e[0]]
+fused = [e for e in entries if any(k in e[0] for k in ("fused_", "gram_", "softmax_"))]
 bad = [e for e in fused if any(int(v) for v in e[2:])]
 archs = sorted({e[1] for e in fused})
-print(f"cuda_build_check: {len(fused)} fused kernel builds ({', '.join(archs)}), "
+print(f"cuda_build_check: {len(fused)} fused and head kernel builds ({', '.join(archs)}), "
       f"{len(bad)} with spills or a stack frame")
 for name, arch, *counts in bad:
     print(f"  {arch} {name}: stack {counts[0]} B, spill stores {counts[1]} B, loads {counts[2]} B")

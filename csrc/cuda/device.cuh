@@ -94,6 +94,23 @@ MMK_DEVICE double mmk_log(double v) {
 #endif
 }
 
+// 1 / v, correctly rounded (as the division): the intrinsic has no slow-path call, whose
+// register saves would give the kernel a stack frame.
+MMK_DEVICE float mmk_rcp(float v) {
+#if defined(MMKERNELS_EMULATOR)
+  return 1.0f / v;
+#else
+  return __frcp_rn(v);
+#endif
+}
+MMK_DEVICE double mmk_rcp(double v) {
+#if defined(MMKERNELS_EMULATOR)
+  return 1.0 / v;
+#else
+  return __drcp_rn(v);
+#endif
+}
+
 // Element conversions to and from the accumulation type.
 MMK_DEVICE float to_float(float v) { return v; }
 MMK_DEVICE float to_float(bf16 v) { return __bfloat162float(v); }

@@ -76,7 +76,7 @@ MMK_DEVICE T warp_max(T v) {
 template <typename Elem, typename Acc>
 MMK_DEVICE void softmax_stage_z(const SoftmaxParams& p, const Elem* zs, int64_t r0,
                                 int64_t r_end, int64_t h0, Acc* zt) {
-  for (int e = threadIdx.x; e < p.rows * kSoftmaxCols; e += kSoftmaxThreads) {
+  for (int e = (int)threadIdx.x; e < p.rows * kSoftmaxCols; e += kSoftmaxThreads) {
     const int r = e / kSoftmaxCols, h = e % kSoftmaxCols;
     const int64_t row = r0 + r, col = h0 + h;
     sstore(&zt[e], row < r_end && col < p.H ? to_acc(zs[row * p.z_ld + col]) : Acc(0));
@@ -84,15 +84,17 @@ MMK_DEVICE void softmax_stage_z(const SoftmaxParams& p, const Elem* zs, int64_t 
 }
 
 template <typename Elem, typename Acc>
-__global__ void __launch_bounds__(kSoftmaxThreads)
+__global__ void __launch_bounds__(kSoftmaxThreads, 1)
 softmax_partial_kernel(SoftmaxParams p) {
   MMK_DYNAMIC_SMEM(smem);
-  const int BM = p.rows;
-  const int64_t C = p.C, H = p.H;
+  // Tile-local indices are 32-bit (a tile holds at most 32 x C elements, C below the shared
+  // memory's limit): 64-bit division by a run-time C would call a subroutine (a stack frame).
+  const int BM = p.rows, C = (int)p.C;
+  const int64_t H = p.H;
   Acc* zt = reinterpret_cast<Acc*>(smem);  // [BM][32]
   Acc* lg = zt + BM * kSoftmaxCols;        // [BM][C]: logits, then their gradient
   Acc* rl = lg + BM * C;                   // [BM]: the rows' losses
-  const int64_t k = blockIdx.x / p.nsplit, split = blockIdx.x % p.nsplit;
+  const int k = (int)(blockIdx.x / p.nsplit), split = (int)(blockIdx.x % p.nsplit);
   const int64_t s = p.subset_index ? p.subset_index[k] : k;
   const bool bad_subset = s < 0 || s >= p.S;
   const Elem* zs = static_cast<const Elem*>(p.z) + (bad_subset ? 0 : s) * p.z_ss;
@@ -109,16 +111,16 @@ softmax_partial_kernel(SoftmaxParams p) {
   __syncthreads();
   for (int64_t r0 = r_begin; r0 < r_end; r0 += BM) {
     // 1. logits: lg[r][c] = b[c] + sum_h z[r][h] W[h][c], each element owned by one thread.
-    for (int64_t e = threadIdx.x; e < BM * C; e += kSoftmaxThreads) sstore(&lg[e], bk[e % C]);
+    for (int e = (int)threadIdx.x; e < BM * C; e += kSoftmaxThreads) sstore(&lg[e], bk[e % C]);
     __syncthreads();  // with H = 0 the logits are the bias, read by other threads below
     for (int64_t h0 = 0; h0 < H; h0 += kSoftmaxCols) {
       softmax_stage_z<Elem, Acc>(p, zs, r0, r_end, h0, zt);
       __syncthreads();
-      const int64_t hn = H - h0 < kSoftmaxCols ? H - h0 : kSoftmaxCols;
-      for (int64_t e = threadIdx.x; e < BM * C; e += kSoftmaxThreads) {
-        const int64_t r = e / C, c = e % C;
+      const int hn = H - h0 < kSoftmaxCols ? (int)(H - h0) : kSoftmaxCols;
+      for (int e = (int)threadIdx.x; e < BM * C; e += kSoftmaxThreads) {
+        const int r = e / C, c = e % C;
         Acc v = sload(&lg[e]);
-        for (int64_t h = 0; h < hn; ++h)
+        for (int h = 0; h < hn; ++h)
           v = mmk_fma(sload(&zt[r * kSoftmaxCols + h]), wk[(h0 + h) * C + c], v);
         sstore(&lg[e], v);
       }
@@ -129,14 +131,14 @@ softmax_partial_kernel(SoftmaxParams p) {
       const int64_t row = r0 + r;
       Acc* lr = lg + r * C;
       if (row >= r_end) {
-        for (int64_t c = lane; c < C; c += 32) sstore(&lr[c], Acc(0));
+        for (int c = lane; c < C; c += 32) sstore(&lr[c], Acc(0));
         if (lane == 0) sstore(&rl[r], Acc(0));
         continue;
       }
       const int64_t label = p.y[row];
       const bool bad_label = label < 0 || label >= C;
       Acc m = -std::numeric_limits<Acc>::infinity(), picked = Acc(0);
-      for (int64_t c = lane; c < C; c += 32) {
+      for (int c = lane; c < C; c += 32) {
         const Acc v = sload(&lr[c]);
         m = nan_max(m, v);
         if (c == label) picked = v;
@@ -144,10 +146,10 @@ softmax_partial_kernel(SoftmaxParams p) {
       m = warp_max(m);
       picked = warp_sum(picked);  // one lane holds the label's logit, the others 0
       Acc sum = Acc(0);
-      for (int64_t c = lane; c < C; c += 32) sum += mmk_exp(sload(&lr[c]) - m);
+      for (int c = lane; c < C; c += 32) sum += mmk_exp(sload(&lr[c]) - m);
       sum = warp_sum(sum);
-      const Acc wi = sw ? sw[row] : Acc(1), inv = Acc(1) / sum;
-      for (int64_t c = lane; c < C; c += 32) {
+      const Acc wi = sw ? sw[row] : Acc(1), inv = mmk_rcp(sum);
+      for (int c = lane; c < C; c += 32) {
         const Acc prob = mmk_exp(sload(&lr[c]) - m) * inv;
         const Acc d = wi * (prob - (c == label ? Acc(1) : Acc(0)));
         sstore(&lr[c], bad_label ? nan : d);
@@ -159,9 +161,9 @@ softmax_partial_kernel(SoftmaxParams p) {
     for (int64_t h0 = 0; h0 < H; h0 += kSoftmaxCols) {
       softmax_stage_z<Elem, Acc>(p, zs, r0, r_end, h0, zt);
       __syncthreads();
-      const int64_t hn = H - h0 < kSoftmaxCols ? H - h0 : kSoftmaxCols;
-      for (int64_t e = threadIdx.x; e < hn * C; e += kSoftmaxThreads) {
-        const int64_t h = e / C, c = e % C;
+      const int hn = H - h0 < kSoftmaxCols ? (int)(H - h0) : kSoftmaxCols;
+      for (int e = (int)threadIdx.x; e < hn * C; e += kSoftmaxThreads) {
+        const int h = e / C, c = e % C;
         Acc v = Acc(0);
         for (int r = 0; r < BM; ++r)
           v = mmk_fma(sload(&zt[r * kSoftmaxCols + h]), sload(&lg[r * C + c]), v);
@@ -169,7 +171,7 @@ softmax_partial_kernel(SoftmaxParams p) {
       }
       __syncthreads();
     }
-    for (int64_t c = threadIdx.x; c < C; c += kSoftmaxThreads) {
+    for (int c = (int)threadIdx.x; c < C; c += kSoftmaxThreads) {
       Acc v = Acc(0);
       for (int r = 0; r < BM; ++r) v += sload(&lg[r * C + c]);
       part[H * C + c] += v;

@@ -146,11 +146,14 @@ def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: 
     return state + op + convert
 
 
-def _softmax_group(S: int, P: int) -> int:
+def _softmax_group(S: int, P: int, device: torch.device | str = "cpu") -> int:
     """Problems solved at once: k with k * P below PyTorch's intra-op grain (see _lbfgs), so
     the solver's own tensor ops run serially; all S with one torch thread (every op is serial
-    then, and one group per call keeps the Python work per iteration independent of S)."""
-    return S if torch.get_num_threads() == 1 else min(S, max(1, (_GRAIN - 1) // P))
+    then, and one group per call keeps the Python work per iteration independent of S), and
+    all S on a GPU (where the grain does not apply and a group is a launch per op)."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() == 1:
+        return S
+    return min(S, max(1, (_GRAIN - 1) // P))
 
 
 # ---- sources of Z: a tensor, an encoder applied chunk by chunk, or Z grouped by width ----------
@@ -764,7 +767,7 @@ def fit(
                       _ridge_bytes(S, H, T))
         return _fit_ridge(z, y, lam)
     C = (int(y.max()) + 1 if num_classes is None else max(1, int(num_classes)))
-    group = _softmax_group(S, (H + 1) * C)
+    group = _softmax_group(S, (H + 1) * C, dev)
     _check_budget(f"the softmax refit of S = {S} subsets at H = {H}, C = {C} (L-BFGS history "
                   f"{history})", _softmax_bytes(S, H, C, history, n, zdtype.itemsize, group))
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
@@ -1046,7 +1049,7 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     theta0 = None if theta0 is None else shift(theta0, 1.0)
     # With several threads, problems are solved in groups of g with g * P below PyTorch's
     # intra-op grain, so that the solver's own tensor ops run serially (see _lbfgs).
-    size = _softmax_group(k, P)
+    size = _softmax_group(k, P, dev)
     if size >= k:
         th, conv, its = _lbfgs(evaluate, k, P, tol, max_iter, history, theta0, subsets_of, diag,
                                dev)
@@ -1502,8 +1505,8 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
     k, P = F * S, (H + 1) * C
     _check_budget(f"the softmax cross-validation of S = {S} subsets at H = {H}, C = {C} ({F} "
                   f"folds, L-BFGS history {history})",
-                  _softmax_bytes(k, H, C, history, n, z.dtype.itemsize, _softmax_group(k, P))
-                  + 8 * k * P)
+                  _softmax_bytes(k, H, C, history, n, z.dtype.itemsize,
+                                 _softmax_group(k, P, z.device)) + 8 * k * P)
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
     tol = _default_tol(tol, z.dtype)
     train, held = _fold_rows(fold, F)

@@ -131,3 +131,15 @@ def test_an_lbfgs_iteration_reads_the_device_once() -> None:
     assert len(plain) >= 5, segments  # most iterations are plain ones
     assert all(s == ["tolist"] for s in plain), segments
     assert int(fitted.n_iter.max()) >= len(plain)
+
+
+def test_on_a_gpu_every_problem_is_solved_in_one_group() -> None:
+    """The CPU solves problems in groups below PyTorch's intra-op grain (serial ops with
+    several threads); on a GPU that would only multiply the launches per iteration."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert heads._softmax_group(63, 129 * 10, "cpu") < 63
+        assert heads._softmax_group(63, 129 * 10, "cuda") == 63
+    finally:
+        torch.set_num_threads(before)

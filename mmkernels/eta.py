@@ -273,7 +273,7 @@ def refit_quality(
         offsets = [0]
         for b in blocks:
             offsets.append(offsets[-1] + int(b))
-        columns = [torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in s])
+        columns = [torch.cat([torch.arange(offsets[k], offsets[k + 1], device="cpu") for k in s])
                    for s in subs]
 
     cv = l2 == "cv"

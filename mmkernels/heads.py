@@ -50,6 +50,13 @@ Risks reported by Heads.risk are unpenalised and unweighted means: the mean squa
 
 The native ops have Meta kernels in C++ (csrc/meta/heads_meta.cpp: torch.library.opcheck
 passes) and no autograd: they are solver internals, never differentiated.
+
+On a GPU (Z a CUDA tensor, or an encoder whose output is one) every tensor the solvers make is
+on Z's device and the ops run their CUDA kernels (csrc/cuda/gram.cuh, softmax_regression.cuh:
+fixed-order reductions, so a given GPU gives the same bits run to run). The L-BFGS reads the
+device once per iteration when every problem accepts its unit step (the acceptance and the
+convergence test read together); a halved step or a problem finishing adds a read. GPU
+results agree with the CPU's to rounding, not bit for bit (other summation orders).
 """
 
 from __future__ import annotations
@@ -111,11 +118,14 @@ def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: 
     return state + op + convert
 
 
-def _softmax_group(S: int, P: int) -> int:
+def _softmax_group(S: int, P: int, device: torch.device | str = "cpu") -> int:
     """Problems solved at once: k with k * P below PyTorch's intra-op grain (see _lbfgs), so
     the solver's own tensor ops run serially; all S with one torch thread (every op is serial
-    then, and one group per call keeps the Python work per iteration independent of S)."""
-    return S if torch.get_num_threads() == 1 else min(S, max(1, (_GRAIN - 1) // P))
+    then, and one group per call keeps the Python work per iteration independent of S), and
+    all S on a GPU (where the grain does not apply and a group is a launch per op)."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() == 1:
+        return S
+    return min(S, max(1, (_GRAIN - 1) // P))
 
 
 # ---- sources of Z: a tensor, an encoder applied chunk by chunk, or Z grouped by width ----------
@@ -151,6 +161,7 @@ class Encoded:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     mask: Tensor | Mapping[str, Tensor] | None = None
     _shape: tuple[int, int, torch.dtype] | None = field(default=None, repr=False)
+    _device: torch.device | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.xs, (list, tuple, Mapping)) or not self.xs:
@@ -199,7 +210,14 @@ class Encoded:
         if self._shape is None:
             z = self.encode(0, min(self.num_rows, 2))
             self._shape = (int(z.shape[0]), int(z.shape[2]), z.dtype)
+            self._device = z.device
         return self._shape
+
+    def device(self) -> torch.device:
+        """Where the encoder's output is (from the same probe as shape)."""
+        self.shape()
+        assert self._device is not None
+        return self._device
 
     def rows_per_chunk(self, extra_per_row: int = 0) -> int:
         S, H, dtype = self.shape()
@@ -231,8 +249,13 @@ def _spill(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return t.view(shape)
 
 
-def _storage(shape: tuple[int, ...], dtype: torch.dtype, in_memory: bool) -> Tensor:
-    return torch.empty(shape, dtype=dtype) if in_memory else _spill(shape, dtype)
+def _storage(shape: tuple[int, ...], dtype: torch.dtype, in_memory: bool,
+             device: torch.device | str = "cpu") -> Tensor:
+    """Z's storage: on an accelerator always in its memory (the ops' own budget checks
+    refuse what does not fit); on the CPU in memory or spilled to a file (see _spill)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device="cpu") if in_memory else _spill(shape, dtype)
 
 
 def _materialise(z: Encoded, extra_per_row: int) -> Tensor:
@@ -241,9 +264,12 @@ def _materialise(z: Encoded, extra_per_row: int) -> Tensor:
     S, H, dtype = z.shape()
     n = z.num_rows
     step = z.rows_per_chunk(extra_per_row)
-    out = _storage((S, n, H), dtype, in_memory=step >= n)
+    out = None
     for r0, chunk in _chunks(z, extra_per_row):
+        if out is None:
+            out = _storage((S, n, H), dtype, in_memory=step >= n, device=chunk.device)
         out[:, r0:r0 + chunk.shape[1]] = chunk
+    assert out is not None
     return out
 
 
@@ -267,7 +293,7 @@ class GroupedZ:
             raise ValueError("GroupedZ needs at least one group")
         ids = torch.cat([i for i, _ in self.groups])
         if ids.dtype != torch.int64 or not torch.equal(ids.sort().values,
-                                                      torch.arange(len(ids))):
+                                                      torch.arange(len(ids), device=ids.device)):
             raise ValueError("the groups' ids must hold every subset 0..S-1 exactly once")
         n = self.groups[0][1].shape[1]
         for i, z in self.groups:
@@ -324,12 +350,14 @@ class GroupedZ:
         cols = [None] * S if columns is None else list(columns)
         if len(cols) != S:
             raise ValueError(f"columns has {len(cols)} entries, expected S = {S} (one per subset)")
-        full = torch.arange(L)
-        cols = [full if c is None else torch.as_tensor(c, dtype=torch.int64) for c in cols]
+        # Subset ids and column lists are host metadata; Z's storage is on Z's device.
+        full = torch.arange(L, device="cpu")
+        cols = [full if c is None else torch.as_tensor(c, dtype=torch.int64, device="cpu")
+                for c in cols]
         for s, c in enumerate(cols):
             if c.dim() != 1 or (c.numel() and (int(c.min()) < 0 or int(c.max()) >= L)):
                 raise ValueError(f"columns[{s}] must be a 1-d list of columns in [0, {L - 1}]")
-        dropped = torch.ones(S, L, dtype=torch.bool)
+        dropped = torch.ones(S, L, dtype=torch.bool, device="cpu")
         for s, c in enumerate(cols):
             dropped[s, c] = False
         by_width: dict[int, list[int]] = {}
@@ -337,11 +365,7 @@ class GroupedZ:
             by_width.setdefault(len(c), []).append(s)
         need = n * dtype.itemsize * sum(len(c) for c in cols)
         in_memory = need <= budget
-        groups = []
-        for w, members in sorted(by_width.items()):
-            groups.append((torch.tensor(members, dtype=torch.int64),
-                           _storage((len(members), n, w), dtype, in_memory),
-                           torch.stack([cols[s] for s in members]) if members else None))
+        groups: list = []
         check_drop = bool(dropped.any())
         if isinstance(source, Encoded):
             # A chunk of the encoder's output (padded) within a quarter of the budget.
@@ -350,6 +374,12 @@ class GroupedZ:
         else:
             pieces = iter([(0, source)])
         for r0, chunk in pieces:
+            dev = chunk.device
+            if not groups:  # the storage, on the device of the source's first chunk
+                for w, members in sorted(by_width.items()):
+                    groups.append((torch.tensor(members, dtype=torch.int64, device="cpu"),
+                                   _storage((len(members), n, w), dtype, in_memory, dev),
+                                   torch.stack([cols[s] for s in members]).to(dev)))
             r1 = r0 + chunk.shape[1]
             where = f"Z (the encoder's output for rows {r0}:{r1})" if isinstance(
                 source, Encoded) else "Z"
@@ -358,14 +388,15 @@ class GroupedZ:
                                  f"[{S}, {r1 - r0}, {L}]")
             _check_z_tensor(chunk, where)
             if check_drop:
-                nonzero = ((chunk != 0) & dropped[:, None, :]).flatten(1).any(1)
+                nonzero = ((chunk != 0) & dropped.to(dev)[:, None, :]).flatten(1).any(1)
                 if bool(nonzero.any()):
                     bad = nonzero.nonzero().flatten().tolist()
                     raise ValueError(f"{where} is non-zero outside the columns given for "
                                      f"subsets {bad[:10]}: those columns would be dropped")
-            rows = torch.arange(r1 - r0)
+            rows = torch.arange(r1 - r0, device=dev)
             for ids, store, c in groups:
-                store[:, r0:r1] = chunk[ids[:, None, None], rows[None, :, None], c[:, None, :]]
+                store[:, r0:r1] = chunk[ids.to(dev)[:, None, None], rows[None, :, None],
+                                        c[:, None, :]]
         return cls([(ids, store) for ids, store, _ in groups])
 
 
@@ -448,7 +479,8 @@ class Heads:
 
     def _decision(self, z: Tensor) -> Tensor:
         dt = _compute_dtype(z.dtype)
-        return torch.baddbmm(self.intercept.to(dt).unsqueeze(1), z.to(dt), self.coef.to(dt))
+        return torch.baddbmm(self.intercept.to(z.device, dt).unsqueeze(1), z.to(dt),
+                             self.coef.to(z.device, dt))
 
     def predict(self, z: ZLike) -> Tensor:
         """Regression: [S, n, T] ([S, n] when fitted on 1-d y). Classification: labels [S, n]."""
@@ -472,9 +504,11 @@ class Heads:
         y = _check_y(y, n, self.task)
         if n == 0:
             raise ValueError("Z has no rows (n = 0): the risk is undefined")
-        total = torch.zeros(self.num_subsets, dtype=torch.float64)
+        total = None
         for r0, chunk in _chunks(z, extra_per_row=8 * self.coef.shape[2]):
-            yc = y[r0:r0 + chunk.shape[1]]
+            if total is None:
+                total = torch.zeros(self.num_subsets, dtype=torch.float64, device=chunk.device)
+            yc = y[r0:r0 + chunk.shape[1]].to(chunk.device)
             if self.task == "regression":
                 pred = self._decision(chunk).double()
                 yt = yc.double().reshape(yc.shape[0], -1)
@@ -485,10 +519,12 @@ class Heads:
                                      f"{self.coef.shape[2]} classes")
                 dt = _compute_dtype(chunk.dtype)
                 loss, _, _ = _ops.softmax_regression_loss_grad(
-                    chunk, yc, self.coef.to(dt), self.intercept.to(dt), None, 0.0)
+                    chunk, yc, self.coef.to(chunk.device, dt),
+                    self.intercept.to(chunk.device, dt), None, 0.0)
                 total += loss.double()
             if not bool(torch.isfinite(total).all()):
                 _check_z_tensor(chunk)
+        assert total is not None
         return total / n
 
     def accuracy(self, z: ZLike, y: Tensor) -> Tensor:
@@ -501,7 +537,8 @@ class Heads:
         y = _check_y(y, n, self.task)
         if n == 0:
             raise ValueError("Z has no rows (n = 0): the accuracy is undefined")
-        return (self.predict(z) == y.unsqueeze(0)).double().mean(1)
+        pred = self.predict(z)
+        return (pred == y.to(pred.device).unsqueeze(0)).double().mean(1)
 
 
 @dataclass
@@ -523,7 +560,7 @@ class GroupedHeads:
         first = getattr(self.parts[0][1], attr)
         out = first.new_empty((self.num_subsets, *first.shape[1:]))
         for ids, h in self.parts:
-            out[ids] = getattr(h, attr)
+            out[ids.to(out.device)] = getattr(h, attr)
         return out
 
     @property
@@ -561,26 +598,27 @@ class GroupedHeads:
                              "columns per subset)")
         return [(ids, h, zg) for (ids, h), (_, zg) in zip(self.parts, z.groups, strict=True)]
 
+    def _per_subset(self, z: GroupedZ, score: Callable[[Heads, Tensor], Tensor]) -> Tensor:
+        parts = [(ids, score(h, zg)) for ids, h, zg in self._zip(z)]
+        out = parts[0][1].new_empty(self.num_subsets)
+        for ids, v in parts:
+            out[ids.to(out.device)] = v
+        return out
+
     def risk(self, z: GroupedZ, y: Tensor) -> Tensor:
         """Heads.risk per subset, float64 [S]."""
-        out = torch.empty(self.num_subsets, dtype=torch.float64)
-        for ids, h, zg in self._zip(z):
-            out[ids] = h.risk(zg, y)
-        return out
+        return self._per_subset(z, lambda h, zg: h.risk(zg, y))
 
     def accuracy(self, z: GroupedZ, y: Tensor) -> Tensor:
         """Heads.accuracy per subset, float64 [S] (classification only)."""
-        out = torch.empty(self.num_subsets, dtype=torch.float64)
-        for ids, h, zg in self._zip(z):
-            out[ids] = h.accuracy(zg, y)
-        return out
+        return self._per_subset(z, lambda h, zg: h.accuracy(zg, y))
 
     def predict(self, z: GroupedZ) -> Tensor:
         """Heads.predict, every subset: labels [S, n], or [S, n, T] / [S, n] (regression)."""
         parts = [(ids, h.predict(zg)) for ids, h, zg in self._zip(z)]
         out = parts[0][1].new_empty((self.num_subsets, *parts[0][1].shape[1:]))
         for ids, p in parts:
-            out[ids] = p
+            out[ids.to(out.device)] = p
         return out
 
 
@@ -608,15 +646,15 @@ def _check_y(y: Tensor, n: int, task: str) -> Tensor:
 # ---- fitting ----------------------------------------------------------------------------------
 
 
-def _l2_vector(l2: float | Tensor, S: int) -> Tensor:
-    """l2 as float64 [S] (a float, or one value per subset), checked finite and >= 0."""
+def _l2_vector(l2: float | Tensor, S: int, device: torch.device | str = "cpu") -> Tensor:
+    """l2 as float64 [S] on device (a float, or one value per subset), checked finite, >= 0."""
     if isinstance(l2, Tensor):
         if l2.shape != (S,):
             raise ValueError(f"l2 must be a float or a tensor [S] = [{S}] (one per subset), got "
                              f"shape {tuple(l2.shape)}")
-        lam = l2.detach().double().cpu()
+        lam = l2.detach().to(device, torch.float64)
     else:
-        lam = torch.full((S,), float(l2), dtype=torch.float64)
+        lam = torch.full((S,), float(l2), dtype=torch.float64, device=device)
     if not (bool(torch.isfinite(lam).all()) and bool((lam >= 0).all())):
         raise ValueError(f"l2 must be finite and >= 0, got {l2}")
     return lam
@@ -677,9 +715,9 @@ def fit(
     if l2 is not None and not isinstance(l2, Tensor) and not (math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2 must be finite and >= 0, got {l2}")
     if isinstance(z, GroupedZ):
-        lam = None if l2 is None else _l2_vector(l2, z.num_subsets)
+        lam = None if l2 is None else _l2_vector(l2, z.num_subsets, _device_of(z))
         return GroupedHeads(task, [
-            (ids, fit(zg, y, task=task, l2=None if lam is None else lam[ids],
+            (ids, fit(zg, y, task=task, l2=None if lam is None else lam[ids.to(lam.device)],
                       class_weight=class_weight, num_classes=num_classes, tol=tol,
                       max_iter=max_iter, history=history))
             for ids, zg in z.groups])
@@ -688,10 +726,11 @@ def fit(
     n = _num_rows(z)
     if n == 0:
         raise ValueError("Z has no rows (n = 0): nothing to fit")
-    y = _check_y(y, n, task)
+    dev = _device_of(z)
+    y = _check_y(y, n, task).to(dev)
     S, H, zdtype = (z.shape() if isinstance(z, Encoded)
                     else (int(z.shape[0]), int(z.shape[2]), z.dtype))
-    lam = None if l2 is None else _l2_vector(l2, S)
+    lam = None if l2 is None else _l2_vector(l2, S, dev)
     if task == "regression":
         if class_weight is not None:
             raise ValueError("class_weight applies to task='classification' only")
@@ -700,17 +739,27 @@ def fit(
                       _ridge_bytes(S, H, T))
         return _fit_ridge(z, y, lam)
     C = (int(y.max()) + 1 if num_classes is None else max(1, int(num_classes)))
-    group = _softmax_group(S, (H + 1) * C)
+    group = _softmax_group(S, (H + 1) * C, dev)
     _check_budget(f"the softmax refit of S = {S} subsets at H = {H}, C = {C} (L-BFGS history "
                   f"{history})", _softmax_bytes(S, H, C, history, n, zdtype.itemsize, group))
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
     if isinstance(z, Encoded):
         z = _materialise(z, extra_per_row=16 * C)
-    lam = torch.full((S,), 1.0, dtype=torch.float64) if lam is None else lam
+    lam = torch.full((S,), 1.0, dtype=torch.float64, device=dev) if lam is None else lam
     tol = _default_tol(tol, z.dtype)
     theta, converged, n_iter = _solve_softmax(z, y, sw, C, lam, tol=tol, max_iter=max_iter,
                                               history=history)
     return _softmax_heads(theta, H, C, lam, converged, n_iter)
+
+
+def _device_of(z: ZLike | GroupedZ) -> torch.device:
+    """Where Z is (an Encoded source: where its encoder's output is): the solvers' state and
+    every tensor they make live there."""
+    if isinstance(z, GroupedZ):
+        return z.groups[0][1].device
+    if isinstance(z, Encoded):
+        return z.device()
+    return z.device
 
 
 def _grams(z: ZLike, y2: Tensor, rows: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
@@ -723,7 +772,7 @@ def _grams(z: ZLike, y2: Tensor, rows: tuple[int, int] | None = None) -> tuple[T
     else:
         parts = _chunks(z, extra_per_row=8 * y2.shape[1])
     for r0, chunk in parts:
-        g, r = _ops.gram(chunk, y2[r0:r0 + chunk.shape[1]].to(chunk.dtype))
+        g, r = _ops.gram(chunk, y2[r0:r0 + chunk.shape[1]].to(chunk.device, chunk.dtype))
         if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(r).all())):
             _check_z_tensor(chunk)  # names the subsets holding NaN/Inf
             raise ValueError("the Gram matrix of Z overflowed (entries of Z too large for "
@@ -753,7 +802,7 @@ def _ridge_solve(A: Tensor, rhs: Tensor, lam: Tensor) -> tuple[Tensor, list[int]
     """coef [S, H, T] of (A + lam I) coef = rhs by batched Cholesky; where that fails, the
     minimum-norm solution by eigh (listed in the returned subsets)."""
     H = A.shape[1]
-    A = A + lam[:, None, None] * torch.eye(H, dtype=torch.float64)
+    A = A + lam[:, None, None] * torch.eye(H, dtype=torch.float64, device=A.device)
     L, info = torch.linalg.cholesky_ex(A)
     coef = torch.empty_like(rhs)
     ok = info == 0
@@ -778,8 +827,11 @@ def _fit_ridge(z: ZLike, y: Tensor, lam: Tensor | None) -> Heads:
     coef, failed = _ridge_solve(A, rhs, lam)
     intercept = ybar - (mu.unsqueeze(1) @ coef).squeeze(1)
     S = G.shape[0]
-    return Heads("regression", coef, intercept, lam, torch.ones(S, dtype=torch.bool),
-                 torch.zeros(S, dtype=torch.int64), y_1d=y.dim() == 1, pinv_fallback=failed)
+    dev = G.device
+    return Heads("regression", coef, intercept, lam.to(dev),
+                 torch.ones(S, dtype=torch.bool, device=dev),
+                 torch.zeros(S, dtype=torch.int64, device=dev), y_1d=y.dim() == 1,
+                 pinv_fallback=failed)
 
 
 def _class_weights(class_weight: str | Tensor | None, y: Tensor, C: int) -> Tensor | None:
@@ -796,7 +848,7 @@ def _class_weights(class_weight: str | Tensor | None, y: Tensor, C: int) -> Tens
         if not isinstance(class_weight, Tensor) or class_weight.shape != (C,):
             got = tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight
             raise ValueError(f"class_weight tensor must have shape [C] = [{C}], got {got}")
-        cw = class_weight.double()
+        cw = class_weight.to(y.device, torch.float64)
         if not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
             raise ValueError("class_weight must hold finite values >= 0")
     return cw[y]
@@ -837,11 +889,11 @@ def _column_moments(z: Tensor, rows: int = 4096) -> tuple[Tensor, Tensor]:
     """Mean and (biased) variance of every column of every subset, float64 [S, H] each, in
     chunks of rows (no float64 copy of Z)."""
     S, n, H = (int(d) for d in z.shape)
-    total = torch.zeros(S, H, dtype=torch.float64)
+    total = torch.zeros(S, H, dtype=torch.float64, device=z.device)
     for r0 in range(0, n, rows):
         total += z[:, r0:r0 + rows].sum(1, dtype=torch.float64)
     mu = total / max(n, 1)
-    sq = torch.zeros(S, H, dtype=torch.float64)
+    sq = torch.zeros(S, H, dtype=torch.float64, device=z.device)
     for r0 in range(0, n, rows):
         sq += (z[:, r0:r0 + rows].double() - mu.unsqueeze(1)).square().sum(1)
     return mu, sq / max(n, 1)
@@ -868,19 +920,21 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     took ~2-5x the iterations on trained latents). The op still reads Z as it is stored.
     """
     S, n, H = (int(d) for d in z.shape)
+    dev = z.device
+    y = y.to(dev)
     k = S if zid is None else len(zid)
     mu_s, var_s = _column_moments(z) if moments is None else moments  # [S, H] each
     mu = mu_s if zid is None else mu_s.index_select(0, zid)             # [k, H]
     dt = _compute_dtype(z.dtype)
     P, HC = (H + 1) * C, H * C
     pieces = [[(0, n)]] if pieces is None else pieces
-    fold = torch.zeros(k, dtype=torch.int64) if fold is None else fold
-    sw_c = None if sw is None else sw.to(dt)
+    fold = torch.zeros(k, dtype=torch.int64, device=dev) if fold is None else fold.to(dev)
+    sw_c = None if sw is None else sw.to(dev, dt)
     rows_weight = [sum(float(r1 - r0) if sw is None else float(sw[r0:r1].sum())
                        for r0, r1 in ps) for ps in pieces]
     if any(w <= 0 for w in rows_weight):
         raise ValueError("a fold leaves no training rows (or only rows of weight 0)")
-    scale = torch.tensor(rows_weight, dtype=torch.float64)[fold]        # [k]
+    scale = torch.tensor(rows_weight, dtype=torch.float64, device=dev)[fold]  # [k]
     single = len(pieces) == 1
     # L-BFGS's initial inverse Hessian: the inverse of the Hessian's diagonal at W = 0 in the
     # centred coordinates (each class at probability 1/C): p (1 - p) var(z_h) + l2 / n for
@@ -888,10 +942,24 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     # the diagonal takes that out of the iteration count (the optimum is unchanged).
     pc = (1.0 / C) * (1.0 - 1.0 / C)
     var = var_s if zid is None else var_s.index_select(0, zid)
-    hess = torch.empty(k, P, dtype=torch.float64)
+    hess = torch.empty(k, P, dtype=torch.float64, device=dev)
     hess[:, :HC] = (pc * var).unsqueeze(2).expand(k, H, C).flatten(1) + (l2 / scale)[:, None]
     hess[:, HC:] = pc
     diag = 1.0 / hess.clamp_min(1e-10 * hess.amax(1, keepdim=True))
+
+    cached: list = [None, None]  # (pid, its fold parts): pid changes only when problems finish
+
+    def fold_parts(pid: Tensor | None) -> list[tuple[Tensor | None, Sequence[tuple[int, int]]]]:
+        """The problems of pid (None: all) grouped by fold, with the fold's row pieces. The
+        grouping reads the fold ids on the host, so it is cached per pid: the solver asks
+        again with the same tensor until some problem finishes."""
+        if cached[0] is not None and cached[0] is pid:
+            return cached[1]
+        fp = fold if pid is None else fold.index_select(0, pid)
+        parts = [(sel, pieces[f]) for f in range(len(pieces))
+                 if len(sel := (fp == f).nonzero().flatten())]
+        cached[0], cached[1] = pid, parts
+        return parts
 
     def evaluate(theta: Tensor, pid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean-scaled objective [m] and gradient [m, P] (float64) of problems pid (None: all
@@ -906,9 +974,7 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
         if single:
             parts: list[tuple[Tensor | None, Sequence[tuple[int, int]]]] = [(None, pieces[0])]
         else:
-            fp = fold if pid is None else fold.index_select(0, pid)
-            parts = [(sel, pieces[f]) for f in range(len(pieces))
-                     if len(sel := (fp == f).nonzero().flatten())]
+            parts = fold_parts(pid)
         for sel, ps in parts:
             Ws, bs = (W, b) if sel is None else (W.index_select(0, sel), b.index_select(0, sel))
             idx = zsel if sel is None else (sel if zsel is None else zsel.index_select(0, sel))
@@ -930,8 +996,8 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
                 loss, grad = lo_s, g_s
             else:
                 if loss is None:
-                    loss = torch.zeros(theta.shape[0], dtype=torch.float64)
-                    grad = torch.zeros(theta.shape[0], P, dtype=torch.float64)
+                    loss = torch.zeros(theta.shape[0], dtype=torch.float64, device=dev)
+                    grad = torch.zeros(theta.shape[0], P, dtype=torch.float64, device=dev)
                 loss.index_copy_(0, sel, lo_s)
                 grad.index_copy_(0, sel, g_s)
         assert loss is not None and grad is not None
@@ -955,14 +1021,16 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     theta0 = None if theta0 is None else shift(theta0, 1.0)
     # With several threads, problems are solved in groups of g with g * P below PyTorch's
     # intra-op grain, so that the solver's own tensor ops run serially (see _lbfgs).
-    size = _softmax_group(k, P)
+    size = _softmax_group(k, P, dev)
     if size >= k:
-        th, conv, its = _lbfgs(evaluate, k, P, tol, max_iter, history, theta0, subsets_of, diag)
+        th, conv, its = _lbfgs(evaluate, k, P, tol, max_iter, history, theta0, subsets_of, diag,
+                               dev)
         return shift(th, -1.0), conv, its
-    out = [torch.zeros(k, P, dtype=torch.float64), torch.zeros(k, dtype=torch.bool),
-           torch.zeros(k, dtype=torch.int64)]
+    out = [torch.zeros(k, P, dtype=torch.float64, device=dev),
+           torch.zeros(k, dtype=torch.bool, device=dev),
+           torch.zeros(k, dtype=torch.int64, device=dev)]
     for s0 in range(0, k, size):
-        ids = torch.arange(s0, min(k, s0 + size))
+        ids = torch.arange(s0, min(k, s0 + size), device=dev)
 
         def in_group(theta: Tensor, pid: Tensor | None, ids: Tensor = ids
                      ) -> tuple[Tensor, Tensor]:
@@ -970,7 +1038,7 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
 
         part = _lbfgs(in_group, len(ids), P, tol, max_iter, history,
                       None if theta0 is None else theta0[ids],
-                      lambda bad, ids=ids: subsets_of(ids[bad].tolist()), diag[ids])
+                      lambda bad, ids=ids: subsets_of(ids[bad].tolist()), diag[ids], dev)
         for o, p in zip(out, part, strict=True):
             o[ids] = p
     return shift(out[0], -1.0), out[1], out[2]
@@ -982,9 +1050,16 @@ _GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements ru
 def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S: int, P: int,
            tol: float, max_iter: int, history: int, theta0: Tensor | None = None,
            subsets_of: Callable[[list[int]], list[int]] = lambda bad: bad,
-           diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+           diag: Tensor | None = None, device: torch.device | str = "cpu"
+           ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched L-BFGS over S independent problems with parameters theta [S, P], from theta0
-    (default 0); returns (theta, converged [S], n_iter [S]).
+    (default 0); returns (theta, converged [S], n_iter [S]), on `device` (where evaluate's
+    results are; theta0 and diag must be there too).
+
+    Host syncs: one per iteration when the unit step is accepted for every problem (the
+    common case): the line search's acceptance and the convergence test are read together.
+    A backtracking step reads its acceptance once more, and problems finishing are compacted
+    (reads of which finished); nothing else waits for the device.
 
     diag [S, P] > 0: an estimate of the inverse Hessian's diagonal, the initial matrix of
     every two-loop recursion (times the usual scalar s'y / y'Dy); None: the identity.
@@ -998,7 +1073,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     advanced indexing (aten::index opens an OpenMP region). subsets_of maps problems to the
     subsets named in messages.
     """
-    theta_out = (torch.zeros(S, P, dtype=torch.float64) if theta0 is None
+    theta_out = (torch.zeros(S, P, dtype=torch.float64, device=device) if theta0 is None
                  else theta0.to(torch.float64).clone())
     f, g = evaluate(theta_out, None)
     if not bool(torch.isfinite(f).all()):
@@ -1007,7 +1082,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         raise ValueError(f"the loss {where} is not finite: Z holds NaN or Inf values (in "
                          f"subsets {sorted(set(bad))[:10]})")
     converged = g.abs().amax(1) <= tol
-    n_iter = torch.zeros(S, dtype=torch.int64)
+    n_iter = torch.zeros(S, dtype=torch.int64, device=device)
     # index_select / index_copy_ rather than advanced indexing: those run serially on small
     # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
     ids = (~converged).nonzero().flatten()
@@ -1020,8 +1095,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     rho: list[Tensor] = []
     dg = None if diag is None else diag.index_select(0, ids)
     gamma = (1.0 / g.norm(dim=1).clamp_min(1e-12) if dg is None
-             else torch.ones(k, dtype=torch.float64))
-    its = torch.zeros(k, dtype=torch.int64)
+             else torch.ones(k, dtype=torch.float64, device=device))
+    its = torch.zeros(k, dtype=torch.int64, device=device)
     pos = filled = 0
     for _ in range(max_iter):
         if k == 0:
@@ -1044,18 +1119,20 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             r.addcmul_(a.sub_(beta).unsqueeze(1), sv_[j])
         d = r.neg_()
         gd = torch.linalg.vecdot(g, d)
+        # A stale history points uphill: restart those problems on steepest descent (selected
+        # on the device, no host read).
         uphill = gd >= 0
-        if bool(uphill.any()):  # a stale history; restart those subsets on steepest descent
-            sd = g if dg is None else g * dg
-            sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            d = torch.where(uphill.unsqueeze(1), -sd, d)
-            gd = torch.linalg.vecdot(g, d)
+        sd = g if dg is None else g * dg
+        sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = torch.where(uphill.unsqueeze(1), -sd, d)
+        gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
         gmax0 = g.abs().amax(1)
-        step = torch.ones(k, dtype=torch.float64)
+        step = torch.ones(k, dtype=torch.float64, device=device)
         new_th, new_f, new_g = th.clone(), f.clone(), g.clone()
-        pending = torch.ones(k, dtype=torch.bool)
+        pending = torch.ones(k, dtype=torch.bool, device=device)
         p = None  # the pending rows; None = all k
+        any_stop = None  # known without a further read when every unit step is accepted
         for _ls in range(40):
             if p is None:
                 trial = th + d
@@ -1070,10 +1147,16 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 # Near the optimum the decrease drowns in float64 rounding of f; then a step
                 # that keeps f within rounding and shrinks the gradient is progress too.
                 (ft <= f0 + 1e-14 * f0.abs()) & (gt.abs().amax(1) < gm0)))
-            if p is None and bool(ok.all()):
-                new_th, new_f, new_g = trial, ft, gt
-                pending.zero_()
-                break
+            if p is None:
+                # One host read: is every unit step accepted, and would any problem then meet
+                # the tolerance (the convergence test, below)?
+                all_ok, any_done = torch.stack(
+                    [ok.all(), (gt.abs().amax(1) <= tol).any()]).tolist()
+                if all_ok:
+                    new_th, new_f, new_g = trial, ft, gt
+                    pending.zero_()
+                    any_stop = bool(any_done)
+                    break
             rows = ok.nonzero().flatten()
             acc = rows if p is None else p.index_select(0, rows)
             new_th.index_copy_(0, acc, trial.index_select(0, rows))
@@ -1103,7 +1186,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         done = g.abs().amax(1) <= tol
         # A failed line search means no decrease is representable any more: stop that subset.
         stop = done | failed
-        if bool(stop.any()):
+        if any_stop if any_stop is not None else bool(stop.any()):
             out = stop.nonzero().flatten()
             where = ids.index_select(0, out)
             theta_out.index_copy_(0, where, th.index_select(0, out))
@@ -1134,9 +1217,9 @@ def kfold(y: Tensor, k: int, *, stratify: bool = True) -> Tensor:
     if not 2 <= k <= n:
         raise ValueError(f"k-fold cross-validation needs 2 <= folds <= n = {n} rows, got "
                          f"folds = {k}")
-    order = torch.argsort(y, stable=True) if stratify else torch.arange(n)
-    fold = torch.empty(n, dtype=torch.int64)
-    fold[order] = torch.arange(n) % k
+    order = torch.argsort(y, stable=True) if stratify else torch.arange(n, device=y.device)
+    fold = torch.empty(n, dtype=torch.int64, device=y.device)
+    fold[order] = torch.arange(n, device=y.device) % k
     return fold
 
 
@@ -1182,7 +1265,7 @@ def _fold_rows(fold: Tensor, F: int) -> tuple[list[list[tuple[int, int]]],
     n = int(fold.shape[0])
     if n > 1 and bool((fold[1:] < fold[:-1]).any()):
         return [], None
-    bounds = torch.cat([torch.zeros(1, dtype=torch.int64),
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64, device=fold.device),
                         torch.bincount(fold, minlength=F).cumsum(0)]).tolist()
     held = [(bounds[f], bounds[f + 1]) for f in range(F)]
     train = [[r for r in ((0, lo), (hi, n)) if r[1] > r[0]] for lo, hi in held]
@@ -1270,13 +1353,14 @@ def fit_cv(
                             history=history)
     if task == "regression":
         return fit(z, y, task=task, l2=search.l2), search
-    groups = z.groups if isinstance(z, GroupedZ) else [(torch.arange(int(z.shape[0])), z)]
-    y = _check_y(y, _num_rows(z), task)
+    groups = z.groups if isinstance(z, GroupedZ) else [
+        (torch.arange(int(z.shape[0]), device="cpu"), z)]
+    y = _check_y(y, _num_rows(z), task).to(_device_of(z))
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
     parts = []
     for (ids, zg), start in zip(groups, inits, strict=True):
         assert start is not None
-        lam = search.l2[ids]
+        lam = search.l2[ids.to(search.l2.device)]
         theta, converged, n_iter = _solve_softmax(
             zg, y, sw, C, lam, tol=_default_tol(tol, zg.dtype), max_iter=max_iter,
             history=history, theta0=start[0], moments=start[1])
@@ -1296,11 +1380,12 @@ def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[f
     if groups is None:
         _check_z_tensor(z, finite=False)
         S = int(z.shape[0])
-        groups = [(torch.arange(S), z)]
+        groups = [(torch.arange(S, device="cpu"), z)]
     n = _num_rows(z)
-    y = _check_y(y, n, task)
+    dev = _device_of(z)
+    y = _check_y(y, n, task).to(dev)
     if isinstance(folds, Tensor):
-        fold = folds.to(torch.int64)
+        fold = folds.to(dev, torch.int64)
         if fold.shape != (n,) or (n and int(fold.min()) < 0):
             raise ValueError(f"folds must be an int or fold ids [n] = [{n}] >= 0, got shape "
                              f"{tuple(folds.shape)}")
@@ -1311,7 +1396,7 @@ def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[f
         F = int(folds)
         fold = kfold(y, F, stratify=task == "classification")
     if grid is not None:
-        g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+        g = torch.tensor([float(v) for v in grid], dtype=torch.float64, device=dev)
         if g.numel() == 0 or not (bool(torch.isfinite(g).all()) and bool((g >= 0).all())):
             raise ValueError(f"grid must hold l2 values that are finite and >= 0, got {grid}")
         g = g.sort(descending=True).values
@@ -1325,15 +1410,16 @@ def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[f
                 raise ValueError("class_weight applies to task='classification' only")
             parts.append((ids, *_ridge_cv(zg, y, fold, F, g), None))
         else:
-            gg = torch.tensor(default_l2_grid(task, n), dtype=torch.float64) if g is None else g
+            gg = (torch.tensor(default_l2_grid(task, n), dtype=torch.float64, device=dev)
+                  if g is None else g)
             parts.append((ids, *_softmax_cv(zg, y, fold, F, gg, class_weight=class_weight,
                                             num_classes=num_classes, tol=tol,
                                             max_iter=max_iter, history=history)))
     L = parts[0][1].shape[1]
-    grid_out = torch.empty(S_all, L, dtype=torch.float64)
-    score = torch.empty(S_all, L, dtype=torch.float64)
+    grid_out = torch.empty(S_all, L, dtype=torch.float64, device=dev)
+    score = torch.empty(S_all, L, dtype=torch.float64, device=dev)
     for ids, gr, sc, _ in parts:
-        grid_out[ids], score[ids] = gr, sc
+        grid_out[ids.to(dev)], score[ids.to(dev)] = gr, sc
     best = torch.where(torch.isnan(score), math.inf, score).argmin(1)
     search = L2Search(grid_out, score, grid_out.gather(1, best[:, None]).squeeze(1), fold)
     return search, [init for _, _, _, init in parts]
@@ -1349,7 +1435,7 @@ def _ridge_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor | None
     _check_budget(f"the ridge cross-validation of S = {S} subsets at H = {H}, T = {T} "
                   f"({F} folds)", _ridge_bytes(S, H, T) * 2 + 8 * S * (H + 1) ** 2 * 2 * F)
     _, held = _fold_rows(fold, F)
-    rows_of = [torch.arange(lo, hi) for lo, hi in held] if held is not None else \
+    rows_of = [torch.arange(lo, hi, device=z.device) for lo, hi in held] if held is not None else \
         [(fold == f).nonzero().flatten() for f in range(F)]
     grams = []
     for f in range(F):
@@ -1362,10 +1448,11 @@ def _ridge_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor | None
     if grid is None:
         A_all, _, _, _ = _centred(G, R)
         base = A_all.diagonal(dim1=1, dim2=2).sum(1).clamp_min(0) / max(H, 1)
-        gr = base[:, None] * torch.tensor(RIDGE_GRID_RELATIVE, dtype=torch.float64)[None, :]
+        gr = base[:, None] * torch.tensor(RIDGE_GRID_RELATIVE, dtype=torch.float64,
+                                          device=z.device)[None, :]
     else:
         gr = grid[None, :].expand(S, -1).clone()
-    score = torch.zeros(S, gr.shape[1], dtype=torch.float64)
+    score = torch.zeros(S, gr.shape[1], dtype=torch.float64, device=z.device)
     for f in range(F):
         A, rhs, mu, ybar = _centred(G - grams[f][0], R - grams[f][1])
         zf = (z[:, held[f][0]:held[f][1]] if held is not None
@@ -1390,28 +1477,29 @@ def _softmax_cv(z: Tensor, y: Tensor, fold: Tensor, F: int, grid: Tensor, *,
     k, P = F * S, (H + 1) * C
     _check_budget(f"the softmax cross-validation of S = {S} subsets at H = {H}, C = {C} ({F} "
                   f"folds, L-BFGS history {history})",
-                  _softmax_bytes(k, H, C, history, n, z.dtype.itemsize, _softmax_group(k, P))
-                  + 8 * k * P)
+                  _softmax_bytes(k, H, C, history, n, z.dtype.itemsize,
+                                 _softmax_group(k, P, z.device)) + 8 * k * P)
     C, sw = _softmax_setup(y, class_weight, num_classes, max_iter, history)
     tol = _default_tol(tol, z.dtype)
     train, held = _fold_rows(fold, F)
     if held is None:  # folds interleaved: every fold reads all rows, with weight 0 held out
-        base = torch.ones(n, dtype=torch.float64) if sw is None else sw
+        base = torch.ones(n, dtype=torch.float64, device=z.device) if sw is None else sw
         weights = [base * (fold != f) for f in range(F)]
         pieces: list[list[tuple[int, int]]] = [[(0, n)]] * F
     else:
         weights, pieces = None, train
-    zid = torch.arange(S).repeat(F)                                  # problem i: subset i % S
-    pfold = torch.arange(F).repeat_interleave(S)                     # ... of fold i // S
+    dev = z.device
+    zid = torch.arange(S, device=dev).repeat(F)                      # problem i: subset i % S
+    pfold = torch.arange(F, device=dev).repeat_interleave(S)         # ... of fold i // S
     dt = _compute_dtype(z.dtype)
     moments = _column_moments(z)
     theta = None
     L = int(grid.shape[0])
-    score = torch.zeros(S, L, dtype=torch.float64)
-    best = torch.full((S,), math.inf, dtype=torch.float64)
-    init = torch.zeros(S, P, dtype=torch.float64)
+    score = torch.zeros(S, L, dtype=torch.float64, device=dev)
+    best = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
+    init = torch.zeros(S, P, dtype=torch.float64, device=dev)
     for j in range(L):
-        lam = torch.full((k,), float(grid[j]), dtype=torch.float64)
+        lam = torch.full((k,), float(grid[j]), dtype=torch.float64, device=dev)
         if weights is None:
             theta, _, _ = _solve_softmax(z, y, sw, C, lam, tol=tol, max_iter=max_iter,
                                          history=history, zid=zid, fold=pfold, pieces=pieces,
@@ -1447,7 +1535,8 @@ def _solve_weighted_folds(z: Tensor, y: Tensor, weights: list[Tensor], C: int, l
                           moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Interleaved folds: each fold's problems (subsets 0..S-1 in order) solved with that
     fold's row weights."""
-    theta = torch.empty(len(pfold), (int(z.shape[2]) + 1) * C, dtype=torch.float64)
+    theta = torch.empty(len(pfold), (int(z.shape[2]) + 1) * C, dtype=torch.float64,
+                        device=z.device)
     for f, w in enumerate(weights):
         sel = (pfold == f).nonzero().flatten()
         th, _, _ = _solve_softmax(z, y, w, C, lam[sel], tol=tol, max_iter=max_iter,

@@ -407,8 +407,9 @@ def fit(
     epochs_run = 0
     model.train()
     for epoch in bar:
-        loss_sum = torch.zeros(s_count, dtype=torch.float64)
-        acc_sum = torch.zeros(s_count, dtype=torch.float64)
+        # Summed on the model's device and read once per epoch (no host sync per batch).
+        loss_sum = torch.zeros(s_count, dtype=torch.float64, device=device)
+        acc_sum = torch.zeros(s_count, dtype=torch.float64, device=device)
         n = 0
         for xb, yb, mb in train_pass(None if loader else gen):
             out = model(xb, mb)
@@ -425,10 +426,11 @@ def fit(
                         p[fz] = b[fz]
             with torch.no_grad():
                 loss, acc = _metrics(out, yb, task)
-                loss_sum += loss.double().cpu() * yb.shape[0]
+                loss_sum += loss.double() * yb.shape[0]
                 if acc is not None:
-                    acc_sum += acc.cpu() * yb.shape[0]
+                    acc_sum += acc.double() * yb.shape[0]
             n += yb.shape[0]
+        loss_sum, acc_sum = loss_sum.cpu(), acc_sum.cpu()
         if n == 0:
             raise ValueError("fit: the training data have no rows (the DataLoader yielded no "
                              "batch)" if loader else "fit: the training data have no rows")

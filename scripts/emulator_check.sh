@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused CUDA kernels' host emulator under AddressSanitizer and UBSan (issue 15): builds the
+# The CUDA kernels' host emulator under AddressSanitizer and UBSan (issues 15, 16): builds the
 # sanitized emulator (build/emulator-asan, incrementally), then runs the emulator's own tests
 # and the kernels' emulated property tests with the sanitizer runtimes preloaded (python is
 # not instrumented). Fails on any report: an out-of-bounds access of a kernel in host memory,
@@ -24,7 +24,7 @@ export ASAN_OPTIONS="detect_leaks=0:log_path=$REPORTS/asan:abort_on_error=1:dete
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan"
 status=0
 CI=${CI:-1} "$PY" -m pytest -q -p no:cacheprovider tests/csrc/test_emulator.py \
-  tests/ops/test_cuda_emulated.py || status=1
+  tests/ops/test_cuda_emulated.py tests/heads/test_heads_cuda_emulated.py || status=1
 unset LD_PRELOAD
 if ls "$REPORTS"/* > /dev/null 2>&1; then
   echo "emulator_check: sanitizer reports:" >&2

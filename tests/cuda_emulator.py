@@ -3,7 +3,8 @@ a second build compiles nothing) and drives it through ctypes.
 
 The library is the kernels' own source (csrc/cuda/*.cuh) compiled as host C++ against the
 emulator's shim; `run_forward` / `run_backward` take torch CPU tensors and fill the same
-FusedProblem the CUDA op files fill from CUDA tensors.
+FusedProblem the CUDA op files fill from CUDA tensors; `run_gram` / `run_softmax` do the same
+for the head-refit kernels (GramProblem, SoftmaxProblem).
 
     python tests/cuda_emulator.py            # build (scripts/setup_env.sh runs this)
     MMKERNELS_EMULATOR_SANITIZE=1 ...        # the AddressSanitizer + UBSan build instead
@@ -114,6 +115,54 @@ class FusedProblem(ctypes.Structure):
     ]
 
 
+class GramProblem(ctypes.Structure):
+    """Mirror of mmkernels::cuda::GramProblem (csrc/cuda/heads_params.h)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("S", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("H", ctypes.c_int64),
+        ("T", ctypes.c_int64),
+        ("z", ctypes.c_void_p),
+        ("z_ss", ctypes.c_int64),
+        ("z_ld", ctypes.c_int64),
+        ("y", ctypes.c_void_p),
+        ("G", ctypes.c_void_p),
+        ("R", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("num_sms", ctypes.c_int32),
+    ]
+
+
+class SoftmaxProblem(ctypes.Structure):
+    """Mirror of mmkernels::cuda::SoftmaxProblem (csrc/cuda/heads_params.h)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("acc", ctypes.c_int32),
+        ("S", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("H", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("z", ctypes.c_void_p),
+        ("z_ss", ctypes.c_int64),
+        ("z_ld", ctypes.c_int64),
+        ("y", ctypes.c_void_p),
+        ("w", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("sw", ctypes.c_void_p),
+        ("subset_index", ctypes.c_void_p),
+        ("l2", ctypes.c_double),
+        ("loss", ctypes.c_void_p),
+        ("grad_w", ctypes.c_void_p),
+        ("grad_b", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("num_sms", ctypes.c_int32),
+    ]
+
+
 _LIB = None
 
 
@@ -128,6 +177,12 @@ def lib() -> ctypes.CDLL:
             "tests/csrc/emulator.py's FusedProblem does not match csrc/cuda/fused_params.h"
         )
         assert handle.mmk_emu_problem_offset_workspace() == FusedProblem.workspace.offset
+        assert handle.mmk_emu_gram_problem_bytes() == ctypes.sizeof(GramProblem)
+        assert handle.mmk_emu_softmax_problem_bytes() == ctypes.sizeof(SoftmaxProblem)
+        assert (handle.mmk_emu_softmax_problem_offset_workspace()
+                == SoftmaxProblem.workspace.offset)
+        handle.mmk_emu_gram_workspace_elems.restype = ctypes.c_int64
+        handle.mmk_emu_softmax_workspace_elems.restype = ctypes.c_int64
         _LIB = handle
     return _LIB
 
@@ -209,6 +264,62 @@ def run_backward(f: FusedProblem, out: torch.Tensor, grad_out: torch.Tensor, gra
     f.workspace = ws.data_ptr()
     err = ctypes.create_string_buffer(4096)
     check(lib().mmk_emu_backward(ctypes.byref(f), FAULTS[fault], err, len(err)), err)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype (csrc/include/mmkernels/accumulation.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run_gram(z: torch.Tensor, y: torch.Tensor,
+             num_sms: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmkernels::gram's CUDA kernels on CPU tensors z [S, n, H] (unit stride along H) and y
+    [n] or [n, T]; G and R are poisoned (NaN) before the kernels run."""
+    assert z.dim() == 3 and (z.shape[2] <= 1 or z.stride(2) == 1)
+    acc = _acc(z.dtype)
+    y2 = (y.unsqueeze(1) if y.dim() == 1 else y).to(acc).contiguous()
+    S, n, H = z.shape
+    T = y2.shape[1]
+    G = torch.full((S, H + 1, H + 1), float("nan"), dtype=acc)
+    R = torch.full((S, H + 1, T), float("nan"), dtype=acc)
+    f = GramProblem(dtype=DTYPE_CODES[z.dtype], S=S, n=n, H=H, T=T, z=z.data_ptr(),
+                    z_ss=z.stride(0), z_ld=z.stride(1), y=y2.data_ptr(), G=G.data_ptr(),
+                    R=R.data_ptr(), num_sms=num_sms)
+    ws = torch.full((max(int(lib().mmk_emu_gram_workspace_elems(ctypes.byref(f))), 1),),
+                    float("nan"), dtype=acc)
+    f.workspace = ws.data_ptr()
+    err = ctypes.create_string_buffer(4096)
+    check(lib().mmk_emu_gram(ctypes.byref(f), err, len(err)), err)
+    return G, R
+
+
+def run_softmax(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                sw: torch.Tensor | None, l2: float, subset_index: torch.Tensor | None = None,
+                num_sms: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmkernels::softmax_regression_loss_grad's CUDA kernels on CPU tensors; outputs are
+    poisoned (NaN) before the kernels run."""
+    acc = w.dtype
+    w, b = w.contiguous(), b.contiguous()
+    sw = None if sw is None else sw.to(acc).contiguous()
+    y = y.contiguous()
+    index = None if subset_index is None else subset_index.contiguous()
+    S, n, H = z.shape
+    K, C = w.shape[0], w.shape[2]
+    loss = torch.full((K,), float("nan"), dtype=acc)
+    gw = torch.full((K, H, C), float("nan"), dtype=acc)
+    gb = torch.full((K, C), float("nan"), dtype=acc)
+    f = SoftmaxProblem(dtype=DTYPE_CODES[z.dtype], acc=DTYPE_CODES[acc], S=S, n=n, H=H, K=K, C=C,
+                       z=z.data_ptr(), z_ss=z.stride(0), z_ld=z.stride(1), y=y.data_ptr(),
+                       w=w.data_ptr(), b=b.data_ptr(), sw=_ptr(sw), subset_index=_ptr(index),
+                       l2=l2, loss=loss.data_ptr(), grad_w=gw.data_ptr(), grad_b=gb.data_ptr(),
+                       num_sms=num_sms)
+    err = ctypes.create_string_buffer(4096)
+    elems = int(lib().mmk_emu_softmax_workspace_elems(ctypes.byref(f), err, len(err)))
+    check(int(elems < 0), err)
+    ws = torch.full((max(elems, 1),), float("nan"), dtype=acc)
+    f.workspace = ws.data_ptr()
+    check(lib().mmk_emu_softmax(ctypes.byref(f), err, len(err)), err)
+    return loss, gw, gb
 
 
 def stats() -> dict:

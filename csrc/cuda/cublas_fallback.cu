@@ -123,6 +123,14 @@ ModalityTable<acc_t> forward_gemms(const FusionPlan& p, at::TensorList xs,
   return t;
 }
 
+// x_k with its absent rows selected to zero (on the device, no host sync): R_k is zero in
+// those rows, but 0 * NaN is NaN, so grad_W = R_k^T x_k must not multiply them (issue 12.1).
+at::Tensor present_rows(const at::Tensor& x, const c10::optional<at::Tensor>& sample_mask,
+                        int64_t k) {
+  if (!sample_mask.has_value()) return x;
+  return at::where(sample_mask->select(1, k).unsqueeze(1), x, at::zeros({}, x.options()));
+}
+
 struct Grads {
   std::vector<at::Tensor> grad_x, grad_stack, R;
 };
@@ -168,8 +176,9 @@ Grads backward_gemms(const FusionPlan& p, const at::Tensor& grad_out, const at::
     if (need_x)
       res.grad_x.push_back(live[k] ? at::mm(res.R[k], stacks[k].to(acc)).to(xs[k].scalar_type())
                                    : at::zeros_like(xs[k]));
-    res.grad_stack.push_back(need_w && live[k] ? at::mm(res.R[k].t(), xs[k].to(acc))
-                                               : at::zeros({stacks[k].size(0), p.dims[k]}, acc_opts));
+    res.grad_stack.push_back(
+        need_w && live[k] ? at::mm(res.R[k].t(), present_rows(xs[k], sample_mask, k).to(acc))
+                          : at::zeros({stacks[k].size(0), p.dims[k]}, acc_opts));
   }
   return res;
 }

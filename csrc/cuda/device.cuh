@@ -63,6 +63,54 @@ MMK_DEVICE double mmk_fma(double a, double b, double c) {
 #endif
 }
 
+// exp and log in the accumulation type (the accurate library functions, not the fast
+// intrinsics: the softmax refit compares against float64 within the dtype's rounding).
+MMK_DEVICE float mmk_exp(float v) {
+#if defined(MMKERNELS_EMULATOR)
+  return std::exp(v);
+#else
+  return expf(v);
+#endif
+}
+MMK_DEVICE double mmk_exp(double v) {
+#if defined(MMKERNELS_EMULATOR)
+  return std::exp(v);
+#else
+  return exp(v);
+#endif
+}
+MMK_DEVICE float mmk_log(float v) {
+#if defined(MMKERNELS_EMULATOR)
+  return std::log(v);
+#else
+  return logf(v);
+#endif
+}
+MMK_DEVICE double mmk_log(double v) {
+#if defined(MMKERNELS_EMULATOR)
+  return std::log(v);
+#else
+  return log(v);
+#endif
+}
+
+// 1 / v, correctly rounded (as the division): the intrinsic has no slow-path call, whose
+// register saves would give the kernel a stack frame.
+MMK_DEVICE float mmk_rcp(float v) {
+#if defined(MMKERNELS_EMULATOR)
+  return 1.0f / v;
+#else
+  return __frcp_rn(v);
+#endif
+}
+MMK_DEVICE double mmk_rcp(double v) {
+#if defined(MMKERNELS_EMULATOR)
+  return 1.0 / v;
+#else
+  return __drcp_rn(v);
+#endif
+}
+
 // Element conversions to and from the accumulation type.
 MMK_DEVICE float to_float(float v) { return v; }
 MMK_DEVICE float to_float(bf16 v) { return __bfloat162float(v); }

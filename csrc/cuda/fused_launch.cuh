@@ -6,6 +6,7 @@
 
 #include "fused_backward.cuh"
 #include "fused_forward.cuh"
+#include "launch.cuh"
 
 #include <algorithm>
 #include <initializer_list>
@@ -13,23 +14,6 @@
 #include <vector>
 #include <stdexcept>
 
-#if defined(MMKERNELS_EMULATOR)
-#define MMK_LAUNCH(kernel, blocks, threads, smem, stream, ...) \
-  do {                                                            \
-    (void)(stream);                                               \
-    ::mmk_emu::launch(::mmk_emu::dim3((unsigned)(blocks)), ::mmk_emu::dim3(threads), smem, \
-                      [&] { kernel(__VA_ARGS__); });              \
-  } while (0)
-#else
-#define MMK_LAUNCH(kernel, blocks, threads, smem, stream, ...)                              \
-  do {                                                                                      \
-    kernel<<<(unsigned)(blocks), threads, smem, static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__); \
-    const cudaError_t err_ = cudaGetLastError();                                            \
-    if (err_ != cudaSuccess)                                                                \
-      throw std::runtime_error(std::string("mmkernels: CUDA launch failed: ") +             \
-                               cudaGetErrorString(err_));                                   \
-  } while (0)
-#endif
 
 namespace mmkernels::cuda {
 

@@ -1,9 +1,10 @@
 // The emulator's C interface, loaded by the tests through ctypes (tests/csrc/emulator.py):
-// runs the fused kernels of csrc/cuda on host memory, and small self-test kernels for the
-// emulator's own instructions. Every function returns 0, or 1 with the error in `err`.
+// runs the fused kernels and the head-refit kernels of csrc/cuda on host memory, and small
+// self-test kernels for the emulator's own instructions. Every function returns 0, or 1 with the error in `err`.
 #define MMKERNELS_EMULATOR 1
 
 #include "../cuda/fused_launch.cuh"
+#include "../cuda/heads_launch.cuh"
 
 #include <cstddef>
 #include <cstring>
@@ -104,6 +105,26 @@ int mmk_emu_backward(const FusedProblem* f, int fault, char* err, int errlen) {
     else if (fault == kOffByOneTile) backward<kOffByOneTile>(*f, nullptr);
     else backward<kNoFault>(*f, nullptr);
   });
+}
+
+int mmk_emu_gram_problem_bytes() { return (int)sizeof(GramProblem); }
+int mmk_emu_softmax_problem_bytes() { return (int)sizeof(SoftmaxProblem); }
+int mmk_emu_softmax_problem_offset_workspace() { return (int)offsetof(SoftmaxProblem, workspace); }
+
+int64_t mmk_emu_gram_workspace_elems(const GramProblem* f) { return gram_workspace_elems(*f); }
+
+int mmk_emu_gram(const GramProblem* f, char* err, int errlen) {
+  return guarded(err, errlen, [&] { launch_gram(*f, nullptr); });
+}
+
+int64_t mmk_emu_softmax_workspace_elems(const SoftmaxProblem* f, char* err, int errlen) {
+  int64_t n = -1;
+  guarded(err, errlen, [&] { n = softmax_workspace_elems(*f); });
+  return n;
+}
+
+int mmk_emu_softmax(const SoftmaxProblem* f, char* err, int errlen) {
+  return guarded(err, errlen, [&] { launch_softmax(*f, nullptr); });
 }
 
 // kind: 0 bf16, 1 f16 (m16n8k16), 2 tf32 (m16n8k8).

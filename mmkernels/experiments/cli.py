@@ -114,6 +114,10 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
                    help="start over: move OUT/records.jsonl aside (kept, renamed) instead of "
                         "resuming from its finished cells")
     g = p.add_argument_group("where cells run")
+    g.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N: each cell's model, data, training and "
+                        "head refits on that device (with --executor ray, give "
+                        "--gpus-per-cell too)")
     g.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
                    help="inprocess (default) or ray: one Ray task per cell "
                         "(pip install 'mmkernels[ray]')")
@@ -173,6 +177,15 @@ def _check_options(args: argparse.Namespace) -> None:
                              f"files), got {name!r}")
     if not args.out:
         raise _refusal(args, f"--out: expected a folder, got {args.out!r}")
+    from mmkernels.experiments.sweep import check_device
+
+    try:
+        device = check_device(args.device)
+    except ValueError as exc:
+        raise _refusal(args, f"--device: {exc}") from None
+    if device.type == "cuda" and args.executor == "ray" and not args.gpus_per_cell:
+        raise _refusal(args, "--device cuda with --executor ray: give --gpus-per-cell (Ray "
+                             "hides the GPUs from a task that asked for none)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise _refusal(args, f"--out {args.out} is a file, not a folder")
     if args.executor == "inprocess":
@@ -360,7 +373,8 @@ def reproduce(args: argparse.Namespace) -> int:
         real = []
         with _executor(args) as ex:
             for data, c in jobs:
-                recs = run_sweep(data, c, progress=progress, store=store, executor=ex)
+                recs = run_sweep(data, c, progress=progress, store=store, executor=ex,
+                                 device=args.device)
                 _report_diverged(args, recs, c)
                 real.append(RealResult(data, c, recs))
         runtime = time.perf_counter() - t0
@@ -369,7 +383,7 @@ def reproduce(args: argparse.Namespace) -> int:
                                                   "n_test": args.n_test, "recipe": "mix",
                                                   "overlaps": [1.0, 0.8, 0.5, 0.2, 0.0]},
                   "real": {r.data.name: r.cfg.to_dict() for r in real},
-                  "iemocap": args.iemocap}
+                  "iemocap": args.iemocap, "device": args.device}
         report = write_results(args.out, table4_rows=t4, real=real, config=config,
                                runtime_s=runtime,
                                title="mmkernels reproduce: Huang et al. 2021")
@@ -463,13 +477,13 @@ def sweep(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         with _executor(args) as ex:
             recs = run_sweep(data, cfg, progress=not args.no_progress, store=store,
-                             executor=ex)
+                             executor=ex, device=args.device)
         _report_diverged(args, recs, cfg)
         runtime = time.perf_counter() - t0
         config = {"command": ["mmkernels", *args.argv], "subcommand": "sweep",
                   "data": str(args.data), "name": name, "split_seed": args.split_seed,
                   "test_size": args.test_size, "standardize": not args.no_standardize,
-                  "executor": args.executor, "sweep": cfg.to_dict()}
+                  "executor": args.executor, "device": args.device, "sweep": cfg.to_dict()}
         report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
                                runtime_s=runtime, title=f"mmkernels sweep: {name}")
     _print_claims(args.out)

@@ -28,7 +28,7 @@ import operator
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -254,11 +254,46 @@ def _standardized(train_xs: list[Tensor], test_xs: list[Tensor], train_mask: Ten
     return out_tr, out_te
 
 
-def _model(data: Prepared, cfg: SweepConfig, seed: int):
+def _model(data: Prepared, cfg: SweepConfig, seed: int, device: torch.device | str = "cpu"):
     from mmkernels.nn import SubsetEnsemble
 
+    # Initialised on the CPU (the seed gives the same weights on every device), then moved.
     return SubsetEnsemble([x.shape[1] for x in data.train_xs], cfg.hidden,
-                          data.num_outputs, subsets=data.subsets, fusion=cfg.fusion, seed=seed)
+                          data.num_outputs, subsets=data.subsets, fusion=cfg.fusion,
+                          seed=seed).to(device)
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """The device a sweep runs on, refused with a clear message when it is not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f'device must be "cpu", "cuda" or "cuda:N", got {device!r}') from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch "
+                             f"{torch.__version__}, built with CUDA {torch.version.cuda}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f'device must be "cpu", "cuda" or "cuda:N", got {device!r}')
+    return dev
+
+
+def on_device(data: Prepared, device: torch.device | str) -> Prepared:
+    """The dataset's tensors on device (the same object when they are there already)."""
+    dev = torch.device(device)
+    if data.train_y.device == dev:
+        return data
+
+    def move(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dev)
+
+    return replace(data, train_xs=[x.to(dev) for x in data.train_xs], train_y=data.train_y.to(dev),
+                   test_xs=[x.to(dev) for x in data.test_xs], test_y=data.test_y.to(dev),
+                   train_mask=move(data.train_mask), test_mask=move(data.test_mask))
 
 
 @torch.no_grad()
@@ -354,25 +389,31 @@ def _test_metrics(model, data: Prepared, chunk: int = 8192) -> dict[str, Tensor]
                                       data.test_y)
 
 
-def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict[str, list]:
+def run_cell(data: Prepared, seed: int, fraction: float, cfg: SweepConfig,
+             device: torch.device | str = "cpu") -> dict[str, list]:
     """Train every subset on a ``fraction`` of the training rows (rule: sampling module) and
     measure it. Returns {"subsets": [...], "refit": [...], "pairs": [...], "probe": [...],
     "diverged": [...]}, lists of flat records (refit/pairs/probe empty unless fraction is in
     refit_fractions). A cell in which any subset's training diverged (a loss or a parameter
     not finite) has only "diverged" records, one per diverged subset (see :func:`_diverged`):
-    its other numbers would compare subsets that were not all trained."""
+    its other numbers would compare subsets that were not all trained.
+
+    device: where the model, the data and the head refits live ("cuda": every tensor of the
+    cell on the GPU; the subsample is drawn on the host, as on the CPU)."""
     from mmkernels import eta
     from mmkernels.training import evaluate, fit
 
+    dev = check_device(device)
     torch.manual_seed(seed)
-    y_np = data.train_y.numpy()
+    y_np = data.train_y.cpu().numpy()
     sub_seed = int(np.random.SeedSequence([seed, int(round(fraction * 1e9))]).generate_state(1)[0])
     idx = stratified_fraction(y_np if data.task == "classification" else None, fraction,
                               sub_seed, n=len(y_np))
-    it = torch.as_tensor(idx)
+    data = on_device(data, dev)
+    it = torch.as_tensor(idx, device=dev)
     xs, y = [x[it] for x in data.train_xs], data.train_y[it]
     mask = None if data.train_mask is None else data.train_mask[it]
-    model = _model(data, cfg, seed)
+    model = _model(data, cfg, seed, dev)
     res = fit(model, xs, y, mask=mask, task=data.task, epochs=cfg.epochs,
               batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
               progress=False)
@@ -503,18 +544,21 @@ def cell_key(fingerprint: str, cfg: SweepConfig, seed: int, fraction: float) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _cell_payload(data: Prepared, seed: int, fraction: float, cfg: SweepConfig) -> dict:
-    """What a worker returns for one cell: its records (JSON types), runtime and versions."""
+def _cell_payload(data: Prepared, seed: int, fraction: float, cfg: SweepConfig,
+                  device: str = "cpu") -> dict:
+    """What a worker returns for one cell: its records (JSON types), runtime, versions and
+    the device it ran on."""
     from .provenance import versions
 
     t0 = time.perf_counter()
-    recs = to_jsonable(run_cell(data, seed, fraction, cfg))
-    return {"records": recs, "runtime_s": time.perf_counter() - t0, "versions": versions()}
+    recs = to_jsonable(run_cell(data, seed, fraction, cfg, device))
+    return {"records": recs, "runtime_s": time.perf_counter() - t0, "versions": versions(),
+            "device": str(device)}
 
 
 def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
               desc: str | None = None, store: str | Path | ResultStore | None = None,
-              executor: Any = None) -> dict[str, list]:
+              executor: Any = None, device: str = "cpu") -> dict[str, list]:
     """Every (seed, fraction) cell of ``cfg`` on ``data``, with a tqdm bar over cells; the
     records of all cells concatenated per table, in (fraction, seed) order, as JSON types
     (a NaN metric is None), whichever run or worker computed them. A diverged cell
@@ -529,9 +573,12 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
             ``ProcessPoolExecutor``, Dask's ``client.get_executor()``, submitit's
             ``AutoExecutor``. The unfinished cells are submitted at once and stored in the
             order they finish. None runs them in this process, one after another.
+        device: where each cell runs (see :func:`run_cell`); checked before any cell runs.
+            Not part of a cell's key: a stored cell is not rerun on another device.
     """
     from tqdm.auto import tqdm
 
+    device = str(check_device(device))
     # The fingerprint (a hash of every data byte) only matters for matching stored cells.
     fp = data_fingerprint(data) if store is not None else ""
     keys: dict[str, tuple[int, float]] = {}
@@ -560,9 +607,10 @@ def run_sweep(data: Prepared, cfg: SweepConfig, *, progress: bool = True,
 
         if executor is None:
             for key in todo:
-                finish(key, _cell_payload(data, *keys[key], cfg))
+                finish(key, _cell_payload(data, *keys[key], cfg, device))
         else:
-            futures = [executor.submit(_cell_payload, data, *keys[key], cfg) for key in todo]
+            futures = [executor.submit(_cell_payload, data, *keys[key], cfg, device)
+                       for key in todo]
             for i in as_completed_any(futures):
                 finish(todo[i], futures[i].result())
         bar.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_experiments_tables import tiny_dataset
 
 from mmkernels.experiments import sweep as sw
@@ -100,6 +101,9 @@ REFUSED = [
     (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell: expected an int >= 1"),
     (["--executor", "ray", "--gpus-per-cell", "-1"], "--gpus-per-cell: expected a finite"),
     # Issue 18: the same --out with other options would replace the report of the first run.
+    (["--device", "tpu"], r'--device: device must be "cpu", "cuda" or "cuda:N"'),
+    *([] if torch.cuda.is_available() else
+      [(["--device", "cuda"], "--device: device 'cuda': CUDA is not available here")]),
     (["--epochs", "2"], r"holds the results of another sweep \(--epochs 1 there, 2 here\)"),
     (["--seeds", "3"], r"another sweep \(--seeds 2 there, 3 here\)"),
 ]
@@ -330,3 +334,19 @@ def test_sweep_config_refit_fractions_default_to_the_largest() -> None:
     assert sw.SweepConfig(fractions=[0.1, 0.5]).refit_fractions == [0.5]
     assert sw.SweepConfig().refit_fractions == [1.0]
     assert sw.SweepConfig(fractions=[0.5], refit_fractions=[]).refit_fractions == []  # no refits
+
+
+def test_device_cpu_runs_and_is_recorded(tmp_path, finished) -> None:
+    """--device cpu is the default spelled out: the same records, the device in the report's
+    configuration and in every stored cell."""
+    data, out = finished
+    again = tmp_path / "cpu"
+    assert main(["sweep", "--data", str(data), "--out", str(again), *OPTIONS,
+                 "--device", "cpu"]) == 0
+
+    def records(folder):
+        return {r["key"]: r["records"] for r in read_records(folder)}
+
+    assert records(again) == records(out)
+    assert {r["device"] for r in read_records(again)} == {"cpu"}
+    assert json.loads((again / "config.json").read_text())["device"] == "cpu"

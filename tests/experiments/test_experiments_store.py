@@ -101,7 +101,7 @@ def test_sweep_redoes_a_torn_cell_only(tmp_path: Path, monkeypatch) -> None:
     path.write_bytes(data_bytes[:-40])  # tear the second cell's record
     ran = []
     real = sw.run_cell
-    monkeypatch.setattr(sw, "run_cell", lambda d, s, f, c: ran.append(s) or real(d, s, f, c))
+    monkeypatch.setattr(sw, "run_cell", lambda d, s, *rest: ran.append(s) or real(d, s, *rest))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = run_sweep(data, cfg, progress=False, store=tmp_path)

@@ -90,13 +90,17 @@ def run(args: argparse.Namespace) -> dict:
     if args.only:
         cases = [c for c in cases if any(name in c.name for name in args.only)]
     results["cases"] = time_cases(cases, args.repeats)
-    if args.device == "cuda":
+    if args.device == "cuda" and (not args.only or any(n in "e_float32" for n in args.only)):
         results["fp32"] = fp32_rooflines(scale=args.scale)
         for row in results["fp32"]:
             print(
                 f"# float32 {row['mode']}: {row['median_ms']:.3f} ms, {row['tflops']:.1f} "
                 f"TFLOP/s = {row['fraction_of_gemm_rate']:.0%} of the measured GEMM rate"
             )
+    if args.device == "cuda" and (not args.only or any(n in "d_softmax_refit" for n in args.only)):
+        from mmkernels.experiments.bench.gpu_refit import run_refit
+
+        results["refit"] = run_refit(scale=args.scale)
     return results
 
 

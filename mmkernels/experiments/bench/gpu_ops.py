@@ -1,6 +1,6 @@
-"""GPU benchmarks of the fused ops (the targets of the CUDA issue), with rooflines measured in
-the same run: copy bandwidth (bytes moved by a device-to-device copy) and GEMM rate (a large
-matmul in the case's dtype)."""
+"""GPU benchmarks of the fused ops (targets a, b, c and e of issue 16; d, the softmax refit, is
+in gpu_refit.py), with rooflines measured in the same run: copy bandwidth (bytes moved by a
+device-to-device copy) and GEMM rate (a large matmul in the case's dtype)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _rand(*shape, dtype, gen, device="cuda", grad=False):
 
 
 def gpu_cases(dtype: torch.dtype = torch.bfloat16, scale: float = 1.0) -> tuple[list[Case], dict]:
-    """Cases a-e of the CUDA issue; returns them with the measured rooflines."""
+    """Cases a, b and c of issue 16 (and per-subset weights, an extra case); returns them with
+    the measured rooflines."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     roof = {
         "copy_gbs": copy_bandwidth_gbs(),
@@ -93,7 +94,7 @@ def gpu_cases(dtype: torch.dtype = torch.bfloat16, scale: float = 1.0) -> tuple[
     used = sum(dims[k] for row in s3.tolist() for k, u in enumerate(row) if u)
     cases.append(
         Case(
-            "c_per_subset_7",
+            "x_per_subset_7",
             f"dims {dims}, S 7, B {batch}, H {hidden}, {dtype}",
             {
                 "mmkernels": _fwd(lambda: ops.concat_project(xs, ws, subset_mask=s3)),
@@ -113,7 +114,7 @@ def gpu_cases(dtype: torch.dtype = torch.bfloat16, scale: float = 1.0) -> tuple[
     wg, bg = w.detach().requires_grad_(True), b.detach().requires_grad_(True)
     cases.append(
         Case(
-            "d_concat_project_fwd_bwd",
+            "c_concat_project_fwd_bwd",
             f"dims {dims}, B {batch}, H {hidden}, 70% present, {dtype}",
             {
                 "mmkernels": _fwd_bwd(

@@ -1,0 +1,190 @@
+"""The CUDA kernels of the head-refit ops (csrc/cuda/gram.cuh, softmax_regression.cuh) run
+through the host emulator (no GPU) against plain PyTorch in float64 and in the accumulation
+dtype (tests/oracle.py's rule): shapes with tails across the kernels' tiles (64-wide Gram
+tiles, 32-column Z stages, 32-row softmax tiles), strided z, several batch splits, every
+dtype; outputs poisoned beforehand and every element checked. The same kernels on a GPU:
+tests/heads/test_heads_cuda.py."""
+
+from __future__ import annotations
+
+import cuda_emulator as emu
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import assert_matches_oracle
+
+ACC = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
+
+
+def _z(gen: torch.Generator, S: int, n: int, H: int, dtype: torch.dtype, layout: str):
+    """z [S, n, H] in one of three layouts: contiguous, a column slice of a wider tensor (odd
+    row stride), or n-major storage (subset stride smaller than the row stride)."""
+    if layout == "sliced":
+        return torch.randn(S, n, H + 3, generator=gen, dtype=torch.float64).to(dtype)[:, :, 1:H + 1]
+    if layout == "n_major":
+        return torch.randn(n, S, H, generator=gen, dtype=torch.float64).to(dtype).transpose(0, 1)
+    return torch.randn(S, n, H, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _gram_reference(z: torch.Tensor, y2: torch.Tensor, dtype: torch.dtype):
+    A = torch.cat([z.to(dtype), torch.ones(*z.shape[:2], 1, dtype=dtype)], 2)
+    return A.transpose(1, 2) @ A, A.transpose(1, 2) @ y2.to(dtype)
+
+
+@st.composite
+def gram_cases(draw):
+    return dict(
+        S=draw(st.integers(0, 3)),
+        n=draw(st.sampled_from([0, 1, 31, 33, 100, 257])),
+        H=draw(st.sampled_from([0, 1, 5, 62, 63, 64, 70, 130])),
+        T=draw(st.sampled_from([None, 1, 3])),
+        dtype=draw(st.sampled_from(list(ACC))),
+        layout=draw(st.sampled_from(["contiguous", "sliced", "n_major"])),
+        num_sms=draw(st.sampled_from([1, 4, 132])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(gram_cases())
+def test_gram_kernels_match_reference(case) -> None:
+    gen = torch.Generator().manual_seed(case["seed"])
+    S, n, H, T, dtype = case["S"], case["n"], case["H"], case["T"], case["dtype"]
+    z = _z(gen, S, n, H, dtype, case["layout"])
+    y = torch.randn(n, *([] if T is None else [T]), generator=gen, dtype=torch.float64)
+    y = y.to(ACC[dtype])
+    G, R = emu.run_gram(z, y, num_sms=case["num_sms"])
+    y2 = y.unsqueeze(1) if y.dim() == 1 else y
+    acc = ACC[dtype]
+    same = _gram_reference(z, y2, acc)
+    oracle = _gram_reference(z.double(), y2.double(), torch.float64)
+    for name, ours, s, o in zip(("G", "R"), (G, R), same, oracle, strict=True):
+        assert ours.dtype == acc
+        assert_matches_oracle(ours, s, o, f"gram {name} (emulated)", max(n, 1))
+    assert torch.equal(G, G.transpose(1, 2)), "G is not exactly symmetric"
+    assert (G[:, H, H] == n).all()
+
+
+def test_gram_does_not_depend_on_timing_only_on_the_split() -> None:
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 300, 70, generator=gen)
+    y = torch.randn(300, 2, generator=gen)
+    first, again = emu.run_gram(z, y, num_sms=8), emu.run_gram(z, y, num_sms=8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def _softmax_reference(z, y, w, b, sw, l2, index, dtype):
+    """Plain PyTorch with autograd in `dtype`: sum_i sw_i CE + l2/2 ||W||^2 and its gradient."""
+    zs = (z if index is None else z.index_select(0, index)).to(dtype)
+    w = w.detach().to(dtype).requires_grad_(True)
+    b = b.detach().to(dtype).requires_grad_(True)
+    K, n = zs.shape[:2]
+    logp = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), zs, w), dim=2)
+    ce = -logp.gather(2, y.expand(K, n).unsqueeze(2)).squeeze(2)
+    weight = torch.ones(n, dtype=dtype) if sw is None else sw.to(dtype)
+    loss = (ce * weight).sum(1) + 0.5 * l2 * w.square().sum((1, 2))
+    loss.sum().backward()
+    return loss.detach(), w.grad, b.grad
+
+
+@st.composite
+def softmax_cases(draw):
+    S = draw(st.integers(1, 3))
+    return dict(
+        S=S,
+        n=draw(st.sampled_from([0, 1, 31, 33, 100, 257])),
+        H=draw(st.sampled_from([0, 1, 5, 31, 32, 33, 70])),
+        C=draw(st.sampled_from([1, 2, 10, 31, 33, 40])),
+        dtypes=draw(st.sampled_from([(torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.float32),
+                                     (torch.float64, torch.float64)])),
+        layout=draw(st.sampled_from(["contiguous", "sliced", "n_major"])),
+        pick=draw(st.none() | st.lists(st.integers(0, S - 1), min_size=0, max_size=4)),
+        weighted=draw(st.booleans()),
+        l2=draw(st.sampled_from([0.0, 0.7])),
+        num_sms=draw(st.sampled_from([1, 4, 132])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _softmax_inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    S, n, H, C = case["S"], case["n"], case["H"], case["C"]
+    zdt, acc = case["dtypes"]
+    z = _z(gen, S, n, H, zdt, case["layout"])
+    index = None if case["pick"] is None else torch.tensor(case["pick"], dtype=torch.int64)
+    K = S if index is None else len(index)
+    y = torch.randint(0, C, (n,), generator=gen)
+    w = (0.3 * torch.randn(K, H, C, generator=gen, dtype=torch.float64)).to(acc)
+    b = torch.randn(K, C, generator=gen, dtype=torch.float64).to(acc)
+    sw = torch.rand(n, generator=gen, dtype=torch.float64).to(acc) if case["weighted"] else None
+    return z, y, w, b, sw, index
+
+
+@settings(max_examples=30, deadline=None)
+@given(softmax_cases())
+def test_softmax_kernels_match_reference(case) -> None:
+    check_softmax(case)
+
+
+def check_softmax(case) -> None:
+    z, y, w, b, sw, index = _softmax_inputs(case)
+    acc = w.dtype
+    got = emu.run_softmax(z, y, w, b, sw, case["l2"], index, num_sms=case["num_sms"])
+    same = _softmax_reference(z, y, w, b, sw, case["l2"], index, acc)
+    oracle = _softmax_reference(z.double(), y, w, b, sw, case["l2"], index, torch.float64)
+    reduction = max(case["n"], case["H"], case["C"], 1)
+    for name, ours, s, o in zip(("loss", "grad_w", "grad_b"), got, same, oracle, strict=True):
+        assert_matches_oracle(ours, s, o, f"softmax {name} (emulated)", reduction)
+
+
+def test_softmax_many_classes_use_smaller_row_tiles() -> None:
+    """C = 400 in float32 and 200 in float64: the logits of 32 rows no longer fit, the kernel
+    takes 16 or 8 rows per tile."""
+    for zdt, acc, C in ((torch.float32, torch.float32, 400), (torch.float64, torch.float64, 200)):
+        case = dict(S=2, n=70, H=40, C=C, dtypes=(zdt, acc), layout="contiguous", pick=[1],
+                    weighted=True, l2=0.3, num_sms=4, seed=1)
+        check_softmax(case)
+
+
+def test_softmax_refuses_more_classes_than_shared_memory_holds() -> None:
+    z, y = torch.randn(1, 3, 2), torch.zeros(3, dtype=torch.int64)
+    w, b = torch.zeros(1, 2, 20000), torch.zeros(1, 20000)
+    with pytest.raises(emu.EmulatorError, match="classes is more than the CUDA kernel's"):
+        emu.run_softmax(z, y, w, b, None, 0.0)
+
+
+def test_softmax_nan_in_one_subset_reaches_only_its_loss() -> None:
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 80, 9, generator=gen)
+    z[1, 40, 3] = float("nan")
+    y = torch.randint(0, 4, (80,), generator=gen)
+    w, b = 0.1 * torch.randn(3, 9, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    loss, gw, gb = emu.run_softmax(z, y, w, b, None, 0.1)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isfinite(gw[[0, 2]]).all() and torch.isfinite(gb[[0, 2]]).all()
+
+
+def test_softmax_out_of_range_values_give_nan_not_a_wild_read() -> None:
+    """The CUDA kernels cannot raise on bad labels or subset indices without a host sync:
+    the problems they touch get NaN (a label: every problem; an index: its own)."""
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 50, 5, generator=gen)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    w, b = torch.zeros(3, 5, 3), torch.zeros(3, 3)
+    loss, gw, _ = emu.run_softmax(z, y, w, b, None, 0.0, torch.tensor([0, 7, -1]))
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isnan(gw[1:]).all() and torch.isfinite(gw[0]).all()
+    y[10] = 3
+    loss, _, _ = emu.run_softmax(z, y, w[:2], b[:2], None, 0.0)
+    assert torch.isnan(loss).all()
+
+
+def test_softmax_is_deterministic() -> None:
+    case = dict(S=2, n=257, H=70, C=10, dtypes=(torch.bfloat16, torch.float32),
+                layout="sliced", pick=[1, 0, 1], weighted=True, l2=0.5, num_sms=8, seed=2)
+    z, y, w, b, sw, index = _softmax_inputs(case)
+    first = emu.run_softmax(z, y, w, b, sw, 0.5, index, num_sms=8)
+    again = emu.run_softmax(z, y, w, b, sw, 0.5, index, num_sms=8)
+    assert all(torch.equal(a, c) for a, c in zip(first, again, strict=True))

@@ -5,6 +5,8 @@
 
 #include <mmkernels/memory_budget.h>
 
+#include "cpu/bf16_gemm.h"
+
 #ifndef MMKERNELS_NO_PYTHON
 #include <torch/extension.h>
 #endif
@@ -63,5 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(b.bytes, b.source);
       },
       "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
+  m.def("bf16_gemm_on_amx", &mmkernels::cpu::bf16::amx_available,
+        "whether the CPU ops' bfloat16 GEMMs run on AMX now (else in float32 on MKL)");
 }
 #endif

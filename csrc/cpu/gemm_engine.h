@@ -12,6 +12,8 @@
 // partial, and partials are added in task order: results do not depend on scheduling.
 #pragma once
 
+#include "bf16_gemm.h"
+
 #include <mmkernels/fusion_plan.h>
 
 #include <ATen/ATen.h>
@@ -177,6 +179,12 @@ inline at::Tensor gemm_input(const Operand& op, const RowSelection& sel, int64_t
   return dst.copy_(op.x.index_select(0, sel.index[k]));
 }
 
+// bfloat16 operands multiply on AMX with float32 results when the CPU has it (bf16_gemm.h);
+// elsewhere they are converted to float32 for MKL.
+inline bool bf16_on_amx(const Operand& op) {
+  return op.x.scalar_type() == at::kBFloat16 && bf16::amx_available();
+}
+
 // Row access to the per-modality GEMM results (T_k forward, R_k backward).
 template <typename acc_t>
 struct RowView {
@@ -241,7 +249,11 @@ void forward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
   for (int64_t k = 0; k < p.K; ++k) {
     if (!sel.live[k]) continue;
     T[k] = ws.take({sel.rows(k, p.B), ops[k].ncols()}, ops[k].w.scalar_type());
-    at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
+    if (bf16_on_amx(ops[k]))
+      bf16::project_rows(ops[k].x, sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr,
+                         ops[k].w, T[k]);
+    else
+      at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
   }
   const auto view = row_view<acc_t>(p, sel, T);
   for_each_task(p.B, num_tasks(p.B), [&](int64_t, int64_t r0, int64_t r1) {
@@ -267,6 +279,19 @@ at::Tensor scatter_rows(const at::Tensor& compact, const std::vector<int64_t>& p
     }
   });
   return full;
+}
+
+// grad_stack_k = R_k^T @ x_k on AMX, summed over the rows where k is present only: an absent
+// row's x_k may hold anything (NaN), and 0 * NaN is NaN.
+inline at::Tensor bf16_weight_grad(const Operand& op, const RowSelection& sel, const at::Tensor& R,
+                                   int64_t k, int64_t K, int64_t tasks) {
+  if (sel.index[k].defined()) {  // R's rows are the gathered ones
+    const int64_t* rows = sel.index[k].data_ptr<int64_t>();
+    return bf16::weight_grad(R, op.x, nullptr, rows, R.size(0), tasks);
+  }
+  const std::vector<int64_t> present = bf16::present_rows(sel.mask_ptr, op.x.size(0), K, k);
+  if (present.empty()) return bf16::weight_grad(R, op.x, nullptr, nullptr, R.size(0), tasks);
+  return bf16::weight_grad(R, op.x, present.data(), present.data(), (int64_t)present.size(), tasks);
 }
 
 struct BackwardResult {
@@ -337,6 +362,8 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
     if (need_x) {
       if (!sel.live[k]) {
         res.grad_x.push_back(at::zeros_like(op.x));
+      } else if (bf16_on_amx(op)) {
+        res.grad_x.push_back(bf16::input_grad(R[k], op.w, sel.index[k], B));
       } else if (!sel.index[k].defined() && op.x.scalar_type() == acc) {
         res.grad_x.push_back(at::mm(R[k], op.w));
       } else {
@@ -347,8 +374,12 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
                                  : part.to(op.x.scalar_type()));
       }
     }
-    res.grad_stack.push_back(need_w && sel.live[k] ? at::mm(R[k].t(), gemm_input(op, sel, k))
-                                                   : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
+    if (!need_w || !sel.live[k])
+      res.grad_stack.push_back(at::zeros({op.ncols(), p.dims[k]}, acc_opts));
+    else if (bf16_on_amx(op))
+      res.grad_stack.push_back(bf16_weight_grad(op, sel, R[k], k, p.K, tasks));
+    else
+      res.grad_stack.push_back(at::mm(R[k].t(), gemm_input(op, sel, k)));
   }
   res.grad_rows = R;
   res.grad_colsum = colsum.sum(0).view({S, width});  // fixed reduction order over tasks

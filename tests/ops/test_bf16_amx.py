@@ -1,0 +1,110 @@
+"""bfloat16 on the CPU: the GEMMs on AMX with float32 results (csrc/cpu/bf16_gemm.h) where the
+CPU has it, and the float32 fallback elsewhere, forced here by disabling oneDNN
+(torch.backends.mkldnn), as on a CPU without AMX.
+
+The hypothesis parity tests (test_fused_ops_parity.py) draw shapes that fit one block of the
+AMX loops; the problems here cross every block boundary: rows past one row block and one task
+(64 and 512 rows) and past the weight gradient's depth block (256), widths past one packed
+column block (64), odd widths (padded depth), gathered and dense modalities.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from test_fused_ops_parity import Problem, call, check, problems
+
+import mmkernels
+from mmkernels._native import native
+
+
+def cpu_has_amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("amx_bf16" in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def test_amx_path_follows_the_cpu_and_the_onednn_switch() -> None:
+    assert native().bf16_gemm_on_amx() == cpu_has_amx_bf16()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not native().bf16_gemm_on_amx()
+
+
+def big(op: str, present: float | None, per_subset: bool, dims: list[int], seed: int) -> Problem:
+    widths = [70] if op == "concat_project" else [70, 33, 130][: len(dims)]
+    return Problem(
+        op=op,
+        dims=dims,
+        batch=1100,
+        widths=widths,
+        num_subsets=3 if per_subset else None,
+        per_subset=per_subset,
+        sample_present=present,
+        bias=True,
+        activation="relu",
+        dtype=torch.bfloat16,
+        seed=seed,
+    )
+
+
+# present 0.5: gathered; 0.9: dense with absent rows; None: no mask.
+LARGE = [
+    (op, present, per_subset, dims)
+    for op in ["concat_project", "project_concat"]
+    for present in [0.5, 0.9, None]
+    for per_subset in [False, True]
+    for dims in [[3, 67, 130]]
+]
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fallback"])
+@pytest.mark.parametrize("op,present,per_subset,dims", LARGE)
+def test_large_bf16_problems_match_the_reference(op, present, per_subset, dims, amx) -> None:
+    with torch.backends.mkldnn.flags(enabled=amx):
+        check(big(op, present, per_subset, dims, seed=len(dims) + int(10 * (present or 0))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems("concat_project", dtypes=(torch.bfloat16,)))
+def test_concat_project_fallback_matches_reference(problem: Problem) -> None:
+    with torch.backends.mkldnn.flags(enabled=False):
+        check(problem)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems("project_concat", dtypes=(torch.bfloat16,)))
+def test_project_concat_fallback_matches_reference(problem: Problem) -> None:
+    with torch.backends.mkldnn.flags(enabled=False):
+        check(problem)
+
+
+@pytest.mark.parametrize("op", ["concat_project", "project_concat"])
+@pytest.mark.parametrize("present", [0.5, 0.9])
+def test_nan_in_absent_rows_reaches_no_result_or_gradient(op: str, present: float) -> None:
+    """On the AMX path too: absent rows holding NaN give the results and gradients of absent
+    rows holding zeros, and zero gradients of their own."""
+    problem = big(op, present, per_subset=True, dims=[3, 67, 130], seed=3)
+    xs, weights, biases, subset_mask, sample_mask = problem.tensors()
+
+    def run(fill: float):
+        leaves = [
+            torch.where(sample_mask[:, k : k + 1], x, fill).requires_grad_(True)
+            for k, x in enumerate(xs)
+        ]
+        params = [t.detach().requires_grad_(True) for t in (*weights, *biases)]
+        ws, bs = params[: len(weights)], params[len(weights) :]
+        out = call(problem, mmkernels, leaves, ws, bs, subset_mask, sample_mask, "relu")
+        grads = torch.autograd.grad(out, [*leaves, *params], torch.ones_like(out))
+        return out, grads
+
+    out_nan, grads_nan = run(float("nan"))
+    out_zero, grads_zero = run(0.0)
+    assert torch.equal(out_nan, out_zero)
+    for k, (a, b) in enumerate(zip(grads_nan, grads_zero)):
+        assert torch.equal(a, b), f"gradient {k}"
+    for k in range(len(xs)):
+        absent = ~sample_mask[:, k]
+        assert torch.equal(grads_nan[k][absent], torch.zeros_like(grads_nan[k][absent]))

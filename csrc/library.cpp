@@ -5,7 +5,7 @@
 
 #include <mmkernels/memory_budget.h>
 
-#include "cpu/bf16_gemm.h"
+#include "cpu/blocked_gemm.h"
 
 #ifndef MMKERNELS_NO_PYTHON
 #include <torch/extension.h>
@@ -65,7 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(b.bytes, b.source);
       },
       "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
-  m.def("bf16_gemm_on_amx", &mmkernels::cpu::bf16::amx_available,
-        "whether the CPU ops' bfloat16 GEMMs run on AMX now (else in float32 on MKL)");
+  m.def("blocked_gemms", &mmkernels::cpu::blocked::available,
+        "whether the CPU ops' bfloat16 and float32 GEMMs run on oneDNN's ukernels now (bfloat16 "
+        "on AMX); else on MKL, bfloat16 converted to float32");
 }
 #endif

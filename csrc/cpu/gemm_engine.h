@@ -12,7 +12,8 @@
 // partial, and partials are added in task order: results do not depend on scheduling.
 #pragma once
 
-#include "bf16_gemm.h"
+#include "blocked_gemm.h"
+#include "row_kernels.h"
 
 #include <mmkernels/fusion_plan.h>
 
@@ -37,16 +38,21 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 // 2-core Xeon, H = 128; the copy is a fifth of the GEMM's cost per row).
 constexpr double kGatherBelow = 0.8;
 
-// Row kernels of the epilogues and the builder. Restrict pointers and a loop-invariant relu
-// flag let the compiler vectorise them.
+// Row kernels of the epilogues and the builder: in AVX-512 where the CPU has it
+// (row_kernels.h), else plain loops whose restrict pointers and loop-invariant relu flag let
+// the compiler vectorise them.
 template <typename acc_t>
 inline void add_into(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::add_into(dst, src, n)) return;
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 template <typename scalar_t, typename acc_t>
 inline void store_activated(scalar_t* __restrict__ out, const acc_t* __restrict__ z, int64_t n,
                             bool relu) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::store_activated(out, z, n, relu)) return;
   if (relu) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(z[i] < acc_t(0) ? acc_t(0) : z[i]);
   } else {
@@ -59,6 +65,8 @@ template <typename scalar_t, typename acc_t>
 inline void activation_grad(acc_t* __restrict__ d, acc_t* __restrict__ colsum,
                             const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                             int64_t n, bool relu) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::activation_grad(d, colsum, grad, out, n, relu)) return;
   if (relu) {
     // Both loads unconditional: the select then compiles to a vector blend, not a branch
     // that mispredicts on every other element.
@@ -179,10 +187,18 @@ inline at::Tensor gemm_input(const Operand& op, const RowSelection& sel, int64_t
   return dst.copy_(op.x.index_select(0, sel.index[k]));
 }
 
-// bfloat16 operands multiply on AMX with float32 results when the CPU has it (bf16_gemm.h);
-// elsewhere they are converted to float32 for MKL.
-inline bool bf16_on_amx(const Operand& op) {
-  return op.x.scalar_type() == at::kBFloat16 && bf16::amx_available();
+// bfloat16 and float32 operands multiply in blocks of rows on oneDNN's ukernels where the CPU
+// has them (blocked_gemm.h: bfloat16 on AMX with float32 results, gathers and scatters in
+// cache); elsewhere on MKL, bfloat16 converted to float32.
+inline bool on_blocked(const Operand& op) {
+  const auto t = op.x.scalar_type();
+  return (t == at::kBFloat16 || t == at::kFloat) && blocked::available();
+}
+
+inline void blocked_forward(const Operand& op, const at::Tensor& index, at::Tensor& T) {
+  const int64_t* rows = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  if (op.x.scalar_type() == at::kBFloat16) blocked::project_rows<at::BFloat16>(op.x, rows, op.w, T);
+  else blocked::project_rows<float>(op.x, rows, op.w, T);
 }
 
 // Row access to the per-modality GEMM results (T_k forward, R_k backward).
@@ -249,9 +265,8 @@ void forward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
   for (int64_t k = 0; k < p.K; ++k) {
     if (!sel.live[k]) continue;
     T[k] = ws.take({sel.rows(k, p.B), ops[k].ncols()}, ops[k].w.scalar_type());
-    if (bf16_on_amx(ops[k]))
-      bf16::project_rows(ops[k].x, sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr,
-                         ops[k].w, T[k]);
+    if (on_blocked(ops[k]))
+      blocked_forward(ops[k], sel.index[k], T[k]);
     else
       at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
   }
@@ -281,17 +296,17 @@ at::Tensor scatter_rows(const at::Tensor& compact, const std::vector<int64_t>& p
   return full;
 }
 
-// grad_stack_k = R_k^T @ x_k on AMX, summed over the rows where k is present only: an absent
-// row's x_k may hold anything (NaN), and 0 * NaN is NaN.
-inline at::Tensor bf16_weight_grad(const Operand& op, const RowSelection& sel, const at::Tensor& R,
-                                   int64_t k, int64_t K, int64_t tasks) {
-  if (sel.index[k].defined()) {  // R's rows are the gathered ones
-    const int64_t* rows = sel.index[k].data_ptr<int64_t>();
-    return bf16::weight_grad(R, op.x, nullptr, rows, R.size(0), tasks);
-  }
-  const std::vector<int64_t> present = bf16::present_rows(sel.mask_ptr, op.x.size(0), K, k);
-  if (present.empty()) return bf16::weight_grad(R, op.x, nullptr, nullptr, R.size(0), tasks);
-  return bf16::weight_grad(R, op.x, present.data(), present.data(), (int64_t)present.size(), tasks);
+// grad_x_k (into *grad_x when given) and grad_stack_k in one blocked pass over R_k's rows;
+// grad_stack_k sums the rows where k is present only.
+inline at::Tensor blocked_backward(const Operand& op, const RowSelection& sel, const at::Tensor& R,
+                                   int64_t k, int64_t K, at::Tensor* grad_x, bool need_w,
+                                   int64_t tasks) {
+  const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+  if (op.x.scalar_type() == at::kBFloat16)
+    return blocked::backward_rows<at::BFloat16>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x,
+                                                need_w, tasks);
+  return blocked::backward_rows<float>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x, need_w,
+                                       tasks);
 }
 
 struct BackwardResult {
@@ -359,11 +374,16 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   BackwardResult res;
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& op = ops[k];
+    if (sel.live[k] && on_blocked(op)) {
+      at::Tensor gx = need_x ? at::empty_like(op.x) : at::Tensor();
+      res.grad_stack.push_back(blocked_backward(op, sel, R[k], k, p.K, need_x ? &gx : nullptr,
+                                                need_w, tasks));
+      if (need_x) res.grad_x.push_back(gx);
+      continue;
+    }
     if (need_x) {
       if (!sel.live[k]) {
         res.grad_x.push_back(at::zeros_like(op.x));
-      } else if (bf16_on_amx(op)) {
-        res.grad_x.push_back(bf16::input_grad(R[k], op.w, sel.index[k], B));
       } else if (!sel.index[k].defined() && op.x.scalar_type() == acc) {
         res.grad_x.push_back(at::mm(R[k], op.w));
       } else {
@@ -374,12 +394,8 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
                                  : part.to(op.x.scalar_type()));
       }
     }
-    if (!need_w || !sel.live[k])
-      res.grad_stack.push_back(at::zeros({op.ncols(), p.dims[k]}, acc_opts));
-    else if (bf16_on_amx(op))
-      res.grad_stack.push_back(bf16_weight_grad(op, sel, R[k], k, p.K, tasks));
-    else
-      res.grad_stack.push_back(at::mm(R[k].t(), gemm_input(op, sel, k)));
+    res.grad_stack.push_back(need_w && sel.live[k] ? at::mm(R[k].t(), gemm_input(op, sel, k))
+                                                   : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
   }
   res.grad_rows = R;
   res.grad_colsum = colsum.sum(0).view({S, width});  // fixed reduction order over tasks

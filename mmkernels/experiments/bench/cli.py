@@ -57,7 +57,7 @@ def time_cases(cases: list[Case], repeats: int) -> list[dict]:
             )
         for note in case.notes:
             print(f"{'':32} note: {note}")
-        print(f"{'':32} load average {load_before} before, {load_after} after")
+        print(f"{'':32} load average {load_before:.2f} before, {load_after:.2f} after")
         results.append(
             {
                 "name": case.name,
@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own; on a machine busy with other work "
+        "one thread is far less noisy than an OpenMP team waiting for a descheduled member)",
+    )
+    parser.add_argument(
         "--no-compile",
         dest="compile",
         action="store_false",
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = args.out or Path(f"bench-results/fused_ops_{args.device}.json")
     results = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)

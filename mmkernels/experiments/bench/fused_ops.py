@@ -237,7 +237,7 @@ def cpu_cases(
         {"eager": 2.5, "composition": 1.1, "gemm_floor": 0.7},
         [(n, d, hidden) for n, d in zip(present_rows, dims3)],
         fp32_runner=_fwd_bwd(
-            lambda: ops.concat_project(f32[:3], f32[3], f32[4], sample_mask=present), f32
+            lambda f32=f32: ops.concat_project(f32[:3], f32[3], f32[4], sample_mask=present), f32
         ),
         reference_fn=_fwd_bwd(lambda: compiled(xs, w, b, sample_mask=present), args),
     )
@@ -265,7 +265,7 @@ def cpu_cases(
         {"eager": 3.0, "composition": 1.1},
         [(batch, d, u * hidden) for d, u in zip(dims3, users)],
         fp32_runner=_fwd_bwd(
-            lambda: ops.concat_project(f32[:3], f32[3], f32[4], subset_mask=subsets), f32
+            lambda f32=f32: ops.concat_project(f32[:3], f32[3], f32[4], subset_mask=subsets), f32
         ),
         reference_fn=_fwd_bwd(lambda: compiled_b(xs, ws, bs, subset_mask=subsets), args),
     )
@@ -290,7 +290,7 @@ def cpu_cases(
         [(batch_c, d, hidden) for d in dims4],
         backward=False,
         fp32_runner=_fwd(
-            lambda: ops.concat_project(f32[:4], f32[4], f32[5], subset_mask=subsets4)
+            lambda f32=f32: ops.concat_project(f32[:4], f32[4], f32[5], subset_mask=subsets4)
         ),
         reference_fn=_fwd(lambda: compiled_c(xs4, w4, b4, subset_mask=subsets4)),
     )
@@ -316,7 +316,7 @@ def cpu_cases(
         {"eager": 2.5, "composition": 1.1},
         [(n, d, hidden) for n, d in zip(present_rows, dims3)],
         fp32_runner=_fwd_bwd(
-            lambda: ops.project_concat(f32[:3], f32[3:6], f32[6:], sample_mask=present), f32
+            lambda f32=f32: ops.project_concat(f32[:3], f32[3:6], f32[6:], sample_mask=present), f32
         ),
         reference_fn=_fwd_bwd(lambda: compiled_d1(xs, wl, bl, sample_mask=present), args),
     )
@@ -340,7 +340,7 @@ def cpu_cases(
         {"eager": 3.0, "composition": 1.1},
         [(batch, d, u * hidden) for d, u in zip(dims3, users)],
         fp32_runner=_fwd_bwd(
-            lambda: ops.project_concat(f32[:3], f32[3:6], f32[6:], subset_mask=subsets), f32
+            lambda f32=f32: ops.project_concat(f32[:3], f32[3:6], f32[6:], subset_mask=subsets), f32
         ),
         reference_fn=_fwd_bwd(lambda: compiled_d2(xs, wls, bls, subset_mask=subsets), args),
     )

@@ -1,14 +1,17 @@
-"""bfloat16 on the CPU: the GEMMs on AMX with float32 results (csrc/cpu/bf16_gemm.h) where the
-CPU has it, and the float32 fallback elsewhere, forced here by disabling oneDNN
-(torch.backends.mkldnn), as on a CPU without AMX.
+"""The CPU engine's blocked GEMMs (csrc/cpu/blocked_gemm.h: bfloat16 on AMX with float32
+results, and float32, on oneDNN's ukernels) where the CPU has AMX, and the MKL path elsewhere
+(bfloat16 converted to float32), forced here by disabling oneDNN (torch.backends.mkldnn), as on
+a CPU without AMX.
 
 The hypothesis parity tests (test_fused_ops_parity.py) draw shapes that fit one block of the
-AMX loops; the problems here cross every block boundary: rows past one row block and one task
-(64 and 512 rows) and past the weight gradient's depth block (256), widths past one packed
-column block (64), odd widths (padded depth), gathered and dense modalities.
+blocked loops; the problems here cross every block boundary: rows past one row block and one
+task (64 and 512 rows) and past the backward's depth block (256), widths past one column block
+(64), odd widths (padded depth in bfloat16), gathered and dense modalities.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -27,13 +30,27 @@ def cpu_has_amx_bf16() -> bool:
         return False
 
 
-def test_amx_path_follows_the_cpu_and_the_onednn_switch() -> None:
-    assert native().bf16_gemm_on_amx() == cpu_has_amx_bf16()
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert not native().bf16_gemm_on_amx()
+@contextmanager
+def onednn(enabled: bool):
+    """torch.backends.mkldnn.enabled for the block (its flags() also sets TF32 and warns)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
-def big(op: str, present: float | None, per_subset: bool, dims: list[int], seed: int) -> Problem:
+def test_blocked_path_follows_the_cpu_and_the_onednn_switch() -> None:
+    assert native().blocked_gemms() == cpu_has_amx_bf16()
+    with onednn(False):
+        assert not native().blocked_gemms()
+
+
+def big(
+    op: str, present: float | None, per_subset: bool, dims: list[int], seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Problem:
     widths = [70] if op == "concat_project" else [70, 33, 130][: len(dims)]
     return Problem(
         op=op,
@@ -45,7 +62,7 @@ def big(op: str, present: float | None, per_subset: bool, dims: list[int], seed:
         sample_present=present,
         bias=True,
         activation="relu",
-        dtype=torch.bfloat16,
+        dtype=dtype,
         seed=seed,
     )
 
@@ -60,33 +77,36 @@ LARGE = [
 ]
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fallback"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "mkl"])
 @pytest.mark.parametrize("op,present,per_subset,dims", LARGE)
-def test_large_bf16_problems_match_the_reference(op, present, per_subset, dims, amx) -> None:
-    with torch.backends.mkldnn.flags(enabled=amx):
-        check(big(op, present, per_subset, dims, seed=len(dims) + int(10 * (present or 0))))
+def test_large_problems_match_the_reference(op, present, per_subset, dims, blocked, dtype) -> None:
+    seed = len(dims) + int(10 * (present or 0))
+    with onednn(blocked):
+        check(big(op, present, per_subset, dims, seed, dtype))
 
 
 @settings(max_examples=60, deadline=None)
 @given(problems("concat_project", dtypes=(torch.bfloat16,)))
 def test_concat_project_fallback_matches_reference(problem: Problem) -> None:
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         check(problem)
 
 
 @settings(max_examples=60, deadline=None)
 @given(problems("project_concat", dtypes=(torch.bfloat16,)))
 def test_project_concat_fallback_matches_reference(problem: Problem) -> None:
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         check(problem)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("op", ["concat_project", "project_concat"])
 @pytest.mark.parametrize("present", [0.5, 0.9])
-def test_nan_in_absent_rows_reaches_no_result_or_gradient(op: str, present: float) -> None:
-    """On the AMX path too: absent rows holding NaN give the results and gradients of absent
-    rows holding zeros, and zero gradients of their own."""
-    problem = big(op, present, per_subset=True, dims=[3, 67, 130], seed=3)
+def test_nan_in_absent_rows_reaches_no_result_or_gradient(op, present, dtype) -> None:
+    """On the blocked path too: absent rows holding NaN give the results and gradients of
+    absent rows holding zeros, and zero gradients of their own."""
+    problem = big(op, present, per_subset=True, dims=[3, 67, 130], seed=3, dtype=dtype)
     xs, weights, biases, subset_mask, sample_mask = problem.tensors()
 
     def run(fill: float):

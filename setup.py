@@ -85,7 +85,10 @@ def extension() -> cpp_extension.CppExtension:
         sources["common"] + sources["cuda"],
         include_dirs=[str(ROOT / "csrc" / "include")],
         define_macros=macros,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        # MMKERNELS_NVCC_FLAGS: extra nvcc flags, e.g. "-Xptxas -v" (scripts/cuda_build_check.sh
+        # reads the register and spill report of the fused kernels from it).
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                                                 *os.environ.get("MMKERNELS_NVCC_FLAGS", "").split()]},
         depends=header_dependencies(),
     )
 

@@ -1,8 +1,10 @@
 // Every op schema of the package, and the Python module that carries the build information.
-// Kernels register per backend in csrc/cpu and csrc/cuda; autograd and fake kernels live in
-// mmkernels/ops.py.
+// Kernels register per dispatch key: csrc/cpu, csrc/cuda, csrc/meta (the fused ops' shape
+// checks, for meta and fake tensors) and csrc/autocast; autograd lives in mmkernels/ops.py,
+// with the head ops' fake kernels.
 #include <torch/library.h>
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/memory_budget.h>
 
 #include "cpu/blocked_gemm.h"
@@ -68,5 +70,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocked_gemms", &mmkernels::cpu::blocked::available,
         "whether the CPU ops' bfloat16 and float32 GEMMs run on oneDNN's ukernels now (bfloat16 "
         "on AMX); else on MKL, bfloat16 converted to float32");
+  m.def("accumulation_dtype", &mmkernels::accumulation_dtype,
+        "the dtype the native ops accumulate inputs of a dtype in");
 }
 #endif

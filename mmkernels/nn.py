@@ -80,19 +80,28 @@ def _as_mask(
     if isinstance(mask, Mapping):
         if names is None:
             raise ValueError("this module was built with unnamed dims: pass mask as [B, K]")
+        missing = [n for n in names if n not in mask]
+        extra = [n for n in mask if n not in names]
+        if missing or extra:
+            raise ValueError(
+                f"mask must have the keys {names}, missing {missing}, unexpected {extra}"
+            )
         mask = torch.stack([mask[n].to(torch.bool) for n in names], dim=1)
     if mask.shape != (batch, k):
         raise ValueError(f"mask: expected shape [{batch}, {k}], got {list(mask.shape)}")
     return mask.to(device=device, dtype=torch.bool)
 
 
-def linear_init_(weight: Tensor, bias: Tensor | None, generator: torch.Generator) -> None:
+def linear_init_(
+    weight: Tensor, bias: Tensor | None, generator: torch.Generator | None = None
+) -> None:
     """Initialise like ``nn.Linear.reset_parameters`` with its random draws taken from generator.
 
     nn.Linear draws weight ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with
     a = sqrt(5)) and then the bias from the same interval; this draws the same numbers in the
     same order, so ``linear_init_(lin.weight, lin.bias, torch.Generator().manual_seed(q))``
-    on a separate nn.Linear reproduces the ensemble's slice for the same seed q.
+    on a separate nn.Linear reproduces the ensemble's slice for the same seed q. Without a
+    generator the draws come from the default RNG of the weight's device, as in nn.Linear.
     """
     fan_in = weight.shape[1]
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -103,7 +112,7 @@ def linear_init_(weight: Tensor, bias: Tensor | None, generator: torch.Generator
 
 
 def modality_dropout(
-    mask: Tensor, p: Tensor, generator: torch.Generator | None = None
+    mask: Tensor, p: Tensor | Sequence[float], generator: torch.Generator | None = None
 ) -> Tensor:
     """Drop present modalities at random, never all of a sample's modalities.
 
@@ -112,23 +121,35 @@ def modality_dropout(
     dropped, that sample keeps exactly one of them, chosen uniformly at random among its
     present modalities. Samples that had no modality present stay empty.
 
+    The draws do not depend on the data: two uniform [B, K] draws (the drop draw, then the
+    draw that picks the survivor), in that order, whatever the mask holds. So the same RNG
+    state gives the same result, and torch.compile traces it without a data-dependent branch.
+
     Args:
         mask: bool [B, K] presence before dropout.
-        p: float [K] drop probabilities in [0, 1].
-        generator: optional torch.Generator for the draws (else the global RNG).
+        p: [K] drop probabilities in [0, 1] (a float tensor or a sequence of floats).
+        generator: optional torch.Generator for the draws (else the global RNG; torch.compile
+            supports only the global RNG).
 
     Returns:
         bool [B, K] presence after dropout (a subset of mask).
     """
-    u = torch.rand(mask.shape, generator=generator, device=mask.device)
-    keep = mask & (u >= p.to(u.device).view(1, -1))
-    lost_all = mask.any(dim=1) & ~keep.any(dim=1)
-    if bool(lost_all.any()):
-        scores = torch.rand(mask.shape, generator=generator, device=mask.device)
-        scores = torch.where(mask, scores, torch.full_like(scores, -1.0))
-        pick = F.one_hot(scores.argmax(dim=1), mask.shape[1]).to(torch.bool)
-        keep = torch.where(lost_all.view(-1, 1), pick, keep)
-    return keep
+    k = mask.shape[1]
+    p = torch.as_tensor(p, dtype=torch.float32, device=mask.device).view(1, k)
+    u, scores = _uniform(mask, generator), _uniform(mask, generator)
+    keep = mask & (u >= p)
+    lost_all = (mask.any(dim=1) & ~keep.any(dim=1)).view(-1, 1)
+    scores = torch.where(mask, scores, torch.full_like(scores, -1.0))
+    pick = scores.argmax(dim=1, keepdim=True) == torch.arange(k, device=mask.device).view(1, k)
+    return torch.where(lost_all, pick, keep)
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U[0, 1) float32 of like's shape; without a generator, the form torch.compile traces
+    (it cannot pass generator=None with a symbolic batch size)."""
+    if generator is None:
+        return torch.rand_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
+    return torch.rand(like.shape, generator=generator, device=like.device)
 
 
 class MaskedFusion(nn.Module):
@@ -159,6 +180,14 @@ class MaskedFusion(nn.Module):
     dropped independently with its probability; a sample never loses all its modalities: when
     every present one was drawn, it keeps one chosen uniformly at random among them (see
     :func:`modality_dropout`). Dropped modalities are then treated exactly like missing ones.
+    The probabilities are fixed Python floats (``self.dropout``); the draws come from the
+    global RNG.
+
+    torch.compile: every fusion / fill / dropout mode compiles with ``fullgraph=True``, with
+    ``dynamic=True`` or with batch sizes that change between calls. The compiled module draws
+    the same dropout masks as eager from the same RNG state on backends that keep torch's
+    random ops (e.g. "aot_eager"); Inductor generates its own random numbers unless
+    ``torch._inductor.config.fallback_random = True``.
 
     Inputs: ``xs`` a list of [B, d_k] tensors in the order of ``dims``, or a dict name -> tensor
     when ``dims`` was a mapping name -> width; ``mask`` bool [B, K] (or dict name -> bool [B]),
@@ -193,7 +222,6 @@ class MaskedFusion(nn.Module):
             self.hidden = [hidden]
             self.weight = nn.Parameter(torch.empty(hidden, sum(self.dims), **factory))
             self.bias = nn.Parameter(torch.empty(hidden, **factory)) if bias else None
-            linear_init_(self.weight, self.bias, torch.default_generator)
         else:
             widths = [hidden] * k if isinstance(hidden, int) else [int(h) for h in hidden]
             if len(widths) != k:
@@ -209,16 +237,17 @@ class MaskedFusion(nn.Module):
                 nn.ParameterList([nn.Parameter(torch.empty(h, **factory)) for h in widths])
                 if bias else None
             )
-            for j in range(k):
-                linear_init_(self.weights[j], None if self.biases is None else self.biases[j],
-                             torch.default_generator)
         if fill == "learned":
             self.tokens = nn.ParameterList(
-                [nn.Parameter(torch.zeros(d, **factory)) for d in self.dims]
+                [nn.Parameter(torch.empty(d, **factory)) for d in self.dims]
             )
         if isinstance(dropout, Mapping):
             if self.names is None:
                 raise ValueError("dropout by name needs dims given as a mapping name -> width")
+            unknown = [n for n in dropout if n not in self.names]
+            if unknown:
+                raise ValueError(f"dropout: unknown modalities {unknown}, expected names from "
+                                 f"{self.names}")
             probs = [float(dropout.get(n, 0.0)) for n in self.names]
         elif isinstance(dropout, (int, float)):
             probs = [float(dropout)] * k
@@ -226,9 +255,34 @@ class MaskedFusion(nn.Module):
             probs = [float(p) for p in dropout]
         if len(probs) != k or any(not 0.0 <= p <= 1.0 for p in probs):
             raise ValueError(f"dropout: expected {k} probabilities in [0, 1], got {probs}")
-        self.register_buffer(
-            "dropout_p", torch.tensor(probs, dtype=torch.float32), persistent=False
-        )
+        # Python floats, fixed at construction: whether dropout runs is decided without
+        # reading a tensor, so torch.compile traces forward without a data-dependent branch.
+        self.dropout: tuple[float, ...] = tuple(probs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise like nn.Linear, from the default RNG: early, weight then bias; late,
+        weight_k then bias_k for each modality in order. Learned fill tokens start at zero."""
+        if self.fusion == "early":
+            linear_init_(self.weight, self.bias)
+        else:
+            for j in range(len(self.dims)):
+                linear_init_(self.weights[j], None if self.biases is None else self.biases[j])
+        if self.fill == "learned":
+            with torch.no_grad():
+                for t in self.tokens:
+                    t.zero_()
+
+    def extra_repr(self) -> str:
+        dims = dict(zip(self.names, self.dims, strict=True)) if self.names else self.dims
+        hidden = self.hidden[0] if self.fusion == "early" else self.hidden
+        has_bias = (self.bias if self.fusion == "early" else self.biases) is not None
+        dropout: object = self.dropout[0]
+        if len(set(self.dropout)) > 1:
+            dropout = (dict(zip(self.names, self.dropout, strict=True)) if self.names
+                       else list(self.dropout))
+        return (f"dims={dims}, hidden={hidden}, fusion={self.fusion!r}, fill={self.fill!r}, "
+                f"dropout={dropout}, activation={self.activation!r}, bias={has_bias}")
 
     @property
     def out_features(self) -> int:
@@ -242,11 +296,11 @@ class MaskedFusion(nn.Module):
         x = _as_list(xs, self.names, self.dims)
         batch, k = x[0].shape[0], len(x)
         m = _as_mask(mask, self.names, batch, k, x[0].device)
-        if self.training and bool((self.dropout_p > 0).any()):
+        if self.training and any(p > 0 for p in self.dropout):
             base = m if m is not None else torch.ones(
                 batch, k, dtype=torch.bool, device=x[0].device
             )
-            m = modality_dropout(base, self.dropout_p)
+            m = modality_dropout(base, self.dropout)
         if self.fill == "learned" and m is not None:
             x = [torch.where(m[:, j : j + 1], x[j], self.tokens[j].to(x[j].dtype).expand_as(x[j]))
                  for j in range(k)]
@@ -258,7 +312,8 @@ class MaskedFusion(nn.Module):
                 x = [xj * scale for xj in x]
                 return self._op(x, m)
             out = self._op(x, m).view(batch, k, self.hidden[0])
-            mean = out.sum(dim=1, keepdim=True) / num.clamp(min=1).unsqueeze(2)
+            # in the op's output dtype (bfloat16 under autocast): the output keeps it
+            mean = out.sum(dim=1, keepdim=True) / num.clamp(min=1).unsqueeze(2).to(out.dtype)
             out = torch.where(m.unsqueeze(2), out, mean)
             return out.reshape(batch, k * self.hidden[0])
         return self._op(x, m)
@@ -409,6 +464,13 @@ class SubsetEnsemble(nn.Module):
                     linear_init_(w_cpu, b_cpu, g)
                     w.copy_(w_cpu)
                     b.copy_(b_cpu)
+
+    def extra_repr(self) -> str:
+        dims = dict(zip(self.names, self.dims, strict=True)) if self.names else self.dims
+        hidden = self.hidden[0] if self.fusion == "early" else self.hidden
+        return (f"dims={dims}, hidden={hidden}, num_outputs={self.num_outputs}, "
+                f"fusion={self.fusion!r}, activation={self.activation!r}, "
+                f"num_subsets={self.num_subsets}, seed={self.seed}")
 
     def _subset_layers(self, s: int) -> list[tuple[Tensor, Tensor]]:
         """Views (weight [out, in], bias [out]) of subset s's layers in initialisation order."""

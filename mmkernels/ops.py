@@ -1,5 +1,8 @@
-"""The fused ops: typed public functions over torch.ops.mmkernels, their fake kernels (so
-torch.compile traces them) and their autograd formulas (backward ops in C++).
+"""The fused ops: typed public functions over torch.ops.mmkernels and their autograd formulas
+(backward ops in C++). Every argument check of the fused ops is the C++ plan's
+(csrc/include/mmkernels/fusion_plan.h), which is also their Meta kernel (csrc/meta), so meta
+tensors and torch.compile's fake tensors get the real kernels' errors; only the Python types
+are checked here, which the dispatcher cannot name.
 
 Semantics (docs/design.md, "The fused ops"): xs is a list of K modality tensors [B, d_k];
 present(s, b, k) = subset_mask[s, k] and sample_mask[b, k], a missing mask counting as True.
@@ -7,7 +10,6 @@ present(s, b, k) = subset_mask[s, k] and sample_mask[b, k], a missing mask count
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -54,7 +56,6 @@ def concat_project(
     _check_types(op, xs=(xs, "list"), weight=(weight, "tensor"), bias=(bias, "tensor?"),
                  subset_mask=(subset_mask, "tensor?"), sample_mask=(sample_mask, "tensor?"),
                  activation=(activation, "str"))
-    _check_nonempty(op, xs)
     return _ops.concat_project(list(xs), weight, bias, subset_mask, sample_mask, activation)
 
 
@@ -89,21 +90,12 @@ def project_concat(
     _check_types(op, xs=(xs, "list"), weights=(weights, "list"), biases=(biases, "list?"),
                  subset_mask=(subset_mask, "tensor?"), sample_mask=(sample_mask, "tensor?"),
                  activation=(activation, "str"))
-    _check_nonempty(op, xs)
-    return _ops.project_concat(
-        list(xs),
-        list(weights),
-        [] if biases is None else list(biases),
-        subset_mask,
-        sample_mask,
-        activation,
-    )
-
-
-def _check_nonempty(op: str, xs: Sequence[Tensor]) -> None:
-    # With no tensor at all the dispatcher cannot pick a backend; say what is wrong instead.
-    if len(xs) == 0:
+    biases = [] if biases is None else list(biases)
+    if not xs and not weights and not biases and subset_mask is None and sample_mask is None:
+        # No tensor at all: the dispatcher could pick no kernel to run the C++ checks in.
         raise ValueError(f"{op}: xs must hold at least one modality tensor, got an empty list")
+    return _ops.project_concat(list(xs), list(weights), biases, subset_mask, sample_mask,
+                               activation)
 
 
 def _check_types(op: str, **args: tuple[object, str]) -> None:
@@ -129,25 +121,16 @@ def _check_types(op: str, **args: tuple[object, str]) -> None:
             raise TypeError(f"{op}: {name} must be {want}, got {got}")
 
 
-# ---- fake kernels ----------------------------------------------------------------------------
+# ---- fake kernels of the head ops ------------------------------------------------------------
 #
-# They run for meta tensors and under torch.compile (FakeTensorMode). They check the arguments
-# the native kernels check that can be checked without data (devices, dtypes, shapes), with
-# the native kernels' messages: a meta call with a bad shape, or a call that mixes meta with
-# CPU tensors (the dispatcher then picks the meta kernel), must raise, not return garbage.
+# The fused ops' fake kernels are C++ (csrc/meta: the kernels' own plan, so meta, fake and real
+# tensors raise the same errors). These run for meta tensors and under torch.compile
+# (FakeTensorMode) for the head-refit ops, with the native kernels' messages.
 
 
 def _fail(cond: bool, op: str, message: str) -> None:
     if not cond:
         raise ValueError(f"{op}: {message}")
-
-
-def _check_like(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
-    _fail(isinstance(t, Tensor), op, f"{name} must be a tensor, got {type(t).__name__}")
-    _fail(t.dtype == ref.dtype, op,
-          f"{name} has dtype {t.dtype}, expected {ref.dtype} (the dtype of {ref_name})")
-    _fail(t.device == ref.device, op,
-          f"{name} is on {t.device}, expected {ref.device} (the device of {ref_name})")
 
 
 def _check_shape(op: str, name: str, t: Tensor, expected: list, what: str) -> None:
@@ -156,184 +139,6 @@ def _check_shape(op: str, name: str, t: Tensor, expected: list, what: str) -> No
 
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_fused_fake(op: str, xs, subset_mask, sample_mask, activation) -> tuple[int, int]:
-    """The modalities, masks and activation; returns (K, S) with S = 0 without subsets."""
-    _fail(len(xs) > 0, op, "xs must hold at least one modality tensor, got an empty list")
-    for k, x in enumerate(xs):
-        _fail(x.dim() == 2, op, f"xs[{k}] must be 2-d [B, d_k], got shape {list(x.shape)}")
-        _fail(x.dtype in _FLOATS, op, f"xs[{k}] must be float32, float64 or bfloat16 (or "
-                                      f"float16), got {x.dtype}")
-        if k:
-            _check_like(op, f"xs[{k}]", x, xs[0], "xs[0]")
-            _fail(x.shape[0] == xs[0].shape[0], op, f"xs[{k}] has {x.shape[0]} rows, expected "
-                                                    f"B = {xs[0].shape[0]} (the rows of xs[0])")
-    _fail(activation in ("relu", "none"), op,
-          f'activation must be "relu" or "none", got "{activation}"')
-    K, S = len(xs), 0
-    for name, m, rows, what in (("subset_mask", subset_mask, None, "[S, K] with K = len(xs)"),
-                                ("sample_mask", sample_mask, xs[0].shape[0],
-                                 "[B, K]: B rows of xs, K = len(xs)")):
-        if m is None:
-            continue
-        _fail(m.dtype == torch.bool, op, f"{name} must be a bool tensor, got {m.dtype}")
-        _fail(m.dim() == 2, op, f"{name} must be 2-d, got shape {list(m.shape)}")
-        _check_shape(op, name, m, [m.shape[0] if rows is None else rows, K], what)
-        _fail(m.device == xs[0].device, op,
-              f"{name} is on {m.device}, expected {xs[0].device} (the device of xs)")
-        if rows is None:
-            S = m.shape[0]
-    return K, S
-
-
-def _check_backward_fake(op: str, grad_out, out, xs, expected: list) -> None:
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        _fail(isinstance(t, Tensor), op, f"{name} must be a tensor, got {type(t).__name__}")
-        _check_shape(op, name, t, expected, "the output's shape")
-        _check_like(op, name, t, xs[0], "xs[0]")
-
-
-def _concat_project_shape(xs, weight, bias, subset_mask, sample_mask, activation,
-                          op="concat_project") -> list:
-    K, S = _check_fused_fake(op, xs, subset_mask, sample_mask, activation)
-    D = sum(x.shape[1] for x in xs)
-    _check_like(op, "weight", weight, xs[0], "xs[0]")
-    _fail(weight.dim() in (2, 3), op, f"weight must be [H, D] or [S, H, D] with D = sum of "
-                                      f"modality dims = {D}, got shape {list(weight.shape)}")
-    _fail(weight.shape[-1] == D, op, f"weight's last dim must be D = sum of modality dims = "
-                                     f"{D}, got shape {list(weight.shape)}")
-    if weight.dim() == 3:
-        _fail(subset_mask is not None, op,
-              "a 3-d weight [S, H, D] needs subset_mask [S, K] (got none)")
-        _fail(weight.shape[0] == S, op, f"weight has S = {weight.shape[0]} subsets, expected "
-                                        f"S = {S} (the rows of subset_mask)")
-    if bias is not None:
-        _check_like(op, "bias", bias, xs[0], "xs[0]")
-        _check_shape(op, "bias", bias, list(weight.shape[:-1]), "weight's shape without D")
-    lead = [S] if subset_mask is not None else []
-    return [*lead, xs[0].shape[0], weight.shape[-2]]
-
-
-def _project_concat_shape(xs, weights, biases, subset_mask, sample_mask, activation,
-                          op="project_concat") -> list:
-    K, S = _check_fused_fake(op, xs, subset_mask, sample_mask, activation)
-    _fail(len(weights) == K, op,
-          f"weights must hold K = {K} tensors (one per modality), got {len(weights)}")
-    for k, w in enumerate(weights):
-        name = f"weights[{k}]"
-        _check_like(op, name, w, xs[0], "xs[0]")
-        _fail(w.dim() in (2, 3) and w.dim() == weights[0].dim(), op,
-              f"{name} must be [H_k, d_k] or [S, H_k, d_k] like weights[0], got shape "
-              f"{list(w.shape)}")
-        _fail(w.shape[-1] == xs[k].shape[1], op, f"{name}'s last dim must be d_{k} = "
-                                                 f"{xs[k].shape[1]} (the width of xs[{k}]), got "
-                                                 f"shape {list(w.shape)}")
-        if w.dim() == 3:
-            _fail(subset_mask is not None, op,
-                  "3-d weights [S, H_k, d_k] need subset_mask [S, K] (got none)")
-            _fail(w.shape[0] == S, op, f"{name} has S = {w.shape[0]} subsets, expected S = {S} "
-                                       f"(the rows of subset_mask)")
-    if biases:
-        _fail(len(biases) == K, op,
-              f"biases must hold K = {K} tensors (one per modality), got {len(biases)}")
-        for k, b in enumerate(biases):
-            _check_like(op, f"biases[{k}]", b, xs[0], "xs[0]")
-            _check_shape(op, f"biases[{k}]", b, list(weights[k].shape[:-1]),
-                         "weights[k]'s shape without its last dim")
-    lead = [S] if subset_mask is not None else []
-    return [*lead, xs[0].shape[0], sum(w.shape[-2] for w in weights)]
-
-
-
-
-@torch.library.register_fake("mmkernels::concat_project")
-def _concat_project_fake(xs, weight, bias, subset_mask, sample_mask, activation):
-    shape = _concat_project_shape(xs, weight, bias, subset_mask, sample_mask, activation)
-    return xs[0].new_empty(shape)
-
-
-@torch.library.register_fake("mmkernels::project_concat")
-def _project_concat_fake(xs, weights, biases, subset_mask, sample_mask, activation):
-    shape = _project_concat_shape(xs, weights, biases, subset_mask, sample_mask, activation)
-    return xs[0].new_empty(shape)
-
-
-@torch.library.register_fake("mmkernels::concat_project_backward")
-def _concat_project_backward_fake(
-    grad_out, out, xs, weight, subset_mask, sample_mask, activation, output_mask
-):
-    op = "concat_project_backward"
-    shape = _concat_project_shape(xs, weight, None, subset_mask, sample_mask, activation, op)
-    _check_backward_fake(op, grad_out, out, xs, shape)
-    grad_xs = [torch.empty_like(x) for x in xs] if output_mask[0] else []
-    grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty([0])
-    grad_b = weight.new_empty(weight.shape[:-1]) if output_mask[2] else weight.new_empty([0])
-    return grad_xs, grad_w, grad_b
-
-
-@torch.library.register_fake("mmkernels::project_concat_backward")
-def _project_concat_backward_fake(
-    grad_out, out, xs, weights, subset_mask, sample_mask, activation, output_mask
-):
-    op = "project_concat_backward"
-    shape = _project_concat_shape(xs, weights, [], subset_mask, sample_mask, activation, op)
-    _check_backward_fake(op, grad_out, out, xs, shape)
-    grad_xs = [torch.empty_like(x) for x in xs] if output_mask[0] else []
-    grad_ws = [torch.empty_like(w) for w in weights] if output_mask[1] else []
-    grad_bs = [w.new_empty(w.shape[:-1]) for w in weights] if output_mask[2] else []
-    return grad_xs, grad_ws, grad_bs
-
-
-def _check_z_fake(op: str, z: Tensor, others: dict) -> None:
-    _fail(z.dim() == 3, op, f"z must be 3-d [S, n, H], got shape {list(z.shape)}")
-    _fail(z.dtype in _FLOATS[:3], op, f"z must be float32, float64 or bfloat16, got {z.dtype}")
-    for name, t in others.items():
-        if t is not None:
-            _fail(t.device == z.device, op,
-                  f"{name} is on {t.device}, expected {z.device} (the device of z)")
-
-
-@torch.library.register_fake("mmkernels::gram")
-def _gram_fake(z, y):
-    op = "mmkernels::gram"
-    _check_z_fake(op, z, {"y": y})
-    _fail(y.dim() in (1, 2), op, f"y must be [n] or [n, T], got shape {list(y.shape)}")
-    _fail(y.shape[0] == z.shape[1], op,
-          f"y has {y.shape[0]} rows, expected n = {z.shape[1]} (dim 1 of z)")
-    _fail(y.dtype in _FLOATS[:3], op, f"y must be float32, float64 or bfloat16, got {y.dtype}")
-    # float32 accumulation for float32/bfloat16 z, float64 for float64 (as the CPU kernel).
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    width = z.shape[2] + 1
-    outputs = 1 if y.dim() == 1 else y.shape[1]
-    return (z.new_empty([z.shape[0], width, width], dtype=acc),
-            z.new_empty([z.shape[0], width, outputs], dtype=acc))
-
-
-@torch.library.register_fake("mmkernels::softmax_regression_loss_grad")
-def _softmax_regression_loss_grad_fake(z, y, w, b, sample_weight, l2, subset_index=None):
-    op = "mmkernels::softmax_regression_loss_grad"
-    _check_z_fake(op, z, {"y": y, "w": w, "b": b, "sample_weight": sample_weight,
-                          "subset_index": subset_index})
-    S, n, H = z.shape
-    if subset_index is not None:
-        _fail(subset_index.dtype == torch.int64 and subset_index.dim() == 1, op,
-              f"subset_index must be a 1-d int64 tensor, got {subset_index.dtype} "
-              f"{list(subset_index.shape)}")
-        S = subset_index.shape[0]
-    _fail(w.dim() == 3 and w.dtype in (torch.float32, torch.float64), op,
-          f"w must be 3-d [S, H, C] float32 or float64, got {w.dtype} {list(w.shape)}")
-    _fail(w.shape[2] >= 1, op, f"w must have at least one class (dim 2), got {list(w.shape)}")
-    _check_shape(op, "w", w, [S, H, w.shape[2]], "[S, H, C] with S, H from z")
-    _fail(b.dtype == w.dtype, op, f"b has dtype {b.dtype}, expected {w.dtype} (the dtype of w)")
-    _check_shape(op, "b", b, [S, w.shape[2]], "[S, C]")
-    _fail(y.dtype == torch.int64, op, f"y must be int64 class labels, got {y.dtype}")
-    _check_shape(op, "y", y, [n], "[n], n from z")
-    if sample_weight is not None:
-        _check_shape(op, "sample_weight", sample_weight, [n], "[n], n from z")
-    _fail(math.isfinite(l2) and l2 >= 0, op, f"l2 must be finite and >= 0, got {l2}")
-    # No autograd for the head-refit ops: they are solver internals (mmkernels/heads.py).
-    return w.new_empty([w.shape[0]]), torch.empty_like(w), torch.empty_like(b)
 
 
 # ---- autograd ---------------------------------------------------------------------------------

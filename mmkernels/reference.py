@@ -4,7 +4,8 @@ They follow the design literally: build the masked concatenation, apply nn.funct
 and the activation, and loop over subsets. The modules at the end are one subset's model of a
 SubsetEnsemble as plain nn.Linear layers (SubsetEnsemble.subset_model builds them).
 "Absent" is a zero block, chosen with torch.where so that whatever an absent row holds (even
-NaN) cannot leak into the result.
+NaN or Inf) reaches neither the result nor a gradient: absent rows are selected out before any
+product, never multiplied by zero (0 * NaN is NaN).
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def project_concat(
         for k, x in enumerate(xs):
             w = weights[k][s] if weights[k].dim() == 3 else weights[k]
             b = None if biases is None else (biases[k][s] if biases[k].dim() == 2 else biases[k])
-            y = _activate(F.linear(x, w, b), activation)
-            blocks.append(torch.where(keep[:, k : k + 1], y, torch.zeros_like(y)))
+            # Select before the product too: the weight gradient sums over the rows of x.
+            present = keep[:, k : k + 1]
+            y = _activate(F.linear(torch.where(present, x, torch.zeros_like(x)), w, b), activation)
+            blocks.append(torch.where(present, y, torch.zeros_like(y)))
         outs.append(torch.cat(blocks, dim=1))
     if not outs:  # S = 0 subsets: an empty [0, B, sum H_k]
         return _empty([0, batch, sum(w.shape[-2] for w in weights)],

@@ -1,24 +1,43 @@
 """Train every subset model of a :class:`~mmkernels.nn.SubsetEnsemble` at once.
 
-    fit(model, xs, y, *, mask=None, task="classification", epochs=10, batch_size=2048,
-        lr=0.01, weight_decay=0.0, seed=0, val_fraction=0.0, val_data=None, patience=None,
+    fit(model, xs, y=None, *, mask=None, task="classification", epochs=10, batch_size=None,
+        lr=0.01, weight_decay=0.0, seed=None, val_fraction=0.0, val_data=None, patience=None,
         clip_norm=None, restore_best=True, progress=True) -> FitResult
-    evaluate(model, xs, y, *, mask=None, task="classification", batch_size=8192)
+    evaluate(model, xs, y=None, *, mask=None, task="classification", batch_size=None)
         -> {"loss": [S], "acc": [S]}
     epoch_batches(n, batch_size, generator) -> list of index tensors (one epoch's batch order)
 
+The data, the same inputs the modules take, in one of two forms:
+
+- tensors: ``xs`` the modalities, a list of [n, d_k] tensors in the model's order or a dict
+  name -> [n, d_k] keyed by the model's modality names; ``y`` the targets [n] (or [n, C]
+  for regression); ``mask`` optional presence, bool [n, K] or a dict name -> bool [n]. fit
+  splits off ``val_fraction`` and shuffles the rows itself (seeded by ``seed``).
+- a DataLoader (any re-iterable of batches; fit iterates it once per epoch) as ``xs``, with
+  ``y`` and ``mask`` left out. Each batch is either
+    a dict  {<modality name>: [B, d_k], ..., "y": [B], "mask": bool [B, K] or
+            {name: bool [B]}}  ("mask" optional; "y" and "mask" are reserved keys), or
+    a tuple (xs, y) or (xs, y, mask), xs a list or a dict as above.
+  The loader decides the batches and their order: ``batch_size`` and ``seed`` do not apply
+  (passing them is an error); for a reproducible order seed the loader
+  (``DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(s))``).
+  ``val_fraction`` needs tensors (it splits rows): give ``val_data`` instead, as tensors
+  (xs, y[, mask]) or as another DataLoader.
+
 The model contract: ``model(xs, mask) -> [S, B, C]`` and every parameter has the subset axis
 first ([S, ...]); SubsetEnsemble satisfies it. The optimiser is Adam (torch.optim.Adam,
-L2 ``weight_decay``), which is exact per subset (see SubsetEnsemble's docstring).
+L2 ``weight_decay``), which is exact per subset (see SubsetEnsemble's docstring). Batches
+are moved to the model's device.
 
-Determinism: the data are split and shuffled with a torch.Generator seeded by ``seed`` (the
-model's initialisation has its own seed), so on CPU two calls with equal arguments give
-bitwise-equal parameters and histories.
+Determinism: on CPU two calls with equal arguments give bitwise-equal parameters and
+histories: with tensors, the split and the batch order come from a torch.Generator seeded by
+``seed`` (the model's initialisation has its own seed); with a DataLoader, when the loader's
+order is seeded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +46,14 @@ from torch import Tensor, nn
 from mmkernels.nn import SubsetEnsemble, clip_grad_norm_per_subset
 
 __all__ = ["FitResult", "fit", "evaluate", "epoch_batches", "split_validation"]
+
+Modalities = Sequence[Tensor] | Mapping[str, Tensor]
+Mask = Tensor | Mapping[str, Tensor] | None
+Batch = tuple[Modalities, Tensor, Mask]
+
+DEFAULT_BATCH_SIZE = 2048
+DEFAULT_EVAL_BATCH_SIZE = 8192
+_RESERVED = ("y", "mask")
 
 
 @dataclass
@@ -98,9 +125,131 @@ def _epoch_bar(epochs: int, progress: bool):
     return tqdm(range(epochs), desc="fit", unit="epoch", leave=False)
 
 
-def _take(xs: Sequence[Tensor], y: Tensor, mask: Tensor | None, idx: Tensor, device):
-    xb = [x[idx].to(device) for x in xs]
-    return xb, y[idx].to(device), None if mask is None else mask[idx].to(device)
+# ---- the data contract (module docstring) --------------------------------------------------
+
+
+def _is_loader(data: object) -> bool:
+    """A DataLoader or another iterable of batches: not a tensor, a list, a tuple or a dict."""
+    return isinstance(data, Iterable) and not isinstance(data, (Tensor, str, Sequence, Mapping))
+
+
+def _check_reiterable(data: Iterable, name: str) -> None:
+    # never call iter() here: on a DataLoader it would draw from its generator (shifting a
+    # seeded order) and start its workers
+    if isinstance(data, Iterator):
+        raise TypeError(f"{name}: got a one-shot iterator ({type(data).__name__}); the data "
+                        f"are read once per epoch: pass a DataLoader (or another re-iterable)")
+
+
+def _rows_of(value: object, name: str) -> int:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if value.dim() == 0:
+        raise ValueError(f"{name} must have a row dimension, got a 0-d tensor")
+    return value.shape[0]
+
+
+def _check_rows(xs: Modalities, y: object, mask: Mask, what: str) -> int:
+    """The number of rows n, after checking that xs, y and mask are tensors of n rows."""
+    if isinstance(xs, Tensor) or not isinstance(xs, (Sequence, Mapping)) or isinstance(xs, str):
+        raise TypeError(f"{what}xs must be a list of modality tensors [n, d_k], a dict name -> "
+                        f"tensor, or a DataLoader of batches; got {type(xs).__name__}")
+    parts = list(xs.items() if isinstance(xs, Mapping) else enumerate(xs))
+    odd = sorted({type(x).__name__ for _, x in parts if not isinstance(x, Tensor)})
+    if odd:
+        raise TypeError(f"{what}xs must be a list of modality tensors [n, d_k] or a dict name "
+                        f"-> tensor, got a {type(xs).__name__} holding {', '.join(odd)} (for a "
+                        f"list of batches, pass a DataLoader over it)")
+    if y is None:
+        raise ValueError(f"{what}y (the targets) is missing; it is needed with tensor inputs")
+    n = _rows_of(y, f"{what}y")
+    if isinstance(mask, Mapping):
+        masks = [(f"{what}mask[{k!r}]", m) for k, m in mask.items()]
+    else:
+        masks = [] if mask is None else [(f"{what}mask", mask)]
+    for label, t in [*((f"{what}xs[{k!r}]", x) for k, x in parts), *masks]:
+        rows = _rows_of(t, label)
+        if rows != n:
+            raise ValueError(f"{label} has {rows} rows, expected n = {n} (the rows of "
+                             f"{what}y): xs, y and mask must have the same number of rows")
+    return n
+
+
+def _select(value, idx: Tensor | None, device: torch.device | None = None):
+    """Rows idx (all when None) of a tensor, or of each tensor of a list or dict, moved to
+    device (kept where they are when None)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _select(v, idx, device) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_select(v, idx, device) for v in value]
+    rows = value if idx is None else value[idx]
+    return rows if device is None else rows.to(device)
+
+
+def _unpack_batch(batch: object, names: list[str] | None, device: torch.device) -> Batch:
+    """One DataLoader batch as (xs, y, mask) on device, after checking it fits the contract."""
+    if isinstance(batch, Mapping):
+        if "y" not in batch:
+            raise ValueError(f'a dict batch holds the targets under "y" (and optionally the '
+                             f'presence under "mask"); got the keys {list(batch)}')
+        if names is None:
+            raise ValueError("dict batches are keyed by modality name, but this model's "
+                             "modalities are unnamed: build it with dims as a mapping name -> "
+                             "width, or yield (xs, y[, mask]) tuples with xs a list")
+        clash = [n for n in names if n in _RESERVED]
+        if clash:
+            raise ValueError(f"the model has modalities named {clash}, which dict batches "
+                             f"reserve for the targets and the mask: yield (xs, y[, mask]) "
+                             f"tuples instead")
+        xs = {k: v for k, v in batch.items() if k not in _RESERVED}
+        if set(xs) != set(names):
+            raise ValueError(
+                f'a dict batch must hold the modalities {names} plus "y" and optionally '
+                f'"mask"; missing {[n for n in names if n not in xs]}, unexpected '
+                f"{[k for k in xs if k not in names]}")
+        y, mask = batch["y"], batch.get("mask")
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (2, 3):
+        xs, y = batch[0], batch[1]
+        mask = batch[2] if len(batch) == 3 else None
+    else:
+        got = f"a {type(batch).__name__}" + (f" of length {len(batch)}"
+                                              if isinstance(batch, Sequence) else "")
+        raise TypeError(f'a batch must be a dict {{<modality>: tensor, ..., "y": targets, '
+                        f'"mask": presence (optional)}} or a tuple (xs, y) / (xs, y, mask); '
+                        f"got {got}")
+    _check_rows(xs, y, mask, "batch ")
+    return _select(xs, None, device), y.to(device), _select(mask, None, device)
+
+
+def _batches(
+    data: object, y: object, mask: Mask, batch_size: int | None, default_size: int,
+    names: list[str] | None, device: torch.device, what: str,
+) -> Callable[[torch.Generator | None], Iterator[Batch]]:
+    """A function giving one pass over the data as (xs, y, mask) batches on device: a
+    DataLoader's batches, or tensors cut into batch_size rows (shuffled with the generator
+    when one is given, else in order)."""
+    if _is_loader(data):
+        _check_reiterable(data, what)
+        if y is not None or mask is not None:
+            raise ValueError(f"{what} is a DataLoader: its batches carry the targets and the "
+                             f"mask; do not pass y or mask as well")
+        if batch_size is not None:
+            raise ValueError(f"batch_size does not apply to a DataLoader ({what}): it makes its "
+                             f"own batches (DataLoader(..., batch_size=...))")
+        return lambda _gen: (_unpack_batch(b, names, device) for b in data)
+    n = _check_rows(data, y, mask, "")
+    size = default_size if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+
+    def rows(gen: torch.Generator | None) -> Iterator[Batch]:
+        order = epoch_batches(n, size, gen) if gen is not None else torch.arange(n).split(size)
+        for idx in order:
+            yield _select(data, idx, device), y[idx].to(device), _select(mask, idx, device)
+
+    return rows
 
 
 def _metrics(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor | None]:
@@ -110,53 +259,66 @@ def _metrics(out: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor | None]:
     return loss, acc
 
 
+def _names(model: nn.Module) -> list[str] | None:
+    names = getattr(model, "names", None)
+    return None if names is None else list(names)
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, xs: Sequence[Tensor], y: Tensor, *, mask: Tensor | None = None,
-    task: str = "classification", batch_size: int = 8192,
+    model: nn.Module, xs: Modalities | Iterable, y: Tensor | None = None, *,
+    mask: Mask = None, task: str = "classification", batch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """Per-subset mean loss ("loss", [S]) and, for classification, accuracy ("acc", [S]),
-    computed in eval mode without gradients, in batches of rows."""
+    computed in eval mode without gradients, in batches of rows.
+
+    The data are tensors (xs a list or dict of modalities, y, an optional mask; batches of
+    ``batch_size`` rows, default 8192) or a DataLoader of batches, as for :func:`fit`.
+    """
+    device = next(model.parameters()).device
+    passes = _batches(xs, y, mask, batch_size, DEFAULT_EVAL_BATCH_SIZE, _names(model), device,
+                      "xs")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    n = y.shape[0]
+    rows = 0
     loss_sum: Tensor | None = None
     acc_sum: Tensor | None = None
     try:
-        for lo in range(0, n, batch_size):
-            idx = torch.arange(lo, min(n, lo + batch_size))
-            xb, yb, mb = _take(xs, y, mask, idx, device)
+        for xb, yb, mb in passes(None):
             loss, acc = _metrics(model(xb, mb), yb, task)
-            w = float(idx.numel())
+            w = float(yb.shape[0])
+            rows += yb.shape[0]
             loss_sum = loss.double() * w if loss_sum is None else loss_sum + loss.double() * w
             if acc is not None:
                 acc_sum = acc * w if acc_sum is None else acc_sum + acc * w
     finally:
         model.train(was_training)
-    if loss_sum is None:
+    if loss_sum is None or rows == 0:
         raise ValueError("evaluate needs at least one row")
-    out = {"loss": (loss_sum / n).cpu()}
+    out = {"loss": (loss_sum / rows).cpu()}
     if acc_sum is not None:
-        out["acc"] = (acc_sum / n).cpu()
+        out["acc"] = (acc_sum / rows).cpu()
     return out
+
+
+def _evaluator(model: nn.Module, xs, y, mask, task: str) -> Callable[[], dict[str, Tensor]]:
+    return lambda: evaluate(model, xs, y, mask=mask, task=task)
 
 
 def fit(
     model: nn.Module,
-    xs: Sequence[Tensor],
-    y: Tensor,
+    xs: Modalities | Iterable,
+    y: Tensor | None = None,
     *,
-    mask: Tensor | None = None,
+    mask: Mask = None,
     task: str = "classification",
     epochs: int = 10,
-    batch_size: int = 2048,
+    batch_size: int | None = None,
     lr: float = 0.01,
     weight_decay: float = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
     val_fraction: float = 0.0,
-    val_data: tuple[Sequence[Tensor], Tensor] | tuple[Sequence[Tensor], Tensor, Tensor | None]
-    | None = None,
+    val_data: tuple | Iterable | None = None,
     patience: int | None = None,
     clip_norm: float | None = None,
     restore_best: bool = True,
@@ -166,13 +328,18 @@ def fit(
 
     Args:
         model: a SubsetEnsemble (or a module with its contract, see the module docstring).
-        xs: K modality tensors [n, d_k]; y: labels, long [n] (classification) or float [n] /
-            [n, C] (regression); mask: optional bool [n, K] presence.
+        xs: the modalities, a list of K tensors [n, d_k] or a dict name -> tensor; or a
+            DataLoader of batches (the module docstring gives the batch contract).
+        y: labels, long [n] (classification) or float [n] / [n, C] (regression); mask:
+            optional presence, bool [n, K] or a dict name -> bool [n]. Both only with tensors.
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
-        epochs, batch_size, lr, weight_decay: Adam's settings (weight_decay is L2, per element).
-        seed: seeds the validation split and the batch order (torch.Generator).
-        val_fraction: hold out this fraction of (xs, y) for validation, chosen at random;
-            ignored when val_data = (xs_val, y_val[, mask_val]) is given.
+        epochs, batch_size, lr, weight_decay: Adam's settings (weight_decay is L2, per
+            element); batch_size (default 2048) only with tensors.
+        seed: seeds the validation split and the batch order (torch.Generator; default 0);
+            only with tensors: a DataLoader shuffles with its own generator.
+        val_fraction: hold out this fraction of the rows for validation, chosen at random;
+            only with tensors, and ignored when val_data is given.
+        val_data: validation data, tensors (xs_val, y_val[, mask_val]) or a DataLoader.
         patience: per-subset early stopping on the validation loss: a subset whose validation
             loss has not improved for ``patience`` consecutive epochs stops; it gets its best
             parameters back and its slice is restored after every later step, so it no longer
@@ -187,27 +354,43 @@ def fit(
     """
     if task not in ("classification", "regression"):
         raise ValueError(f'task must be "classification" or "regression", got "{task}"')
-    if epochs < 0 or batch_size < 1:
+    if epochs < 0 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
-    xs = list(xs)
-    n = y.shape[0]
-    if any(x.shape[0] != n for x in xs) or (mask is not None and mask.shape[0] != n):
-        raise ValueError("xs, y and mask must have the same number of rows")
-    gen = torch.Generator().manual_seed(int(seed))
-    val: tuple[list[Tensor], Tensor, Tensor | None] | None = None
-    if val_data is not None:
-        val = (list(val_data[0]), val_data[1], val_data[2] if len(val_data) > 2 else None)
-    elif val_fraction > 0:
-        tr, va = split_validation(n, val_fraction, gen)
-        val = ([x[va] for x in xs], y[va], None if mask is None else mask[va])
-        xs, y, mask = [x[tr] for x in xs], y[tr], None if mask is None else mask[tr]
-        n = y.shape[0]
-    if patience is not None and val is None:
-        raise ValueError("patience needs validation data: give val_fraction or val_data")
-
     params = list(model.parameters())
-    s_count = params[0].shape[0]
     device = params[0].device
+    names = _names(model)
+    loader = _is_loader(xs)
+    if loader:
+        if seed is not None:
+            raise ValueError("seed does not apply to a DataLoader: it shuffles with its own "
+                             "generator (DataLoader(..., generator=torch.Generator()"
+                             ".manual_seed(s)))")
+        if val_fraction > 0:
+            raise ValueError("val_fraction splits tensors by rows and does not apply to a "
+                             "DataLoader: give val_data (tensors or another DataLoader)")
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    val: Callable[[], dict[str, Tensor]] | None = None
+    if val_data is not None:
+        if _is_loader(val_data):
+            val = _evaluator(model, val_data, None, None, task)
+        elif isinstance(val_data, (tuple, list)) and len(val_data) in (2, 3):
+            val_mask = val_data[2] if len(val_data) == 3 else None
+            _check_rows(val_data[0], val_data[1], val_mask, "val_data: ")
+            val = _evaluator(model, val_data[0], val_data[1], val_mask, task)
+        else:
+            raise TypeError("val_data must be a tuple (xs, y) / (xs, y, mask) or a DataLoader, "
+                            f"got {type(val_data).__name__}")
+    elif val_fraction > 0:
+        n = _check_rows(xs, y, mask, "")
+        tr, va = split_validation(n, val_fraction, gen)
+        val = _evaluator(model, _select(xs, va), y[va], _select(mask, va), task)
+        xs, y, mask = _select(xs, tr), y[tr], _select(mask, tr)
+    if patience is not None and val is None:
+        raise ValueError("patience needs validation data: give val_data" +
+                         ("" if loader else " or val_fraction"))
+    train_pass = _batches(xs, y, mask, batch_size, DEFAULT_BATCH_SIZE, names, device, "xs")
+
+    s_count = params[0].shape[0]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=False)
     frozen = torch.zeros(s_count, dtype=torch.bool)
     best = [p.detach().clone() for p in params]
@@ -226,8 +409,8 @@ def fit(
     for epoch in bar:
         loss_sum = torch.zeros(s_count, dtype=torch.float64)
         acc_sum = torch.zeros(s_count, dtype=torch.float64)
-        for idx in epoch_batches(n, batch_size, gen):
-            xb, yb, mb = _take(xs, y, mask, idx, device)
+        n = 0
+        for xb, yb, mb in train_pass(None if loader else gen):
             out = model(xb, mb)
             losses = SubsetEnsemble.losses(out, yb, task)
             opt.zero_grad(set_to_none=True)
@@ -242,16 +425,20 @@ def fit(
                         p[fz] = b[fz]
             with torch.no_grad():
                 loss, acc = _metrics(out, yb, task)
-                loss_sum += loss.double().cpu() * idx.numel()
+                loss_sum += loss.double().cpu() * yb.shape[0]
                 if acc is not None:
-                    acc_sum += acc.cpu() * idx.numel()
+                    acc_sum += acc.cpu() * yb.shape[0]
+            n += yb.shape[0]
+        if n == 0:
+            raise ValueError("fit: the training data have no rows (the DataLoader yielded no "
+                             "batch)" if loader else "fit: the training data have no rows")
         nan = torch.full((s_count,), float("nan"), dtype=torch.float64)
         rows["train_loss"].append(torch.where(frozen, nan, loss_sum / n))
         if task == "classification":
             rows["train_acc"].append(torch.where(frozen, nan, acc_sum / n))
         epochs_run = epoch + 1
         if val is not None:
-            metrics = evaluate(model, val[0], val[1], mask=val[2], task=task)
+            metrics = val()
             v = metrics["loss"].double()
             rows["val_loss"].append(torch.where(frozen, nan, v))
             if task == "classification":

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Builds the extension with CUDA against the CUDA build of torch (no GPU needed), in a copy of
-# the tracked sources so the in-place CPU build stays untouched, then imports that build and
-# runs the CPU test suite on it. The CUDA venv is cached outside the clone.
+# the tracked sources so the in-place CPU build stays untouched, then checks the build and runs
+# the CPU test suite on it. The CUDA venv is cached outside the clone.
+#   * ptxas's resource report (-Xptxas -v) of every fused kernel, for sm_80 and sm_90: no
+#     spill stores or loads and no stack frame (local memory) in any of them;
+#   * cuobjdump --list-elf: the extension carries sm_80 and sm_90 machine code.
+# MMKERNELS_CUDA_BUILD_DIR=DIR builds in DIR instead (kept: a second run recompiles only what
+# changed) -- for iterating on the kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CU_VENV=${MMKERNELS_CUDA_VENV:-$HOME/.cache/mmkernels/venv-cu}
@@ -11,13 +16,60 @@ fi
 "$CU_VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 \
   "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "matplotlib>=3.6" pytest hypothesis "ray>=2.9" \
   ninja setuptools wheel
-SRC=$(mktemp -d)
-trap 'rm -rf "$SRC"' EXIT
-git ls-files -z | xargs -0 cp --parents -t "$SRC"
+if [ -n "${MMKERNELS_CUDA_BUILD_DIR:-}" ]; then
+  SRC=$MMKERNELS_CUDA_BUILD_DIR
+  mkdir -p "$SRC"
+  git ls-files -z --cached --others --exclude-standard | xargs -0 cp -u --parents -t "$SRC"
+else
+  SRC=$(mktemp -d)
+  trap 'rm -rf "$SRC"' EXIT
+  git ls-files -z | xargs -0 cp --parents -t "$SRC"
+fi
 cd "$SRC"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MMKERNELS_WITH_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-2}
-"$CU_VENV/bin/python" setup.py -q build_ext --inplace
+export MMKERNELS_NVCC_FLAGS="-Xptxas -v"
+start=$(date +%s)
+"$CU_VENV/bin/python" setup.py build_ext --inplace > cuda-build.log 2>&1 \
+  || { tail -60 cuda-build.log; exit 1; }
+echo "cuda_build_check: built in $(( $(date +%s) - start )) s"
+
+# ptxas reports, per kernel and arch: "Compiling entry function 'NAME' for 'sm_XX'", then
+# "N bytes stack frame, N bytes spill stores, N bytes spill loads". Every fused kernel
+# (fused_*_kernel) must show zeros.
+"$CU_VENV/bin/python" - cuda-build.log <<'EOF'
+import re
+import sys
+
+text = open(sys.argv[1]).read()
+entries = re.findall(
+    r"Compiling entry function '(\w+)' for '(sm_\d+)'.*?(\d+) bytes stack frame, (\d+) bytes "
+    r"spill stores, (\d+) bytes spill loads",
+    text,
+    flags=re.S,
+)
+fused = [e for e in entries if "fused_" in e[0]]
+bad = [e for e in fused if any(int(v) for v in e[2:])]
+archs = sorted({e[1] for e in fused})
+print(f"cuda_build_check: {len(fused)} fused kernel builds ({', '.join(archs)}), "
+      f"{len(bad)} with spills or a stack frame")
+for name, arch, *counts in bad:
+    print(f"  {arch} {name}: stack {counts[0]} B, spill stores {counts[1]} B, loads {counts[2]} B")
+if not fused or bad or archs != ["sm_80", "sm_90"]:
+    sys.exit("cuda_build_check: the fused kernels must build for sm_80 and sm_90 without "
+             "spills or local memory")
+EOF
+
+SO=$(ls mmkernels/_C*.so)
+CUOBJDUMP=$(command -v cuobjdump || true)
+[ -n "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$CUDA_HOME"/bin/cuobjdump \
+  "$CU_VENV"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null | head -1)
+[ -n "$CUOBJDUMP" ] || { echo "cuda_build_check: no cuobjdump found" >&2; exit 1; }
+elfs=$("$CUOBJDUMP" --list-elf "$SO")
+echo "$elfs" | grep -q "sm_90" || { echo "cuda_build_check: no sm_90 code in $SO" >&2; echo "$elfs"; exit 1; }
+echo "$elfs" | grep -q "sm_80" || { echo "cuda_build_check: no sm_80 code in $SO" >&2; echo "$elfs"; exit 1; }
+echo "cuda_build_check: $(echo "$elfs" | grep -c "sm_90") sm_90 and $(echo "$elfs" | grep -c "sm_80") sm_80 ELF images in $(basename "$SO")"
+
 "$CU_VENV/bin/python" -c "
 import mmkernels
 info = mmkernels.build_info()

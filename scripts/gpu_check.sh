@@ -13,7 +13,7 @@ REPORT="$DIR/report.md"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } > "$REPORT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0"} MMKERNELS_WITH_CUDA=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0"} MMKERNELS_WITH_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$DIR/build.log" 2>&1; then
   echo "BUILD FAILED (see build.log)" >> "$REPORT"; tail -40 "$DIR/build.log"; exit 1
 fi

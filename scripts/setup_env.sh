@@ -27,4 +27,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   force=(--force)  # a new torch needs the extension rebuilt against it
 fi
 "$PY" setup.py -q build_ext --inplace "${force[@]}"
+# The host emulator of the CUDA kernels (tests/cuda_emulator.py; ninja, incremental: nothing is
+# compiled when nothing changed).
+"$PY" tests/cuda_emulator.py > /dev/null
 echo "$want" > "$stamp"

@@ -8,6 +8,10 @@
 // Backward: one parallel pass turns grad_out into R_k, the gradient w.r.t. T_k, writing every
 // row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k.
 //
+// Absent rows are selected out, never multiplied by zero (0 * NaN is NaN, and real missing
+// data is often NaN): the epilogues never read their rows of T_k, R_k is written zero there,
+// and the x_k of grad_stack_k is the gathered present rows or a copy with absent rows zeroed.
+//
 // Row ranges are split into a fixed number of tasks, each reducing column sums into its own
 // partial, and partials are added in task order: results do not depend on scheduling.
 #pragma once
@@ -138,6 +142,7 @@ class Workspace {
 // Which rows of each modality take part in its GEMMs.
 struct RowSelection {
   std::vector<uint8_t> live;                // some subset and some sample use k
+  std::vector<uint8_t> complete;            // every sample has k
   std::vector<at::Tensor> index;            // gathered: present rows (int64), else undefined
   std::vector<std::vector<int64_t>> pos;    // gathered: row b -> compact row or -1
   at::Tensor mask;                          // [B, K] bool, contiguous, or undefined
@@ -150,6 +155,7 @@ inline RowSelection select_rows(const FusionPlan& p, const std::vector<Operand>&
                                 const c10::optional<at::Tensor>& sample_mask) {
   RowSelection sel;
   sel.live.assign(p.K, 0);
+  sel.complete.assign(p.K, 1);
   sel.index.assign(p.K, at::Tensor());
   sel.pos.assign(p.K, {});
   if (sample_mask.has_value()) {
@@ -166,6 +172,7 @@ inline RowSelection select_rows(const FusionPlan& p, const std::vector<Operand>&
     for (int64_t b = 0; b < p.B; ++b)
       if (sel.mask_ptr[b * p.K + k]) present.push_back(b);
     sel.live[k] = !present.empty();
+    sel.complete[k] = (int64_t)present.size() == p.B;
     if (present.empty() || present.size() > kGatherBelow * p.B) continue;
     sel.pos[k].assign(p.B, -1);
     for (size_t i = 0; i < present.size(); ++i) sel.pos[k][present[i]] = (int64_t)i;
@@ -252,6 +259,32 @@ void for_each_task(int64_t B, int64_t tasks, Fn&& fn) {
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) fn(t, t * B / tasks, (t + 1) * B / tasks);
   });
+}
+
+// x_k as the operand of grad_stack_k = R_k^T @ x_k: x_k's rows must not enter the sum where k
+// is absent, whatever they hold. Gathered, they are not there; otherwise a copy in the
+// accumulation dtype holds zeros in their place (a conversion copy is made anyway for
+// bfloat16, so only float32 and float64 with absent rows pay for it).
+template <typename scalar_t>
+at::Tensor weight_grad_input(const Operand& op, const RowSelection& sel, int64_t k, int64_t K,
+                             int64_t tasks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (sel.index[k].defined() || sel.complete[k]) return gemm_input(op, sel, k);
+  const int64_t B = op.x.size(0), d = op.x.size(1);
+  at::Tensor dst = Workspace::local().take({B, d}, c10::CppTypeToScalarType<acc_t>::value);
+  const scalar_t* src = op.x.data_ptr<scalar_t>();
+  acc_t* out = dst.data_ptr<acc_t>();
+  for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      acc_t* row = out + b * d;
+      if (sel.mask_ptr[b * K + k])
+        std::transform(src + b * d, src + (b + 1) * d, row,
+                       [](scalar_t v) { return static_cast<acc_t>(v); });
+      else
+        std::fill(row, row + d, acc_t(0));
+    }
+  });
+  return dst;
 }
 
 // Computes the T_k, then runs `epilogue(const RowView&, r0, r1)` over row ranges in parallel.
@@ -394,8 +427,10 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
                                  : part.to(op.x.scalar_type()));
       }
     }
-    res.grad_stack.push_back(need_w && sel.live[k] ? at::mm(R[k].t(), gemm_input(op, sel, k))
-                                                   : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
+    res.grad_stack.push_back(
+        need_w && sel.live[k]
+            ? at::mm(R[k].t(), weight_grad_input<scalar_t>(op, sel, k, p.K, tasks))
+            : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
   }
   res.grad_rows = R;
   res.grad_colsum = colsum.sum(0).view({S, width});  // fixed reduction order over tasks

@@ -10,11 +10,16 @@ benchmarks), `info` (the build).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,15 +63,22 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _sweep_config(args: argparse.Namespace, **over: Any):
-    from mmkernels.experiments.sweep import SweepConfig
+    """The SweepConfig of the options; a setting out of range is a SystemExit naming its
+    option."""
+    from mmkernels.experiments.sweep import SweepConfig, SweepConfigError
 
     kw = {"hidden": args.hidden, "fusion": args.fusion, "epochs": args.epochs,
           "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
           "seeds": list(range(args.seeds)), "fractions": list(args.fractions),
-          "refit_fractions": list(args.refit_fractions or [max(args.fractions)]),
-          "head_l2": args.head_l2, "probe": not args.no_probe}
+          "refit_fractions": None if args.refit_fractions is None
+          else list(args.refit_fractions),
+          "head_l2": args.head_l2, "head_cv_folds": args.head_cv_folds,
+          "probe": not args.no_probe}
     kw.update(over)
-    return SweepConfig(**kw)
+    try:
+        return SweepConfig(**kw)
+    except SweepConfigError as exc:
+        raise _refusal(args, f"--{exc.field.replace('_', '-')}: {exc.detail}") from None
 
 
 def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> None:
@@ -87,7 +99,10 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
                    help="fractions with head refits (Table 3) and the laziness probe; "
                         "default the largest fraction")
     g.add_argument("--head-l2", type=float, default=None,
-                   help="l2 of the refitted heads (default: mmkernels.heads')")
+                   help="a fixed l2 for every refitted head (default: chosen per subset by "
+                        "cross-validation on the training rows)")
+    g.add_argument("--head-cv-folds", type=int, default=5,
+                   help="folds of that cross-validation (default %(default)s)")
     g.add_argument("--no-probe", action="store_true", help="skip the modality-laziness probe")
     p.add_argument("--out", default="results", help="results folder (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -113,15 +128,152 @@ def _add_sweep_args(p: argparse.ArgumentParser, *, epochs: int, seeds: int) -> N
     g.add_argument("--gpus-per-cell", type=float, default=0, help="Ray GPUs per cell")
 
 
-def _store(args: argparse.Namespace) -> str:
-    """OUT, the folder of the resumable results store; with --fresh an existing store is
-    renamed first, under the store's lock (records.<UTC time>.jsonl), so nothing finished is
-    lost."""
+def _refusal(args: argparse.Namespace, message: str) -> SystemExit:
+    """The exit of a run refused before it wrote anything: one line, status 1."""
+    return SystemExit(f"mmkernels {args.command}: {message}")
+
+
+def _check_memory_budget_setting(args: argparse.Namespace) -> None:
+    """A malformed MMKERNELS_MEMORY_BUDGET is refused before anything runs, not in the middle
+    of a sweep; so is one that reads as "no limit" without saying "off" (the extension
+    built before the fix took "0" for "off")."""
+    from mmkernels.memory import ENV_VAR, memory_budget
+
+    text = os.environ.get(ENV_VAR)
+    if text is None:
+        return
+    try:
+        limit, _ = memory_budget()
+    except ValueError as exc:
+        raise _refusal(args, str(exc)) from None
+    if math.isinf(limit) and text.strip().lower() not in ("off", "none"):
+        raise _refusal(args, f"{ENV_VAR} must be a byte count such as 1073741824, 512M, 8G "
+                             f'or 8GiB, finite and > 0 (or "off"), got "{text}"')
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The options that SweepConfig does not see, each refused by name (SystemExit)."""
+    def at_least(dest: str, low: int) -> None:
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise _refusal(args, f"--{dest.replace('_', '-')}: expected an int >= {low}, "
+                                 f"got {value}")
+
+    if args.seeds < 1:
+        raise _refusal(args, f"--seeds: expected a number of seeds >= 1, got {args.seeds}")
+    for dest, low in (("threads", 0), ("split_seed", 0), ("table4_seeds", 1), ("n_train", 1),
+                      ("n_test", 1)):
+        at_least(dest, low)
+    test_size = getattr(args, "test_size", None)
+    if test_size is not None and not 0 < test_size < 1:
+        raise _refusal(args, f"--test-size: expected a number in (0, 1), got {test_size:g}")
+    name = getattr(args, "name", None)
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\0" in name):
+        raise _refusal(args, f"--name: expected a plain file name (it names the result "
+                             f"files), got {name!r}")
+    if not args.out:
+        raise _refusal(args, f"--out: expected a folder, got {args.out!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise _refusal(args, f"--out {args.out} is a file, not a folder")
+    if args.executor == "inprocess":
+        ray_only = [d for d in ("address", "workers", "cpus_per_cell", "gpus_per_cell")
+                    if _given(args, d)]
+        if ray_only:
+            raise _refusal(args, f"--{ray_only[0].replace('_', '-')} applies to --executor "
+                                 "ray only")
+        return
+    at_least("cpus_per_cell", 1)
+    at_least("workers", 1)
+    if not (math.isfinite(args.gpus_per_cell) and args.gpus_per_cell >= 0):
+        raise _refusal(args, f"--gpus-per-cell: expected a finite number >= 0, got "
+                             f"{args.gpus_per_cell:g}")
+
+
+def _claim(args: argparse.Namespace, out: Path, record: dict[str, Any], *, write: bool) -> None:
+    """Refuse an OUT that holds the results of a run with other options (they would replace
+    its report, tables and figures); otherwise, with ``write``, record this run's options in
+    OUT/sweep.json (written once: a rerun with the same options leaves it as it is)."""
+    from mmkernels.experiments.io import write_json
+
+    path = out / "sweep.json"
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            saved_cmd, saved_opts = saved.get("subcommand", "sweep"), saved["options"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise _refusal(args, f"--out {out}: unreadable sweep.json ({exc}); use another "
+                                 "--out folder") from None
+        if saved_cmd != record["subcommand"]:
+            raise _refusal(args, f"--out {out} holds the results of `mmkernels {saved_cmd}`; "
+                                 "use another --out folder")
+        for key, theirs in saved_opts.items():
+            ours = record["options"].get(key, theirs)
+            if ours != theirs:
+                raise _refusal(args, f"--out {out} holds the results of another {saved_cmd} "
+                                     f"(--{key.replace('_', '-')} {_shown(theirs)} there, "
+                                     f"{_shown(ours)} here), which this run would replace; "
+                                     "use another --out folder"
+                                     + (f", or --resume {out} to continue it"
+                                        if saved_cmd == "sweep" else ""))
+        return
+    if write:
+        write_json(path, record)
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _cells_stored(out: Path) -> int:
+    from mmkernels.experiments.store import read_records
+
+    try:
+        return len(read_records(out))
+    except (OSError, ValueError):
+        return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run: `sweep --resume OUT` where OUT has a saved sweep,
+    else this command again (without --fresh, which would start over once more)."""
+    out = Path(args.out)
+    if args.command == "sweep" and (out / "sweep.json").is_file():
+        return shlex.join(["mmkernels", "sweep", "--resume", str(out)])
+    return shlex.join(["mmkernels", *[a for a in args.argv if a != "--fresh"]])
+
+
+def _stopped(args: argparse.Namespace, what: str) -> str:
+    """One line: what stopped the run, how many cells OUT holds, how to resume."""
+    n = _cells_stored(Path(args.out))
+    return (f"mmkernels {args.command}: {what}; {n} cell{' is' if n == 1 else 's are'} stored "
+            f"in {args.out}; resume with: {_resume_command(args)}")
+
+
+@contextmanager
+def _results_folder(args: argparse.Namespace, record: dict[str, Any]) -> Iterator[Any]:
+    """Hold OUT's store lock for the whole run and yield its ResultStore, once OUT has been
+    claimed for this run (see _claim); --fresh renames the old records under the lock."""
+    from mmkernels.experiments.io import remove_stale_temporaries
     from mmkernels.experiments.store import ResultStore
 
-    if args.fresh:
-        ResultStore(args.out).start_over()
-    return str(args.out)
+    out = Path(args.out)
+    _claim(args, out, record, write=False)  # refused before the lock: nothing is touched
+    rs = ResultStore(out)
+    with rs.locked():
+        _claim(args, out, record, write=True)  # again: another run may have claimed OUT
+        remove_stale_temporaries(out)  # no other run can be writing OUT now
+        if args.fresh:
+            rs.start_over()  # the old records are kept as records.<UTC time>.jsonl
+        yield rs
+
+
+def _report_diverged(args: argparse.Namespace, recs: dict[str, list], cfg: Any) -> None:
+    cells = sorted({(r["seed"], r["fraction"]) for r in recs.get("diverged", [])})
+    if cells:
+        print(f"mmkernels {args.command}: {len(cells)} of {len(cfg.seeds) * len(cfg.fractions)} "
+              "cells diverged (a loss or a parameter not finite); report.md lists them, and "
+              "they are left out of every table", file=sys.stderr)
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:
@@ -132,12 +284,9 @@ def _given(args: argparse.Namespace, dest: str) -> bool:
 
 @contextmanager
 def _executor(args: argparse.Namespace) -> Iterator[Any]:
-    """None (cells run in this process) or a RayExecutor, shut down afterwards."""
+    """None (cells run in this process) or a RayExecutor, shut down afterwards (the options
+    were checked by _check_options)."""
     if args.executor == "inprocess":
-        ray_only = [d for d in ("address", "workers", "cpus_per_cell", "gpus_per_cell")
-                    if _given(args, d)]
-        if ray_only:
-            raise SystemExit(f"--{ray_only[0].replace('_', '-')} applies to --executor ray only")
         yield None
         return
     from mmkernels.experiments.executors import RayExecutor
@@ -147,43 +296,80 @@ def _executor(args: argparse.Namespace) -> Iterator[Any]:
         yield ex
 
 
+def _prepared(args: argparse.Namespace, option: str, load: Any, name: str,
+              **kw: Any) -> Any:
+    """prepare(load(), name), every failure a refusal naming ``option`` (e.g. "--data PATH"):
+    a file that cannot be read, fails validation or does not fit the sweep (too many
+    modalities, features that overflow the float32 it trains in)."""
+    from mmkernels.experiments.sweep import MAX_MODALITIES, prepare
+
+    try:
+        ds = load()
+    except (OSError, ValueError) as exc:  # the loaders' messages name the file
+        raise _refusal(args, f"{option.split()[0]}: {exc}") from None
+    if ds.n_modalities > MAX_MODALITIES:
+        raise _refusal(args, f"{option}: {ds.n_modalities} modalities; a sweep takes at most "
+                             f"{MAX_MODALITIES}")
+    try:
+        return prepare(ds, name, **kw)
+    except ValueError as exc:
+        raise _refusal(args, f"{option}: {exc}") from None
+
+
+# The options that define the results of `reproduce` (its folder's sweep.json).
+_REPRODUCE_OPTIONS = ("quick", "bundled", "iemocap", "table4_seeds", "n_train", "n_test",
+                      "hidden", "fusion", "epochs", "batch_size", "lr", "weight_decay", "seeds",
+                      "fractions", "refit_fractions", "head_l2", "head_cv_folds", "no_probe")
+
+
 def reproduce(args: argparse.Namespace) -> int:
     """Table 4 (synthetic), then Tables 1-3 and the follow-ups on the bundled real data
-    (and on IEMOCAP with --iemocap); writes the results folder and prints the claims."""
+    (and on IEMOCAP with --iemocap); writes the results folder and prints the claims.
+    Everything is checked and loaded before OUT is touched (see sweep)."""
     from mmkernels.experiments.data import load_bundled, load_iemocap
     from mmkernels.experiments.report import RealResult, write_results
-    from mmkernels.experiments.sweep import prepare, run_sweep
+    from mmkernels.experiments.sweep import run_sweep
     from mmkernels.experiments.table4 import run_table4
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    progress = not args.no_progress
+    _check_memory_budget_setting(args)
+    _check_options(args)
     if args.quick:
         args.seeds, args.epochs = min(args.seeds, 2), min(args.epochs, 30)
-    t4_seeds = list(range(args.table4_seeds))
-    t4 = run_table4(seeds=t4_seeds, n_train=args.n_train, n_test=args.n_test,
-                    progress=progress)
-    real = []
-    cfg = _sweep_config(args)
-    jobs = [(prepare(load_bundled(name), name), cfg) for name in args.bundled]
     if args.iemocap:
-        jobs.append((prepare(load_iemocap(args.iemocap), "iemocap"),
+        args.iemocap = str(Path(args.iemocap).resolve())
+    cfg = _sweep_config(args)
+    jobs = [(_prepared(args, f"--bundled {name}", lambda n=name: load_bundled(n), name), cfg)
+            for name in args.bundled]
+    if args.iemocap:
+        jobs.append((_prepared(args, f"--iemocap {args.iemocap}",
+                               lambda: load_iemocap(args.iemocap), "iemocap"),
                      _sweep_config(args, fusion="late")))
-    store = _store(args)
-    with _executor(args) as ex:
-        for data, c in jobs:
-            real.append(RealResult(data, c, run_sweep(data, c, progress=progress, store=store,
-                                                      executor=ex)))
-    runtime = time.perf_counter() - t0
-    config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "reproduce",
-              "quick": args.quick, "table4": {"seeds": t4_seeds, "n_train": args.n_train,
-                                              "n_test": args.n_test, "recipe": "mix",
-                                              "overlaps": [1.0, 0.8, 0.5, 0.2, 0.0]},
-              "real": {r.data.name: r.cfg.to_dict() for r in real},
-              "iemocap": args.iemocap}
-    report = write_results(args.out, table4_rows=t4, real=real, config=config,
-                           runtime_s=runtime, title="mmkernels reproduce: Huang et al. 2021")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    record = {"subcommand": "reproduce",
+              "options": {k: getattr(args, k) for k in _REPRODUCE_OPTIONS}}
+    with _results_folder(args, record) as store:
+        t0 = time.perf_counter()
+        t4_seeds = list(range(args.table4_seeds))
+        t4 = run_table4(seeds=t4_seeds, n_train=args.n_train, n_test=args.n_test,
+                        progress=progress)
+        real = []
+        with _executor(args) as ex:
+            for data, c in jobs:
+                recs = run_sweep(data, c, progress=progress, store=store, executor=ex)
+                _report_diverged(args, recs, c)
+                real.append(RealResult(data, c, recs))
+        runtime = time.perf_counter() - t0
+        config = {"command": ["mmkernels", *args.argv], "subcommand": "reproduce",
+                  "quick": args.quick, "table4": {"seeds": t4_seeds, "n_train": args.n_train,
+                                                  "n_test": args.n_test, "recipe": "mix",
+                                                  "overlaps": [1.0, 0.8, 0.5, 0.2, 0.0]},
+                  "real": {r.data.name: r.cfg.to_dict() for r in real},
+                  "iemocap": args.iemocap}
+        report = write_results(args.out, table4_rows=t4, real=real, config=config,
+                               runtime_s=runtime,
+                               title="mmkernels reproduce: Huang et al. 2021")
     _print_claims(args.out)
     print(f"report: {report} ({runtime:.1f} s)")
     return 0
@@ -201,7 +387,7 @@ def _print_claims(out: str) -> None:
 # DIR/sweep.json. Where cells run (executor, threads, progress) may change on resume.
 _SWEEP_OPTIONS = ("data", "name", "split_seed", "test_size", "hidden", "fusion", "epochs",
                   "batch_size", "lr", "weight_decay", "seeds", "fractions", "refit_fractions",
-                  "head_l2", "no_probe")
+                  "head_l2", "head_cv_folds", "no_probe", "no_standardize")
 
 
 def _resume_options(args: argparse.Namespace) -> None:
@@ -214,9 +400,15 @@ def _resume_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--resume {args.resume}: no sweep.json there; it is not the --out "
                          "folder of a `mmkernels sweep` run")
     try:
-        saved = json.loads(saved_path.read_text())["options"]
-    except (ValueError, KeyError, TypeError) as exc:
+        record = json.loads(saved_path.read_text())
+        saved = record["options"]
+        if not isinstance(saved, dict):
+            raise TypeError("options is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--resume {args.resume}: unreadable sweep.json ({exc})") from None
+    if record.get("subcommand", "sweep") != "sweep":
+        raise SystemExit(f"--resume {args.resume}: it holds the results of `mmkernels "
+                         f"{record['subcommand']}`; run that command again to resume it")
     for flag in ("out", "fresh"):
         if _given(args, flag):
             raise SystemExit(f"--resume {args.resume}: --{flag} cannot be combined with "
@@ -236,41 +428,71 @@ def _resume_options(args: argparse.Namespace) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     """The sweep on a user's MultiModalDataset .npz (every subset, seed and fraction);
-    ``--resume DIR`` continues the sweep saved in DIR."""
-    from pathlib import Path
+    ``--resume DIR`` continues the sweep saved in DIR.
 
+    Nothing in OUT changes until every option has been checked, the data loaded and
+    validated, and OUT's store lock taken (see _results_folder): a refused or failing run
+    leaves a saved sweep exactly as it was."""
     from mmkernels.experiments.data import MultiModalDataset
-    from mmkernels.experiments.io import write_json
     from mmkernels.experiments.report import RealResult, write_results
-    from mmkernels.experiments.sweep import prepare, run_sweep
+    from mmkernels.experiments.sweep import run_sweep
 
+    _check_memory_budget_setting(args)
     if args.resume:
         _resume_options(args)
     elif args.data is None:
         raise SystemExit("mmkernels sweep: give --data FILE.npz (or --resume DIR)")
     else:
         args.data = str(Path(args.data).resolve())
-        write_json(Path(args.out) / "sweep.json",
-                   {"options": {k: getattr(args, k) for k in _SWEEP_OPTIONS}})
+    _check_options(args)
+    cfg = _sweep_config(args)
+    name = args.name or Path(args.data).stem
+    data = _prepared(args, f"--data {args.data}", lambda: MultiModalDataset.load(args.data),
+                     name, split_seed=args.split_seed, test_size=args.test_size,
+                     standardize=not args.no_standardize)
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    ds = MultiModalDataset.load(args.data)
-    name = args.name or Path(args.data).stem
-    data = prepare(ds, name, split_seed=args.split_seed, test_size=args.test_size)
-    cfg = _sweep_config(args)
-    store = _store(args)
-    with _executor(args) as ex:
-        recs = run_sweep(data, cfg, progress=not args.no_progress, store=store, executor=ex)
-    runtime = time.perf_counter() - t0
-    config = {"command": ["mmkernels", *sys.argv[1:]], "subcommand": "sweep",
-              "data": str(args.data), "name": name, "split_seed": args.split_seed,
-              "test_size": args.test_size, "executor": args.executor, "sweep": cfg.to_dict()}
-    report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
-                           runtime_s=runtime, title=f"mmkernels sweep: {name}")
+    record = {"subcommand": "sweep", "options": {k: getattr(args, k) for k in _SWEEP_OPTIONS}}
+    with _results_folder(args, record) as store:
+        t0 = time.perf_counter()
+        with _executor(args) as ex:
+            recs = run_sweep(data, cfg, progress=not args.no_progress, store=store,
+                             executor=ex)
+        _report_diverged(args, recs, cfg)
+        runtime = time.perf_counter() - t0
+        config = {"command": ["mmkernels", *args.argv], "subcommand": "sweep",
+                  "data": str(args.data), "name": name, "split_seed": args.split_seed,
+                  "test_size": args.test_size, "standardize": not args.no_standardize,
+                  "executor": args.executor, "sweep": cfg.to_dict()}
+        report = write_results(args.out, real=[RealResult(data, cfg, recs)], config=config,
+                               runtime_s=runtime, title=f"mmkernels sweep: {name}")
     _print_claims(args.out)
     print(f"report: {report} ({runtime:.1f} s)")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """A sweep or reproduce whose expected failures end in one line on stderr (what
+    happened, the cells stored, the command that resumes) and a non-zero status instead of
+    a traceback: the lock held by another sweep, a full or read-only disk, the memory
+    budget, Ctrl-C."""
+    from mmkernels.experiments.store import StoreBusyError
+    from mmkernels.memory import MemoryBudgetError
+
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print(_stopped(args, "interrupted"), file=sys.stderr)
+        return 130
+    except (StoreBusyError, MemoryBudgetError) as exc:
+        print(_stopped(args, str(exc)), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "")
+        what = exc.strerror or str(exc)
+        what = f"cannot write {exc.filename}: {what}" if exc.filename else what
+        print(_stopped(args, f"{what}{f' ({code})' if code else ''}"), file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/test split when the file has none")
     p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--no-standardize", action="store_true",
+                   help="use the features as stored (default: each feature standardised with "
+                        "the training rows' mean and standard deviation)")
     _add_sweep_args(p, epochs=50, seeds=3)
     p.set_defaults(fn=sweep)
     p = sub.add_parser("demo", help="the fused ops on a small batch, then the CPU benchmark")
@@ -319,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = sub.choices[args.command]
     args.argv = argv
     args.option_strings = {a.dest: a.option_strings for a in sub_parser._actions}
+    if args.command in ("sweep", "reproduce"):
+        return _run(args)
     return args.fn(args)
 
 

@@ -14,6 +14,8 @@ Layout of ``out_dir`` (every file written atomically, see :mod:`.io`):
     <ds>_pairs_per_seed.csv, <ds>_refit_per_seed.csv, <ds>_probe_per_seed.csv
     <ds>_table1.{csv,md,tex}  _table2.*  _table3.*  _eta.*   aggregated tables (mean ± std)
     <ds>_unimodal.csv  _shapley.csv  _laziness.csv
+    <ds>_diverged.csv                 the cells whose training diverged (only if any): their
+                                      subsets and epochs; they are in no other table
     <ds>_accuracy_vs_fraction.{png,pdf,svg}, <ds>_f1_macro_vs_fraction.* (classification)
 
 The .tex files are booktabs tables (:mod:`.latex`): mean ± std with the number of seeds in
@@ -74,6 +76,9 @@ def claims(res: RealResult) -> list[dict[str, Any]]:
                  "detail": "regression data: the accuracy claims are not checked"}]
     full = data.subset_names[-1]
     agg = tables.table2(recs["subsets"])
+    if not agg:
+        return [{"claim": "the paper's claims", "holds": None,
+                 "detail": "not checked: every cell diverged"}]
     by = {(r["subset"], r["fraction"]): r["test_acc_mean"] for r in agg}
     fracs = sorted({r["fraction"] for r in agg})
 
@@ -119,6 +124,35 @@ def claims(res: RealResult) -> list[dict[str, Any]]:
     return out
 
 
+def _complete_cells(rows: Sequence[dict], data: Prepared) -> list[dict]:
+    """The subset records of the cells that hold every subset with finite metrics (the
+    exact Shapley values need all of them); a diverged cell has none."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["fraction"], r["seed"]), []).append(r)
+    needs = ["test_loss"] + (["test_acc"] if data.task == "classification" else [])
+    return [r for grp in cells.values()
+            if {r["subset"] for r in grp} == set(data.subset_names)
+            and all(r.get(k) is not None for r in grp for k in needs) for r in grp]
+
+
+def _diverged_markdown(rows: Sequence[dict]) -> list[str]:
+    """The report's list of diverged cells: one line per cell, its subsets and epochs."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["fraction"], r["seed"]), []).append(r)
+    lines = ["### Diverged cells", "",
+             f"{len(cells)} cell(s) diverged: a training loss or a parameter was not finite "
+             "(NaN or Inf). They are left out of every table, figure and claim of this "
+             "dataset; a lower --lr or rescaled features may avoid it.", ""]
+    for (fraction, seed), grp in sorted(cells.items()):
+        what = ", ".join(f"{r['subset']} ({r['detected_in']}"
+                         + (f", epoch {r['epoch']})" if r.get("epoch") is not None else ")")
+                         for r in grp)
+        lines.append(f"- fraction {fraction:g}, seed {seed}: {what}")
+    return [*lines, ""]
+
+
 def _parse(data: Prepared):
     index = dict(zip(data.subset_names, data.subsets, strict=True))
     return lambda name: index[name]
@@ -155,7 +189,7 @@ def _where(d: Prepared) -> str:
 def _table1_section(out: Path, res: RealResult, t1: list[dict]) -> list[str]:
     """Table 1 (every metric of every subset at the largest fraction): Markdown and LaTeX."""
     d, c = res.data, res.cfg
-    ms = tables.metrics_of(res.records["subsets"])
+    ms = tables.metrics_for(res.data.task)
     top = max(c.fractions)
     md = tables.markdown(t1, ["subset", "size", *(m.key for m in ms)],
                          pm=[m.key for m in ms], headers=["subset", "size",
@@ -177,7 +211,7 @@ def _table1_section(out: Path, res: RealResult, t1: list[dict]) -> list[str]:
 def _table2_section(out: Path, res: RealResult, t2: list[dict]) -> list[str]:
     """Table 2 (the primary metric against the training fraction): Markdown and LaTeX."""
     d = res.data
-    m = tables.metrics_of(res.records["subsets"])[0]
+    m = tables.metrics_for(res.data.task)[0]
     md = tables.pivot_markdown(t2, "subset", "fraction", m.key, col_fmt=_frac,
                                digits=m.digits)
     tex = pivot_booktabs(t2, "subset", "fraction", m.key,
@@ -198,7 +232,7 @@ def _figures_section(out: Path, res: RealResult, t2: list[dict]) -> list[str]:
     """The metric(s) against the training fraction, one style per subset for all figures."""
     d = res.data
     styles = figures.subset_styles(d.subset_names)
-    ms = tables.metrics_of(res.records["subsets"])
+    ms = tables.metrics_for(res.data.task)
     shown = [(ms[0], f"{d.name}_accuracy_vs_fraction")]
     if d.task == "classification":
         shown.append((next(m for m in ms if m.key == "test_f1_macro"),
@@ -238,7 +272,8 @@ def _table3_section(out: Path, res: RealResult, t3: list[dict]) -> list[str]:
             f"{first} gamma_loss: refit test risk(M) - risk(N) in "
             f"{'nats' if cls else 'MSE'} (the definition's sign: NEGATIVE = M better)."
             + (" gamma_acc_points: refit test accuracy(M) - (N), points (the paper's Table 3 "
-               "sign: positive = M better)." if cls else ""), "", md]
+               "sign: positive = M better)." if cls else ""), "",
+            f"Refitted heads: {res.cfg.head_l2_text()}.", "", md]
 
 
 def _eta_section(out: Path, res: RealResult, eta: list[dict]) -> list[str]:
@@ -330,19 +365,23 @@ def write_results(
         for key in ("subsets", "pairs", "refit", "probe"):
             if recs[key]:
                 write_csv(out / f"{name}_{key}_per_seed.csv", recs[key])
+        diverged = recs.get("diverged", [])
+        if diverged:
+            write_csv(out / f"{name}_diverged.csv", diverged)
         t1 = tables.table1(recs["subsets"], max(res.cfg.fractions))
         t2 = tables.table2(recs["subsets"])
         t3 = tables.table3(recs["pairs"])
         uni = tables.unimodal(recs["subsets"])
         lazy = tables.laziness(recs["probe"])
         shap, empty = tables.shapley_table(
-            recs["subsets"], d.modality_names, _parse(d), d.train_y.numpy(), d.test_y.numpy(),
-            d.task, d.num_outputs if d.task == "classification" else None)
+            _complete_cells(recs["subsets"], d), d.modality_names, _parse(d),
+            d.train_y.numpy(), d.test_y.numpy(), d.task,
+            d.num_outputs if d.task == "classification" else None)
         for fname, rows in (("table1", t1), ("table2", t2), ("table3", t3),
                             ("unimodal", uni), ("shapley", shap), ("laziness", lazy)):
             if rows:
                 write_csv(out / f"{name}_{fname}.csv", rows)
-        metric = tables.metrics_of(recs["subsets"])[0].key
+        metric = tables.metrics_for(d.task)[0].key
         eta = tables.eta_table(recs["refit"], d.subset_names[-1])
         if eta:
             write_csv(out / f"{name}_eta.csv", eta)
@@ -352,9 +391,12 @@ def write_results(
                f"{d.test_y.shape[0]} test", "",
                f"Model: {c.fusion} fusion, hidden {c.hidden}, Adam lr {c.lr}, batch "
                f"{c.batch_size}, {c.epochs} epochs, weight decay {c.weight_decay}, seeds "
-               f"{c.seeds}. Training fractions: {SAMPLING_RULE}.", "",
-               *_table1_section(out, res, t1), *_table2_section(out, res, t2),
-               *_figures_section(out, res, t2)]
+               f"{c.seeds}. Training fractions: {SAMPLING_RULE}.", ""]
+        if diverged:
+            md += _diverged_markdown(diverged)
+        md += [*_table1_section(out, res, t1), *_table2_section(out, res, t2)]
+        if t2:  # not when every cell diverged
+            md += _figures_section(out, res, t2)
         if t3:
             md += _table3_section(out, res, t3)
         if eta:

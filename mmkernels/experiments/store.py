@@ -18,8 +18,14 @@ Why this shape:
 * Readers take no lock and skip an incomplete last line, so the file can be read (for
   example by :func:`read_records`, or ``tail -f``) while a sweep appends to it.
 * One writer at a time: :meth:`ResultStore.writer` takes an exclusive ``flock`` on
-  ``DIR/records.lock`` and fails with a clear error if another sweep holds it. Workers never
-  write; the sweep's driver appends what they return.
+  ``DIR/records.lock`` and fails with :class:`StoreBusyError` if another sweep holds it.
+  :meth:`ResultStore.locked` holds the same lock around more than the appends (the command
+  line holds it from before it writes anything into DIR until its report is written); the
+  lock is re-entrant for the same :class:`ResultStore`. Workers never write; the sweep's
+  driver appends what they return.
+* Lines keep the order in which a record's fields were made (the checksum is over the
+  fields sorted, so it does not depend on that order): a resumed sweep's tables have the
+  columns of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,11 +45,26 @@ from typing import Any
 
 from .io import to_jsonable
 
-__all__ = ["ResultStore", "StoreWriter", "read_records", "RECORDS_FILE"]
+__all__ = ["ResultStore", "StoreWriter", "StoreBusyError", "read_records", "RECORDS_FILE"]
 
 RECORDS_FILE = "records.jsonl"
 _TORN_FILE = "records.torn"
 _LOCK_FILE = "records.lock"
+
+
+class StoreBusyError(RuntimeError):
+    """Another sweep holds the store's lock (nothing was written)."""
+
+
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside this module and contextlib."""
+    import contextlib
+
+    inside = {os.path.abspath(__file__), os.path.abspath(contextlib.__file__)}
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename) in inside:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -51,7 +74,7 @@ def _checksum(body: dict[str, Any]) -> str:
 def _encode(record: dict[str, Any]) -> bytes:
     body = to_jsonable({k: v for k, v in record.items() if k != "sha256"})
     body["sha256"] = _checksum(body)
-    return (json.dumps(body, sort_keys=True, allow_nan=False) + "\n").encode()
+    return (json.dumps(body, allow_nan=False) + "\n").encode()
 
 
 def _decode(line: bytes) -> dict[str, Any] | None:
@@ -100,6 +123,8 @@ def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(folder) / RECORDS_FILE
     if not path.exists():
         return []
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block this read forever
+        raise ValueError(f"{path}: not a regular file, so not a results store")
     records, _, _ = _scan(path.read_bytes())
     seen: set[str] = set()
     out = []
@@ -134,14 +159,25 @@ class ResultStore:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.path = self.folder / RECORDS_FILE
+        self._held = 0  # how deep this object holds the lock (it is re-entrant)
+        self._writing = False  # a writer of this object is open
 
     def records(self) -> dict[str, dict[str, Any]]:
         """Finished cells by key (see :func:`read_records`)."""
         return {r["key"]: r for r in read_records(self.folder)}
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
-        """Hold the store's exclusive lock (or fail at once if another sweep holds it)."""
+    def locked(self) -> Iterator[None]:
+        """Hold the store's exclusive lock (creating the folder if needed), or raise
+        :class:`StoreBusyError` at once if another sweep holds it. Re-entrant: the
+        :meth:`writer` and :meth:`start_over` of this object reuse a lock it holds."""
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             _fsync_dir(self.folder.parent)
@@ -150,32 +186,43 @@ class ResultStore:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"results store {self.folder} is in use by another sweep "
-                                   f"(lock {self.folder / _LOCK_FILE}); wait for it or use "
-                                   "another output folder") from None
-            yield
+                raise StoreBusyError(f"results store {self.folder} is in use by another sweep "
+                                     f"(lock {self.folder / _LOCK_FILE}); wait for it or use "
+                                     "another output folder") from None
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
         finally:
             os.close(lock)  # closing releases the flock
 
     @contextmanager
     def writer(self) -> Iterator[StoreWriter]:
         """Lock the store, repair a torn tail, and yield a :class:`StoreWriter`."""
-        with self._lock():
+        with self.locked():
             created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError(f"{self.path}: not a regular file, so not a results store")
                 if created:  # the new name must survive a power cut too
                     _fsync_dir(self.folder)
                 self._repair(fd)
+                self._writing = True
                 yield StoreWriter(fd)
             finally:
+                self._writing = False
                 os.close(fd)
 
     def start_over(self) -> Path | None:
         """Under the lock, rename the records to ``records.<UTC time>[.N].jsonl`` (never over
         an existing file) so the next writer starts empty; the new name, or None if there
         were no records."""
-        with self._lock():
+        if self._writing:  # its appends would follow the renamed file
+            raise StoreBusyError(f"results store {self.folder}: its records are being written "
+                                 "(a writer is open); start over after it closes")
+        with self.locked():
             if not self.path.exists():
                 return None
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -194,8 +241,8 @@ class ResultStore:
         data = os.pread(fd, os.fstat(fd).st_size, 0)
         _, good_end, bad = _scan(data)
         if bad:
-            warnings.warn(f"{self.path}: skipping damaged record(s) on line(s) {bad}; "
-                          "their cells run again", stacklevel=3)
+            _warn(f"{self.path}: skipping damaged record(s) on line(s) {bad}; "
+                  "their cells run again")
         if good_end == len(data):
             return
         torn = data[good_end:]
@@ -207,5 +254,5 @@ class ResultStore:
             os.fsync(f.fileno())
         os.ftruncate(fd, good_end)
         os.fsync(fd)
-        warnings.warn(f"{self.path}: the last record was torn ({len(torn)} bytes, kept in "
-                      f"{_TORN_FILE}); its cell runs again", stacklevel=3)
+        _warn(f"{self.path}: the last record was torn ({len(torn)} bytes, kept in "
+              f"{_TORN_FILE}); its cell runs again")

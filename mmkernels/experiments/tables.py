@@ -26,7 +26,8 @@ from mmkernels.markdown import markdown_table
 from .shapley import empty_set_values, shapley_values
 
 __all__ = ["Metric", "CLASSIFICATION_METRICS", "REGRESSION_METRICS", "TABLE3_VALUES",
-           "ETA_VALUES", "metrics_of", "aggregate", "table1", "table2", "table3", "eta_table",
+           "ETA_VALUES", "metrics_of", "metrics_for", "aggregate", "table1", "table2",
+           "table3", "eta_table",
            "unimodal", "shapley_table", "laziness", "table4", "markdown", "pivot_markdown",
            "fmt_pm"]
 
@@ -78,10 +79,17 @@ ETA_VALUES = (
 
 
 def metrics_of(rows: Sequence[Row]) -> tuple[Metric, ...]:
-    """The task's metrics, the primary one first (classification when the records have an
+    """The metrics of records, the primary one first (classification when they hold an
     accuracy, else regression)."""
     return CLASSIFICATION_METRICS if rows and rows[0].get("test_acc") is not None \
         else REGRESSION_METRICS
+
+
+def metrics_for(task: str) -> tuple[Metric, ...]:
+    """The task's metrics, the primary one first."""
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    return CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
 
 
 def _scales(ms: Sequence[Metric]) -> dict[str, float]:

@@ -122,4 +122,80 @@ def test_start_over_keeps_every_old_store_and_respects_the_lock(tmp_path: Path) 
     assert len(set(kept)) == 2 and not (tmp_path / RECORDS_FILE).exists()
     assert [json.loads(p.read_text())["key"] for p in kept] == ["run0", "run1"]
     with store.writer(), pytest.raises(RuntimeError, match="in use by another sweep"):
-        store.start_over()  # a running sweep's records are never renamed under it
+        ResultStore(tmp_path).start_over()  # a running sweep's records are never renamed
+    with store.writer(), pytest.raises(RuntimeError, match="records are being written"):
+        store.start_over()  # not by the sweep itself either
+
+
+def test_store_warnings_name_the_caller_not_contextlib(tmp_path: Path) -> None:
+    _write(tmp_path, _records(2))
+    path = tmp_path / RECORDS_FILE
+    path.write_bytes(path.read_bytes()[:-5])  # torn
+    with pytest.warns(UserWarning, match="torn") as caught, ResultStore(tmp_path).writer():
+        pass
+    assert caught[0].filename == __file__
+
+
+def test_records_keep_their_field_order(tmp_path: Path) -> None:
+    """The CSV columns of a resumed sweep come from stored records: they must be in the
+    order the cell made them, not sorted."""
+    _write(tmp_path, [{"key": "k", "zeta": 1, "alpha": {"z": 1, "a": 2}}])
+    rec = read_records(tmp_path)[0]
+    assert list(rec) == ["key", "zeta", "alpha", "sha256"] and list(rec["alpha"]) == ["z", "a"]
+    old = {"key": "s", "b": 1, "a": 2}  # a line an older version wrote (sorted keys) still reads
+    body = json.dumps(dict(sorted(old.items())), sort_keys=True)
+    import hashlib
+
+    old["sha256"] = hashlib.sha256(body.encode()).hexdigest()
+    with open(tmp_path / RECORDS_FILE, "a") as f:
+        f.write(json.dumps(old, sort_keys=True) + "\n")
+    assert [r["key"] for r in read_records(tmp_path)] == ["k", "s"]
+
+
+def test_resumed_sweep_writes_the_same_csv_columns(tmp_path: Path) -> None:
+    from mmkernels.experiments.report import RealResult, write_results
+
+    data = prepare(tiny_dataset(n=45), "tiny")
+    cfg = SweepConfig(hidden=4, epochs=1, seeds=[0], fractions=[1.0], probe=False)
+    fresh = run_sweep(data, cfg, progress=False, store=tmp_path / "s")
+    resumed = run_sweep(data, cfg, progress=False, store=tmp_path / "s")
+    for name, recs in (("a", fresh), ("b", resumed)):
+        write_results(tmp_path / name, real=[RealResult(data, cfg, recs)])
+    for csv_name in ("tiny_subsets_per_seed.csv", "tiny_refit_per_seed.csv"):
+        assert (tmp_path / "a" / csv_name).read_text() == (tmp_path / "b" / csv_name).read_text()
+
+
+def test_a_fifo_is_not_a_store(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("blocked on the FIFO")
+
+    os.mkfifo(tmp_path / RECORDS_FILE)  # reading it would block forever
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_records(tmp_path)
+        with pytest.raises(ValueError, match="not a regular file"), \
+                ResultStore(tmp_path).writer():
+            pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_the_lock_is_reentrant_for_its_store_only(tmp_path: Path) -> None:
+    from mmkernels.experiments.store import StoreBusyError
+
+    store = ResultStore(tmp_path)
+    with store.locked():
+        with store.writer() as w:  # the holder appends under its own lock
+            w.append({"key": "a"})
+        with pytest.raises(StoreBusyError, match="in use by another sweep"):
+            with ResultStore(tmp_path).writer():
+                pass
+        assert store.start_over() is not None
+    with ResultStore(tmp_path).writer():  # released
+        pass

@@ -4,8 +4,14 @@
 ``npz-compressed``, ``pickle-conversations``, ``pickle-splits``) COUNT times (flipped bytes,
 cuts, inserted and repeated spans), loads each mutant and classifies it: "loaded", "refused"
 (a ValueError or FileNotFoundError whose message names the file) or "bad" (anything else).
+A mutant that loads must also keep the loader's promise: its features and labels, converted
+to the float32 the sweep trains in, are finite (or the conversion refuses them by name).
 Before each load it writes the case number to WORKDIR/current, so when the child dies from a
 signal the parent knows which case killed it. It prints one JSON summary line.
+
+KIND ``hostile`` loads the crafted pickles of HOSTILE_PICKLES (with the seconds each took);
+KIND ``odd`` the crafted files of odd_files() (FIFOs, foreign dtypes, labels and shapes no
+model can take), each under an alarm so that a hang kills the child visibly.
 
 The child runs under an address-space limit, so a loader that tries to allocate what a file
 does not contain fails there, visibly, instead of exhausting the machine.
@@ -17,7 +23,9 @@ import json
 import os
 import pickle
 import resource
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +86,21 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def load(kind: str, path: Path) -> object:
-    if kind.startswith("npz"):
-        from mmkernels.experiments.data import MultiModalDataset
+    """The dataset in ``path``, converted as the sweep will use it; a conversion that finds a
+    value that is not finite in float32 must refuse it (a ValueError, here given the path)."""
+    import torch
 
-        return MultiModalDataset.load(path)
-    from mmkernels.experiments.data import load_iemocap
+    from mmkernels.experiments.data import MultiModalDataset, load_iemocap
 
-    return load_iemocap(path)
+    ds = MultiModalDataset.load(path) if kind.startswith("npz") else load_iemocap(path)
+    try:
+        tensors = [*ds.to_torch(), ds.torch_labels()]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AssertionError(f"{path}: loaded, but a float32 tensor is not finite")
+    return ds
 
 
 # Pickles of a few bytes that ask for gigabytes: (bytes, what the refusal must say).
@@ -96,10 +112,14 @@ HOSTILE_PICKLES = {
                            b"\x8a\x05\x00\x00\x00\x00\x10\x85R\x85R.",
                            "a range of 68719476736 elements"),
     "ndarray((2**36,))": (b"\x80\x02cnumpy\nndarray\n\x8a\x05\x00\x00\x00\x00\x10\x85R.",
-                          "needs 512.0 GiB"),
+                          "an array of 549755813888 bytes that the 27 bytes"),
     "_reconstruct(ndarray, (2**36,), 'b')": (
         b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-        b"\x8a\x05\x00\x00\x00\x00\x10\x85C\x01b\x87R.", "needs 64.0 GiB"),
+        b"\x8a\x05\x00\x00\x00\x00\x10\x85C\x01b\x87R.", "an array of 68719476736 bytes"),
+    # Within any memory budget, but not what 28 bytes hold: a gigabyte of zeros.
+    "ndarray((2**25, 4)) in 28 bytes": (
+        b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x02K\x04\x86\x85R.",
+        "an array of 1073741824 bytes that the 28 bytes of the pickle cannot hold"),
     "bytes8 of 2**48 bytes": (b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\x00\x00.",
                               "only 1 remain"),
     "tuple nested 300,000 deep": (b"\x80\x02}" + b")" + b"\x85" * 300000 + b"K\x00s.",
@@ -109,7 +129,23 @@ HOSTILE_PICKLES = {
         + b"c__builtin__\nlist\nh\x01\x85R" * 100 + b"l.", "constructors would build"),
     "encode with another codec": (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00"
                                   b"\x00\x00utf_7\x86R.", "encoding 'utf_7'"),
+    # Keys that share one hash (ints are hashed modulo 2^61 - 1): each insertion compares
+    # with every earlier key, 33 s for 900 KB. Refused before a key is inserted.
+    "dict of 50,000 colliding int keys": (
+        b"\x80\x04}(" + b"".join(b"\x8a\x0b" + (k * sys.hash_info.modulus).to_bytes(
+            11, "little", signed=True) + b"K\x00" for k in range(1, 50_001)) + b"u.",
+        "keys whose hash could be chosen"),
+    "set of 50,000 colliding int keys": (
+        b"\x80\x04\x8f(" + b"".join(b"\x8a\x0b" + (k * sys.hash_info.modulus).to_bytes(
+            11, "little", signed=True) for k in range(1, 50_001)) + b"\x90.",
+        "keys whose hash could be chosen"),
+    "set(list of 50,000 colliding ints) at protocol 2": (
+        b"\x80\x02c__builtin__\nset\n(" + b"".join(b"\x8a\x0b" + (
+            k * sys.hash_info.modulus).to_bytes(11, "little", signed=True)
+            for k in range(1, 50_001)) + b"l\x85R.", "keys whose hash could be chosen"),
 }
+# The longest a crafted pickle may take to be refused (seconds; the colliding keys took 33 s).
+HOSTILE_SECONDS = 5.0
 
 
 def hostile(workdir: Path) -> dict:
@@ -121,10 +157,93 @@ def hostile(workdir: Path) -> dict:
         path = workdir / "hostile.pkl"
         path.write_bytes(data)
         (workdir / "current").write_text(name)
+        t0 = time.perf_counter()
         try:
-            out[name] = f"loaded {type(safe_load(path)).__name__}"
+            got = f"loaded {type(safe_load(path)).__name__}"
         except Exception as e:  # noqa: BLE001 - the parent checks type and message
-            out[name] = f"{type(e).__name__}: {e}"
+            got = f"{type(e).__name__}: {e}"
+        out[name] = {"result": got, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _npz(path: Path, arrays: dict, modalities: list[str] | None = None,
+         task: str = "classification") -> None:
+    """A dataset file written member by member, past MultiModalDataset's own checks."""
+    names = modalities if modalities is not None else \
+        [k.split("/", 1)[1] for k in arrays if k.startswith("modality/")]
+    meta = {"format": "mmkernels.MultiModalDataset", "version": 1, "modalities": names,
+            "task": task, "label_names": None, "info": {}}
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def odd_files(workdir: Path) -> dict[str, tuple[str, Path, str]]:
+    """name -> (loader, path, what the refusal must say besides the path): files a loader
+    must refuse with a ValueError naming the file (and the key), never a hang or a crash."""
+    fifo = workdir / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    n = 6
+    ok = np.ones((n, 2), np.float32)
+    labels = np.arange(n) % 2
+    cases = {
+        "npz FIFO": ("npz", fifo, "a FIFO, not a regular file"),
+        "pickle FIFO": ("pickle", fifo, "a FIFO, not a regular file"),
+        "npz folder": ("npz", workdir, "a folder, not a regular file"),
+        "/dev/zero as pickle": ("pickle", Path("/dev/zero"), "a character device"),
+        "big-endian modality": ("npz", {"modality/a": ok.astype(">f4"), "labels": labels},
+                                "modality 'a': expected the machine's byte order, got >f4"),
+        "longdouble modality": ("npz", {"modality/a": ok.astype(np.longdouble),
+                                        "labels": labels},
+                                "modality 'a': expected float16, float32 or float64"),
+        "big-endian regression labels": (
+            "npz-regression", {"modality/a": ok, "labels": labels.astype(">f8")},
+            "labels: expected the machine's byte order, got >f8"),
+        "a label of 10^9": ("npz", {"modality/a": ok, "labels": labels * 10**9},
+                            "labels: class ids must be < 65536"),
+        "a modality of width 0": ("npz", {"modality/a": np.ones((n, 0), np.float32),
+                                          "labels": labels},
+                                  "modality 'a': expected at least one feature column"),
+        "float64 beyond float32": ("npz", {"modality/a": np.full((n, 2), 1e39),
+                                           "labels": labels},
+                                   "modality 'a': 12 values are finite in float64 but "
+                                   "overflow float32"),
+        "ndarray((2**25, 4)) as IEMOCAP features": ("pickle", (
+            b"\x80\x02}(X\x04\x00\x00\x00text" + HOSTILE_PICKLES[
+                "ndarray((2**25, 4)) in 28 bytes"][0][2:-1] + b"X\x05\x00\x00\x00audio"
+            b"]X\x06\x00\x00\x00vision]X\x06\x00\x00\x00labels]u."), "cannot hold"),
+    }
+    out = {}
+    for name, (loader, what, says) in cases.items():
+        if isinstance(what, Path):
+            out[name] = (loader, what, says)
+            continue
+        path = workdir / (name.replace(" ", "_").replace("/", "_") +
+                          (".pkl" if loader == "pickle" else ".npz"))
+        if isinstance(what, bytes):
+            path.write_bytes(what)
+        else:
+            _npz(path, what, task="regression" if loader == "npz-regression" else
+                 "classification")
+        out[name] = ("npz" if loader.startswith("npz") else loader, path, says)
+    return out
+
+
+def odd(workdir: Path) -> dict:
+    """Load every odd_files() case under a 20 s alarm; the error each raised, and whether
+    it is a ValueError."""
+    out = {}
+    for name, (loader, path, _) in odd_files(workdir).items():
+        (workdir / "current").write_text(name)
+        signal.alarm(20)  # a hang dies of SIGALRM, and the parent names the case
+        try:
+            load("npz" if loader == "npz" else "pickle-splits", path)
+            got = {"value_error": False, "error": "loaded"}
+        except Exception as e:  # noqa: BLE001 - the parent checks type and message
+            got = {"value_error": isinstance(e, ValueError), "error": f"{type(e).__name__}: {e}"}
+        finally:
+            signal.alarm(0)
+        out[name] = got
     return out
 
 
@@ -132,6 +251,8 @@ def main(kind: str, seed: int, count: int, workdir: Path) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     if kind == "hostile":
         return hostile(workdir)
+    if kind == "odd":
+        return odd(workdir)
     original = workdir / f"valid-{kind}"
     valid_file(kind, original)
     load(kind, original)  # the unmutated file must load

@@ -226,6 +226,14 @@ def test_budget_from_the_environment(monkeypatch):
         mmkernels.concat_project(xs, w)
 
 
+@pytest.mark.parametrize("text", ["0", "0G", "0.0", "-1"])
+def test_a_zero_budget_is_an_error_not_no_limit(monkeypatch, text):
+    """"0" once meant "off" although the message says "> 0" (needs the extension rebuilt)."""
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", text)
+    with pytest.raises(ValueError, match=rf'must be a byte count .*> 0 .*got "{text}"'):
+        mmkernels.ops.memory_budget()
+
+
 def test_default_budget_is_a_fraction_of_available_memory(monkeypatch):
     monkeypatch.delenv("MMKERNELS_MEMORY_BUDGET", raising=False)
     budget, source = mmkernels.ops.memory_budget("cpu")

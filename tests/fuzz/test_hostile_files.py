@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from file_fuzz import HOSTILE_PICKLES, KINDS, mutate
+from file_fuzz import HOSTILE_PICKLES, HOSTILE_SECONDS, KINDS, mutate, odd_files
 
 from mmkernels.experiments.data import MultiModalDataset, load_iemocap
 from mmkernels.experiments.store import RECORDS_FILE, ResultStore, read_records
@@ -50,11 +50,21 @@ def test_mutated_files_are_loaded_or_refused_clearly(kind: str, tmp_path: Path) 
     assert res["refused"] > CASES // 2  # the mutations do reach the loaders' checks
 
 
-def test_pickles_that_ask_for_gigabytes_are_refused(tmp_path: Path) -> None:
+def test_pickles_that_ask_for_gigabytes_or_minutes_are_refused(tmp_path: Path) -> None:
     got = _child(["hostile", "0", "0"], tmp_path)
     for name, (_, says) in HOSTILE_PICKLES.items():
-        assert "Error" in got[name] and says in got[name], (name, got[name])
-        assert str(tmp_path / "hostile.pkl") in got[name]
+        result = got[name]["result"]
+        assert "Error" in result and says in result, (name, result)
+        assert str(tmp_path / "hostile.pkl") in result
+        assert got[name]["seconds"] < HOSTILE_SECONDS, (name, got[name])
+
+
+def test_odd_files_are_refused_by_name(tmp_path: Path) -> None:
+    got = _child(["odd", "0", "0"], tmp_path)
+    for name, (_, path, says) in odd_files(tmp_path).items():
+        error = got[name]["error"]
+        assert got[name]["value_error"], (name, error)
+        assert str(path) in error and says in error, (name, error)
 
 
 def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:

@@ -34,7 +34,8 @@ def cls_table():
     train_xs, train_y = _data(300, 0, "classification")
     test_xs, test_y = _data(200, 1, "classification")
     table = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
-                              task="classification", subsets=SUBSETS, pairs=[("B", "A")])
+                              task="classification", subsets=SUBSETS, pairs=[("B", "A")],
+                              l2=None)
     return table, (train_xs, train_y, test_xs, test_y)
 
 
@@ -160,3 +161,128 @@ def test_a_test_class_missing_from_training_gets_a_head_column():
                               subsets=[(0,)])
     row = table.rows[0]
     assert math.isfinite(row["test_risk"]) and row["test_accuracy"] <= 6 / 9
+
+
+# ---- the data flow: blocks, encode once, dicts and masks, cross-validated l2 ---------------------
+
+
+def _late_model(dims=(3, 2, 4), hidden=4, classes=3, n=120, seed=0):
+    from mmkernels.nn import SubsetEnsemble
+    from mmkernels.training import fit
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    xs = [torch.randn(n, d, generator=g) + 0.8 * y[:, None] * (k == 0) for k, d in
+          enumerate(dims)]
+    model = SubsetEnsemble(list(dims), hidden, classes, fusion="late", seed=seed)
+    fit(model, xs, y, epochs=3, batch_size=64, progress=False)
+    return model, xs, y
+
+
+def test_late_fusion_z_is_refitted_at_each_subsets_own_width(monkeypatch):
+    """A late-fusion SubsetEnsemble's latents are recognised: subset s is refitted on its own
+    modalities' blocks only (m * H wide), which equals the refit on the padded Z (the padding
+    is zero) at the rounding level, with the same l2."""
+    model, xs, y = _late_model()
+    compact = eta.refit_quality(model.latents, xs, y, xs, y, task="classification", l2=1.0)
+    padded = eta.refit_quality(lambda x: model.latents(x), xs, y, xs, y,
+                               task="classification", l2=1.0)
+    for a, b in zip(compact.rows, padded.rows, strict=True):
+        assert a["test_risk"] == pytest.approx(b["test_risk"], rel=1e-3, abs=1e-4)
+    seen = []
+    heads_fit = heads.fit
+
+    def spy(z, *a, **k):
+        if isinstance(z, heads.GroupedZ):
+            seen.append(z.widths)
+        return heads_fit(z, *a, **k)
+
+    monkeypatch.setattr(heads, "fit", spy)
+    eta.refit_quality(model.latents, xs, y, xs, y, task="classification", l2=1.0)
+    assert seen == [[4, 4, 4, 8, 8, 8, 12]]                 # H = 4 per modality
+    with pytest.raises(ValueError, match="blocks must give 3 block widths"):
+        eta.refit_quality(model.latents, xs, y, xs, y, task="classification", blocks=[4, 8])
+
+
+def test_the_encoder_runs_once_per_row_whatever_the_solver_does():
+    """The refit encodes the training and the test rows once each (in chunks), then every
+    solver iteration reads the encoded Z: it used to re-encode Z at every L-BFGS evaluation
+    when Z did not fit the budget (20+ minutes on a 6-view dataset)."""
+    model, xs, y = _late_model(n=200)
+    rows = []
+
+    def encoder(x):
+        rows.append(len(x[0]))
+        return model.latents(x)
+
+    budget = 7 * 200 * 12 * 4  # far below Z: ~10 chunks and a memory-mapped spill
+    table = eta.refit_quality(encoder, xs, y, xs[:], y, task="classification", l2=0.01,
+                              blocks=[4, 4, 4], memory_budget=budget)
+    assert max(r["converged"] for r in table.rows)
+    assert sum(rows[1:]) == 2 * 200 + 2 and max(rows) < 200  # probes of 2 rows, then one pass
+    cv_rows = []
+    eta.refit_quality(lambda x: cv_rows.append(len(x[0])) or model.latents(x), xs, y, xs, y,
+                      task="classification", blocks=[4, 4, 4])
+    assert sum(cv_rows) == 2 * (200 + 2)                     # cross-validation: still once
+
+
+def test_dict_modalities_and_presence_masks():
+    """Dicts work like lists in the modules' order; with a mask, absent features never reach
+    a result: garbage (NaN, huge) in absent rows gives the table of zeros there."""
+    from mmkernels.nn import SubsetEnsemble
+
+    g = torch.Generator().manual_seed(3)
+    n = 90
+    y = torch.arange(n) % 2
+    xs = {"text": torch.randn(n, 3, generator=g) + y[:, None],
+          "audio": torch.randn(n, 2, generator=g)}
+    mask = torch.rand(n, 2, generator=g) < 0.7
+    model = SubsetEnsemble({"text": 3, "audio": 2}, 4, 2, fusion="late")
+    as_list = eta.refit_quality(model.latents, list(xs.values()), y, list(xs.values()), y,
+                                task="classification", train_mask=mask, test_mask=mask, l2=1.0)
+    as_dict = eta.refit_quality(model.latents, xs, y, xs, y, task="classification",
+                                train_mask=mask, test_mask=mask, l2=1.0)
+    assert [r["subset"] for r in as_dict.rows] == ["T", "A", "TA"]
+    assert [r["test_risk"] for r in as_dict.rows] == [r["test_risk"] for r in as_list.rows]
+    zeroed = {k: v * mask[:, i:i + 1] for i, (k, v) in enumerate(xs.items())}
+    garbage = {k: torch.where(mask[:, i:i + 1], v, torch.full_like(v, 1e30 if i else
+                                                                     float("nan")))
+               for i, (k, v) in enumerate(xs.items())}
+    a = eta.refit_quality(model.latents, zeroed, y, zeroed, y, task="classification",
+                          train_mask=mask, test_mask=mask, l2=1.0)
+    b = eta.refit_quality(model.latents, garbage, y, garbage, y, task="classification",
+                          train_mask={"text": mask[:, 0], "audio": mask[:, 1]},
+                          test_mask=mask, l2=1.0)
+    assert [r["test_risk"] for r in a.rows] == [r["test_risk"] for r in b.rows]
+    unmasked = eta.refit_quality(model.latents, zeroed, y, zeroed, y, task="classification",
+                                 l2=1.0)
+    assert unmasked.rows[1]["test_risk"] != a.rows[1]["test_risk"]  # the mask is used
+    with pytest.raises(ValueError, match=r"test_xs must name the modalities of train_xs"):
+        eta.refit_quality(model.latents, xs, y, {"audio": xs["audio"], "text": xs["text"]}, y,
+                          task="classification")
+
+
+def test_cross_validated_l2_is_the_default_and_reported():
+    train_xs, train_y = _data(300, 0, "classification")
+    test_xs, test_y = _data(200, 1, "classification")
+    table = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                              task="classification", subsets=SUBSETS)
+    z = _masking_encoder(train_xs)
+    fold = heads.kfold(train_y, 5)
+    order = torch.argsort(fold, stable=True)
+    ref = heads.select_l2(z[:, order], train_y[order], task="classification",
+                          folds=fold[order])
+    assert [r["l2"] for r in table.rows] == ref.l2.tolist()
+    assert [r["cv_risk"] for r in table.rows] == pytest.approx(ref.score.min(1).values.tolist())
+    assert "Head l2: chosen per subset by 5-fold cross-validation on the training rows" in \
+        table.to_markdown()
+    fixed = eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                              task="classification", subsets=SUBSETS, l2=2.5)
+    assert {r["l2"] for r in fixed.rows} == {2.5} and fixed.rows[0]["cv_risk"] is None
+    assert "Head l2: fixed, 2.5 for every subset" in fixed.header()
+    with pytest.raises(ValueError, match="l2 must be 'cv', a float >= 0 or None"):
+        eta.refit_quality(_masking_encoder, train_xs, train_y, test_xs, test_y,
+                          task="classification", l2="auto")
+    with pytest.raises(ValueError, match=r"l2='cv' needs at least 2 training rows"):
+        eta.refit_quality(_masking_encoder, [x[:1] for x in train_xs], train_y[:1], test_xs,
+                          test_y, task="classification", subsets=SUBSETS)

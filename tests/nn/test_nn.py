@@ -118,6 +118,21 @@ def test_modality_dropout_rule():
     assert (kept[:, 1] != mask[:, 1]).any()
 
 
+def test_modality_dropout_draws_the_same_from_the_global_rng_and_a_generator():
+    # the draws depend on the RNG state only: not on the mask's values, layout or on whether
+    # a sample lost everything (no data-dependent draw, which torch.compile could not trace)
+    mask = torch.rand(40, 3, generator=torch.Generator().manual_seed(2)) < 0.7
+    p = torch.tensor([0.9, 0.2, 0.5])
+    torch.manual_seed(3)
+    from_global = modality_dropout(mask, p)
+    after_global = torch.rand(1)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(modality_dropout(mask, [0.9, 0.2, 0.5], generator=g), from_global)
+    assert torch.equal(torch.rand(1, generator=g), after_global)  # the same number of draws
+    torch.manual_seed(3)
+    assert torch.equal(modality_dropout(mask.t().contiguous().t(), p), from_global)
+
+
 def test_fusion_dropout_only_in_training():
     xs, _ = _data()
     mod = MaskedFusion(DIMS, 6, dropout=1.0, dtype=F64)
@@ -318,3 +333,64 @@ def test_property_fusion_fill_semantics(dims, batch, fusion, fill, seed):
                                if fill == "mean" and present else torch.zeros(3, dtype=F64))
             want = torch.cat(outs)
         torch.testing.assert_close(out[b], want.detach())
+
+
+# ---- module conventions: extra_repr, reset_parameters ----------------------------------------
+
+
+def test_masked_fusion_repr_states_its_configuration():
+    text = repr(MaskedFusion({"text": 5, "audio": 3}, 4, fusion="late", fill="learned",
+                             dropout={"text": 0.2}))
+    assert ("dims={'text': 5, 'audio': 3}, hidden=[4, 4], fusion='late', fill='learned', "
+            "dropout={'text': 0.2, 'audio': 0.0}, activation='relu', bias=True") in text
+    assert repr(MaskedFusion([5, 3], 4, dropout=0.1, bias=False)) == (
+        "MaskedFusion(dims=[5, 3], hidden=4, fusion='early', fill='zero', dropout=0.1, "
+        "activation='relu', bias=False)")
+    with pytest.raises(ValueError, match=r"unknown modalities \['txt'\]"):
+        MaskedFusion({"text": 5, "audio": 3}, 4, dropout={"txt": 0.2})
+
+
+def test_subset_ensemble_repr_states_its_configuration():
+    assert repr(SubsetEnsemble(DIMS, 6, 3, seed=2)) == (
+        "SubsetEnsemble(dims=[5, 3, 4], hidden=6, num_outputs=3, fusion='early', "
+        "activation='relu', num_subsets=7, seed=2)")
+    late = SubsetEnsemble({"t": 5, "a": 3}, [4, 2], 2, fusion="late", subsets=[(0,), (0, 1)])
+    assert ("dims={'t': 5, 'a': 3}, hidden=[4, 2], num_outputs=2, fusion='late', "
+            "activation='relu', num_subsets=2, seed=0") in repr(late)
+
+
+@pytest.mark.parametrize("fill", ["zero", "learned"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_masked_fusion_reset_parameters_draws_like_nn_linear(fusion, fill):
+    torch.manual_seed(4)
+    mod = MaskedFusion(DIMS, 6, fusion=fusion, fill=fill)
+    torch.manual_seed(4)
+    layers = [torch.nn.Linear(sum(DIMS), 6)] if fusion == "early" else \
+        [torch.nn.Linear(d, 6) for d in DIMS]
+    want = [p for lin in layers for p in (lin.weight, lin.bias)]
+    got = [mod.weight, mod.bias] if fusion == "early" else \
+        [p for w, b in zip(mod.weights, mod.biases, strict=True) for p in (w, b)]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    # reset_parameters: the same draws from the same RNG state, and tokens back to zero
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(1.0)
+    torch.manual_seed(4)
+    mod.reset_parameters()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    if fill == "learned":
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in mod.tokens)
+
+
+def test_subset_ensemble_reset_parameters_restores_its_seeded_initialisation():
+    ens = SubsetEnsemble(DIMS, 6, 3, fusion="late", seed=5)
+    init = [p.detach().clone() for p in ens.parameters()]
+    with torch.no_grad():
+        for p in ens.parameters():
+            p.mul_(3.0).add_(1.0)
+    torch.manual_seed(123)  # the global RNG plays no part: each subset has its own seed
+    ens.reset_parameters()
+    for a, b in zip(ens.parameters(), init, strict=True):
+        assert torch.equal(a, b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from mmkernels.nn import SubsetEnsemble
 from mmkernels.training import epoch_batches, evaluate, fit, split_validation
@@ -151,3 +152,151 @@ def test_fit_learns_and_more_modalities_help():
     assert acc[names.index("ABC")] > 0.8
     assert acc[names.index("ABC")] > acc[names.index("A")] + 0.05
     assert acc[names.index("ABC")] > acc[names.index("C")] + 0.05
+
+
+# ---- the same inputs as the modules: dicts, masks, DataLoaders ---------------------------------
+
+NAMES = ["text", "audio", "video"]
+
+
+def _named(xs, mask):
+    return dict(zip(NAMES, xs, strict=True)), {n: mask[:, k] for k, n in enumerate(NAMES)}
+
+
+def _ensemble(names=True, fusion="late"):
+    dims = dict(zip(NAMES, DIMS, strict=True)) if names else DIMS
+    return SubsetEnsemble(dims, 8, 3, fusion=fusion, dtype=F64, seed=3)
+
+
+def _same_training(a, b):
+    (ma, ra), (mb, rb) = a, b
+    for p, q in zip(ma.parameters(), mb.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert set(ra.history) == set(rb.history)
+    for key in ra.history:
+        # bitwise, NaN (a stopped subset's entries) included
+        torch.testing.assert_close(ra.history[key], rb.history[key], rtol=0, atol=0,
+                                   equal_nan=True, msg=key)
+    assert torch.equal(ra.best_epoch, rb.best_epoch)
+    assert torch.equal(ra.stopped_epoch, rb.stopped_epoch)
+    assert ra.epochs_run == rb.epochs_run
+
+
+def test_fit_and_evaluate_take_dicts_and_masks_like_the_modules():
+    xs, y, mask = _data()
+    dx, dmask = _named(xs, mask)
+    kwargs = {"epochs": 3, "batch_size": 16, "val_fraction": 0.25, "seed": 2, "progress": False}
+    with_lists = (m := _ensemble(), fit(m, xs, y, mask=mask, **kwargs))
+    with_dicts = (m := _ensemble(), fit(m, dx, y, mask=dmask, **kwargs))
+    _same_training(with_lists, with_dicts)
+    model = with_dicts[0]
+    want = evaluate(model, xs, y, mask=mask, batch_size=7)
+    for got in (evaluate(model, dx, y, mask=dmask, batch_size=7),
+                evaluate(model, dx, y, mask=mask, batch_size=7)):
+        assert torch.equal(got["loss"], want["loss"]) and torch.equal(got["acc"], want["acc"])
+    # a dict mask with a wrong key is refused by name
+    with pytest.raises(ValueError, match=r"mask must have the keys .*unexpected \['vid'\]"):
+        fit(_ensemble(), dx, y, mask={**dmask, "vid": dmask.pop("video")}, progress=False)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Row i as a dict batch element: the modalities by name, "mask" (a dict) and "y"."""
+
+    def __init__(self, xs, y, mask):
+        self.xs, self.y, self.mask = xs, y, mask
+
+    def __len__(self):
+        return self.y.shape[0]
+
+    def __getitem__(self, i):
+        return {**{n: x[i] for n, x in zip(NAMES, self.xs, strict=True)},
+                "mask": {n: self.mask[i, k] for k, n in enumerate(NAMES)}, "y": self.y[i]}
+
+
+class _FitOrder:
+    """A batch sampler drawing each epoch's batches exactly as fit does for tensors."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return iter([b.tolist() for b in epoch_batches(self.n, self.batch_size, self.gen)])
+
+
+def test_fit_on_a_dataloader_equals_fit_on_tensors():
+    # dict batches for training, tuple batches for validation; per-subset early stopping
+    xs, y, mask = _data(n=80, seed=5)
+    y = torch.randint(0, 3, (80,), generator=torch.Generator().manual_seed(0))  # noise labels
+    tr, va = slice(0, 60), slice(60, None)
+    val = ([x[va] for x in xs], y[va], mask[va])
+    kwargs = {"epochs": 12, "lr": 0.05, "patience": 2, "progress": False}
+    on_tensors = (m := _ensemble(fusion="early"),
+                  fit(m, [x[tr] for x in xs], y[tr], mask=mask[tr], val_data=val, batch_size=16,
+                      seed=4, **kwargs))
+    train_loader = DataLoader(_Rows([x[tr] for x in xs], y[tr], mask[tr]),
+                              batch_sampler=_FitOrder(60, 16, seed=4))
+    val_rows = list(zip(zip(*val[0]), val[1], val[2], strict=True))  # (xs, y, mask), xs a list
+    val_loader = DataLoader(val_rows, batch_size=20)  # one batch, as evaluate takes tensors
+    on_loader = (m := _ensemble(fusion="early"),
+                 fit(m, train_loader, val_data=val_loader, **kwargs))
+    assert (on_tensors[1].stopped_epoch >= 0).any(), "some subsets should have stopped"
+    _same_training(on_tensors, on_loader)
+    got = evaluate(on_loader[0], DataLoader(val_rows, batch_size=7))
+    want = evaluate(on_loader[0], *val[:2], mask=val[2])
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=0)
+    assert torch.equal(got["acc"], want["acc"])
+
+
+def test_fit_on_a_seeded_dataloader_is_bitwise_deterministic():
+    xs, y, mask = _data()
+    rows = list(zip(zip(*xs), y, mask, strict=True))  # (xs, y, mask) tuples, unnamed model
+
+    def run():
+        loader = DataLoader(rows, batch_size=16, shuffle=True,
+                            generator=torch.Generator().manual_seed(7))
+        model = _ensemble(names=False)
+        return model, fit(model, loader, epochs=3, progress=False)
+
+    first, second = run(), run()
+    _same_training(first, second)
+    assert first[1].history["train_loss"].shape == (3, 7)
+    assert not torch.equal(next(first[0].parameters()),
+                           next(_ensemble(names=False).parameters()))  # it trained
+
+
+def test_fit_names_what_does_not_fit_the_data_contract():
+    xs, y, mask = _data(n=12)
+    dx, dmask = _named(xs, mask)
+    rows = [{**{n: dx[n][i] for n in NAMES}, "y": y[i]} for i in range(12)]
+    loader = DataLoader(rows, batch_size=5)
+    model = _ensemble()
+    cases = [
+        ((model, loader, y), {}, ValueError, "do not pass y or mask"),
+        ((model, loader), {"val_fraction": 0.2}, ValueError, "val_fraction splits tensors"),
+        ((model, loader), {"seed": 1}, ValueError, "seed does not apply to a DataLoader"),
+        ((model, loader), {"batch_size": 4}, ValueError, "batch_size does not apply"),
+        ((model, loader), {"patience": 2}, ValueError, "patience needs validation data: give "
+                                                       "val_data$"),
+        ((model, (b for b in loader)), {}, TypeError, "one-shot iterator"),
+        ((model, [{"text": dx["text"][:4]}]), {}, TypeError, "must be a list of modality"),
+        ((model, DataLoader([{k: v for k, v in r.items() if k != "y"} for r in rows],
+                            batch_size=5)), {}, ValueError, 'targets under "y"'),
+        ((model, DataLoader([{**r, "label": r["y"]} for r in rows], batch_size=5)), {},
+         ValueError, r"unexpected \['label'\]"),
+        ((_ensemble(names=False), loader), {}, ValueError, "modalities are unnamed"),
+        ((model, DataLoader([r["y"] for r in rows], batch_size=5)), {}, TypeError,
+         "a batch must be a dict"),
+        ((model, dx), {"mask": dmask}, ValueError, "y .* is missing"),
+        ((model, dx, y[:5]), {}, ValueError, r"xs\['text'\] has 12 rows, expected n = 5"),
+        ((model, xs, y), {"mask": mask[:3]}, ValueError, "mask has 3 rows, expected n = 12"),
+        ((model, xs, y), {"val_data": (xs, y[:2])}, ValueError, r"val_data: xs\[0\] has 12"),
+        ((model, xs, y), {"val_data": [1, 2, 3, 4]}, TypeError, "val_data must be a tuple"),
+    ]
+    for args, kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            fit(*args, epochs=1, progress=False, **kwargs)
+    # a model with a modality named like a reserved key must use tuple batches
+    clash = SubsetEnsemble({"y": 4, "audio": 3}, 4, 3, dtype=F64)
+    with pytest.raises(ValueError, match="reserve"):
+        fit(clash, DataLoader([{"y": torch.zeros(4), "audio": torch.zeros(3)}]), progress=False)

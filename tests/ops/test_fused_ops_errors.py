@@ -1,5 +1,6 @@
 """Every class of invalid argument raises an error that names the argument and shows what was
-expected next to what was given."""
+expected next to what was given; meta tensors (the Meta kernels, which torch.compile's fake
+tensors use) and every device raise the very same error, since all run one C++ plan."""
 
 from __future__ import annotations
 
@@ -143,7 +144,48 @@ CASES = [
         r"biases\[1\] must have shape \[4\] \(weights\[k\]'s shape without its last dim\), "
         r"got \[5\]",
     ),
+    (
+        # Two errors: the plan's order decides which one is reported, on every device.
+        "weight width and subset_mask dtype",
+        lambda: early(weight=torch.randn(H, 9), subset_mask=torch.ones(3, 2)),
+        r"weight's last dim must be D = sum of modality dims = 8, got shape \[6, 9\]",
+    ),
+    (
+        "weights width and sample_mask rows",
+        lambda: late(weights=[torch.randn(2, 3), torch.randn(4, 6)],
+                     sample_mask=torch.ones(B + 1, 2, dtype=torch.bool)),
+        r"sample_mask must have shape \[4, 2\]",
+    ),
+    (
+        "backward grad_out shape",
+        lambda: backward("concat_project", grad_shape=[B, H + 1]),
+        r"concat_project_backward: grad_out must have shape \[4, 6\] \(the output's shape\), "
+        r"got \[4, 7\]",
+    ),
+    (
+        "backward out dtype",
+        lambda: backward("project_concat", out_dtype=torch.float64),
+        r"project_concat_backward: out has dtype Double, expected Float",
+    ),
+    (
+        "backward xs rows",
+        lambda: backward("project_concat", inputs=[torch.randn(B, 3), torch.randn(B + 1, 5)]),
+        r"project_concat: xs\[1\] has 5 rows, expected B = 4",
+    ),
 ]
+
+
+def backward(op, grad_shape=None, out_dtype=torch.float32, inputs=None):
+    """A call of a backward op; the grad_out and out of a valid forward unless told."""
+    x = xs() if inputs is None else inputs
+    if op == "concat_project":
+        weight, width = torch.randn(H, sum(DIMS)), H
+    else:
+        weight, width = [torch.randn(2, 3), torch.randn(4, 5)], 6
+    grad = torch.randn(*(grad_shape or [B, width]))
+    out = torch.randn(B, width, dtype=out_dtype)
+    fn = getattr(torch.ops.mmkernels, op + "_backward")
+    return fn(grad, out, x, weight, None, None, "relu", [True, True, True])
 
 
 @pytest.mark.parametrize("call,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -152,9 +194,36 @@ def test_invalid_argument_message(call, message):
         call()
 
 
+def raised(call, device: str) -> tuple[type, str]:
+    """The exception a case raises with every tensor it builds on `device`."""
+    with torch.device(device):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - the type is what is compared
+            return type(e), str(e)
+    raise AssertionError(f"no error on {device}")
+
+
+OTHER_DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", OTHER_DEVICES)
+@pytest.mark.parametrize("call", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_every_device_raises_the_same_error(call, device):
+    assert raised(call, device) == raised(call, "cpu")
+
+
 def test_float16_is_refused_on_cpu():
-    with pytest.raises(ValueError, match=r"xs\[0\] must be float32, float64 or bfloat16, got Half"):
+    with pytest.raises(ValueError, match=r"xs\[0\] must be float32, float64 or bfloat16, got Half"
+                                         r" \(float16 is supported on CUDA only\)"):
         early(xs=xs(torch.float16), weight=torch.randn(H, 8, dtype=torch.float16))
+
+
+def test_float16_passes_the_meta_kernels():
+    """A meta tensor stands for no device; float16 is valid on CUDA, so meta accepts it."""
+    with torch.device("meta"):
+        out = early(xs=xs(torch.float16), weight=torch.randn(H, 8, dtype=torch.float16))
+    assert out.shape == (B, H) and out.dtype == torch.float16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")

@@ -4,8 +4,8 @@
 //
 // The budget, in bytes:
 //   * MMKERNELS_MEMORY_BUDGET when set: a finite byte count with an optional K/M/G/T suffix
-//     (powers of 1024; "8G", "8GB" and "8GiB" are the same); "off", "none" or "0" (any case)
-//     disables the check. Read at every call.
+//     (powers of 1024; "8G", "8GB" and "8GiB" are the same), > 0; "off" or "none" (any case)
+//     disables the check ("0" is an error, not "no limit"). Read at every call.
 //   * otherwise, on the CPU: 80 % of the memory available now, the smaller of MemAvailable
 //     (/proc/meminfo) and the room left in this process's cgroup and its parents: the limit
 //     minus the usage less the reclaimable inactive page cache (v2 memory.max, memory.current,
@@ -180,7 +180,7 @@ inline Budget memory_budget(const at::Device& device) {
     const std::string text(env);
     std::string lower(text);
     for (auto& ch : lower) ch = (char)std::tolower((unsigned char)ch);
-    if (lower == "off" || lower == "0" || lower == "none") {
+    if (lower == "off" || lower == "none") {
       b.source = "MMKERNELS_MEMORY_BUDGET=" + text + ": no limit";
       return b;
     }

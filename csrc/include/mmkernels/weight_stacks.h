@@ -49,10 +49,11 @@ inline at::Tensor concat_unstack(const FusionPlan& p, const std::vector<at::Tens
   return full.to(weight.scalar_type());
 }
 
-// Inverse of project_stack for gradients: a fresh tensor shaped like `like`, in its dtype.
+// Inverse of project_stack for gradients: a fresh contiguous tensor of like's shape and dtype
+// (contiguous whatever like's strides: the Meta kernels promise that layout).
 inline at::Tensor project_unstack(const FusionPlan& p, const at::Tensor& stacked,
                                   const at::Tensor& like, int64_t k) {
-  if (!p.modality_used(k)) return at::zeros_like(like);
+  if (!p.modality_used(k)) return at::zeros(like.sizes(), like.options());
   // copy=true: bias gradients are slices of one buffer and must not alias each other.
   if (!p.per_subset) return stacked.reshape(like.sizes()).to(like.scalar_type(), false, true);
   at::Tensor full = at::zeros(like.sizes(), stacked.options());

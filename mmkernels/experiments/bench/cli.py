@@ -1,9 +1,10 @@
-"""mmkernels bench [fused|heads|ensemble|sweep] [options] (also python -m
+"""mmkernels bench [fused|heads|ensemble|sweep|sweep-scaling] [options] (also python -m
 mmkernels.experiments.bench): time a suite against its
 baselines, print a table, write JSON. Every ratio is measured in the same run on the same
 tensors. Suites: fused (default; the fused ops, --device cpu|cuda), heads (batched head refits
 against scikit-learn), ensemble (all-subset training against the sequential loop), sweep
-(a 64-cell sweep in-process against a local Ray)."""
+(a 64-cell sweep in-process against a local Ray), sweep-scaling (a sweep cell's phases on a
+6-view dataset and against K = 2..8 modalities)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
 
 SUITES = {"heads": "mmkernels.experiments.bench.heads",
           "ensemble": "mmkernels.experiments.bench.ensemble",
-          "sweep": "mmkernels.experiments.bench.sweep"}
+          "sweep": "mmkernels.experiments.bench.sweep",
+          "sweep-scaling": "mmkernels.experiments.bench.sweep_scaling"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,18 @@
 """Head-refit benchmarks: mmkernels.heads.fit against scikit-learn Ridge / LogisticRegression
 looped over the subsets (docs/design.md, "Baselines every benchmark names").
 
-    mmkernels bench heads [--scale 1.0] [--only ridge] [--out PATH]
+    mmkernels bench heads [--scale 1.0] [--only ridge] [--threads N] [--out PATH]
 
 Cases (float32 Z unless stated; the data are synthetic with a subset-dependent signal):
   a. ridge   S=15,  n=7000,  H=128, T=1  ; agreement: test MSE in float64, relative
   b. softmax S=7,   n=13200, H=128, C=6  ; agreement: test accuracy (points) and objective
                                             (relative, both solutions scored by the same op)
   c. ridge and softmax at S=255, n=2000, H=64 (C=6): time and peak memory
+Ridge is bound by its Gram matrices, so the ridge cases also state the Gram op's rate as a
+fraction of the machine's GEMM rate, both measured in the same run: the op's GEMM flops
+(2 S n H (H + T)) over its time, against MKL's float32 sgemm (torch.mm) of two square matrices
+of the same flop count, and against the same GEMMs issued by ATen (torch.bmm of Z^T Z, Z^T Y);
+the whole fit's rate (the same flops over the fit's time) is given against the sgemm too.
 Both sides use the same penalty: Ridge(alpha=l2); LogisticRegression(C=1/l2) (C > 2 classes).
 sklearn runs with its default tol (1e-4 on the mean-scaled gradient), as do we for float32.
 Peak memory is the growth of the process's peak RSS during the call (Linux clear_refs), so it
@@ -50,6 +55,7 @@ class HeadsCase:
     runners: dict[str, Callable[[], object]]          # "mmkernels" first, then baselines
     targets: dict[str, float] = field(default_factory=dict)   # minimum speed-up per baseline
     check: Callable[[], dict[str, float]] | None = None        # agreement figures
+    gram_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # ridge: (Z, y) of the fit
 
 
 def _peak_rss_growth_mb(fn: Callable[[], object]) -> tuple[float, float]:
@@ -123,7 +129,42 @@ def _ridge_case(name: str, S: int, n: int, H: int, check: bool) -> HeadsCase:
         name, {"S": S, "n": n, "H": H, "T": 1, "dtype": "float32"},
         {"mmkernels": lambda: heads.fit(ztr, ytr, task="regression", l2=L2),
          "sklearn_loop": lambda: _sk_ridge_loop(ztr, ytr)},
-        {"sklearn_loop": 20.0} if check else {}, agreement if check else None)
+        {}, agreement if check else None, gram_inputs=(ztr, ytr))
+
+
+def gram_flops(S: int, n: int, H: int, T: int) -> float:
+    """Flops of the GEMMs of the Gram op: Z_s^T Z_s and Z_s^T Y for each of S subsets."""
+    return 2.0 * S * n * H * (H + T)
+
+
+def gemm_rates(z: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
+    """GFLOP/s of the Gram op, of the same GEMMs in ATen, and of a square sgemm of the same
+    flop count: medians of `rounds` calls each, the three interleaved call by call."""
+    S, n, H = z.shape
+    y2 = y.reshape(n, -1)
+    flops = gram_flops(S, n, H, y2.shape[1])
+    side = max(1, round((flops / 2) ** (1 / 3)))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(side, side, generator=g), torch.randn(side, side, generator=g)
+    zt = z.transpose(1, 2)
+    runners = {
+        "gram_op": (flops, lambda: torch.ops.mmkernels.gram(z, y)),
+        "aten_same_gemms": (flops, lambda: (torch.bmm(zt, z), torch.matmul(zt, y2))),
+        "sgemm_square": (2.0 * side**3, lambda: torch.mm(a, b)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _, fn in runners.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, (_, fn) in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    rates = {f"{name}_gflops": work / statistics.median(times[name]) / 1e9
+             for name, (work, _) in runners.items()}
+    rates["gram_gflop"] = flops / 1e9
+    rates["sgemm_side"] = float(side)
+    return rates
 
 
 def _softmax_case(name: str, S: int, n: int, H: int, C: int, check: bool) -> HeadsCase:
@@ -203,8 +244,26 @@ def run_heads(scale: float = 1.0, repeats: int = 1, only: list[str] | None = Non
         agreement = case.check() if case.check else {}
         for key, value in agreement.items():
             print(f"{'':16} {key} = {value:.3g}")
+        gemm = {}
+        if case.gram_inputs is not None:
+            time.sleep(SETTLE_S)
+            gemm = gemm_rates(*case.gram_inputs, rounds=max(9, 3 * repeats))
+            fit_gflops = gemm["gram_gflop"] / (times["mmkernels"] / 1e3)
+            gemm["fit_gflops"] = fit_gflops
+            gemm["gram_op_fraction_of_sgemm"] = gemm["gram_op_gflops"] / gemm["sgemm_square_gflops"]
+            gemm["gram_op_fraction_of_aten"] = (gemm["gram_op_gflops"]
+                                                / gemm["aten_same_gemms_gflops"])
+            gemm["fit_fraction_of_sgemm"] = fit_gflops / gemm["sgemm_square_gflops"]
+            side = int(gemm["sgemm_side"])
+            print(f"{'':16} Gram GEMMs {gemm['gram_gflop']:.3g} GFLOP: op "
+                  f"{gemm['gram_op_gflops']:.0f} GFLOP/s, the same GEMMs in ATen "
+                  f"{gemm['aten_same_gemms_gflops']:.0f}, sgemm {side}^3 "
+                  f"{gemm['sgemm_square_gflops']:.0f}; fit {fit_gflops:.0f}")
+            print(f"{'':16} Gram op at {100 * gemm['gram_op_fraction_of_sgemm']:.0f} % of the "
+                  f"sgemm rate ({100 * gemm['gram_op_fraction_of_aten']:.0f} % of ATen's), the "
+                  f"whole fit at {100 * gemm['fit_fraction_of_sgemm']:.0f} %")
         results["cases"].append({"name": case.name, "shapes": case.shapes, "runners": rows,
-                                 "agreement": agreement})
+                                 "agreement": agreement, "gemm_rate": gemm})
         sys.stdout.flush()
     return results
 
@@ -215,8 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="factor on every n")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="run only cases whose name contains one")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's own); on a busy shared "
+                             "machine 1 thread avoids OpenMP regions waiting for a helper "
+                             "thread that has no CPU")
     parser.add_argument("--out", type=Path, default=Path("bench-results/heads_cpu.json"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = run_heads(args.scale, args.repeats, args.only)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

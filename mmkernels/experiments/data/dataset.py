@@ -30,6 +30,8 @@ import numpy as np
 
 from mmkernels.memory import MemoryBudgetError, check_memory
 
+from .files import NotARegularFileError, open_regular_file
+
 if TYPE_CHECKING:  # torch is imported lazily: loading data should not pay for it
     import torch
 
@@ -38,10 +40,27 @@ FORMAT_VERSION = 1
 TASKS = ("classification", "regression")
 SPLITS = ("train", "valid", "test")
 NONFINITE_POLICIES = ("error", "zero", "mask")
+# Class ids go up to this (exclusive): a model's output layer has one row per class, and a
+# stray id of 10^9 would ask for terabytes.
+MAX_CLASSES = 1 << 16
 
 
 def _shape(a: np.ndarray) -> str:
     return "[" + ", ".join(str(s) for s in a.shape) + "]"
+
+
+def _check_float(a: np.ndarray, what: str) -> None:
+    """Float arrays must be float16/32/64 in the machine's byte order: torch has no
+    longdouble and refuses a foreign byte order, deep inside a sweep."""
+    if a.dtype.kind != "f":
+        return
+    if a.dtype.itemsize > 8:
+        raise ValueError(f"{what}: expected float16, float32 or float64, got {a.dtype} "
+                         f"(extended precision); convert with a.astype(np.float64)")
+    if not a.dtype.isnative:
+        raise ValueError(f"{what}: expected the machine's byte order, got {a.dtype.str} "
+                         f"({'big' if a.dtype.byteorder == '>' else 'little'}-endian); convert "
+                         "with a.astype(a.dtype.newbyteorder('='))")
 
 
 @dataclass(eq=False)  # a field-wise == would compare arrays ambiguously
@@ -124,6 +143,10 @@ class MultiModalDataset:
                 raise ValueError(
                     f"modality {name!r}: expected a 2-d array [n, d], got shape {_shape(a)}"
                 )
+            if a.shape[1] == 0:
+                raise ValueError(f"modality {name!r}: expected at least one feature column, "
+                                 f"got shape {_shape(a)}")
+            _check_float(a, f"modality {name!r}")
             if a.dtype.kind in "iu":
                 a = a.astype(np.float32)
             if n_first is None:
@@ -150,14 +173,18 @@ class MultiModalDataset:
                     f"labels: classification expects a 1-d integer array [{n}], "
                     f"got shape {_shape(y)} dtype {y.dtype}"
                 )
-            y = y.astype(np.int64)
             if y.size and y.min() < 0:
                 raise ValueError(f"labels: class ids must be >= 0, got minimum {int(y.min())}")
+            if y.size and int(y.max()) >= MAX_CLASSES:  # before int64, where 2^63 wraps
+                raise ValueError(f"labels: class ids must be < {MAX_CLASSES} (one output per "
+                                 f"class), got maximum {int(y.max())}")
+            y = y.astype(np.int64)
         else:
             if y.ndim not in (1, 2):
                 raise ValueError(
                     f"labels: regression expects shape [{n}] or [{n}, t], got {_shape(y)}"
                 )
+            _check_float(y, "labels")
             if y.dtype.kind != "f":
                 y = y.astype(np.float32)
             bad = int(np.count_nonzero(~np.isfinite(y)))
@@ -290,21 +317,31 @@ class MultiModalDataset:
     def to_torch(
         self, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> list[torch.Tensor]:
-        """Features as a list of K tensors [n, d_k] in modality order (default float32)."""
+        """Features as a list of K tensors [n, d_k] in modality order (default float32).
+
+        Raises:
+            ValueError: a value that is finite as stored is not in ``dtype`` (1e39 in float64
+                is inf in float32); the message names the modality.
+        """
         import torch
 
         dtype = torch.float32 if dtype is None else dtype
-        return [
-            torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
-            for a in self.modalities.values()
-        ]
+        out = []
+        for name, a in self.modalities.items():
+            t = torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+            _check_fits(t, f"modality {name!r}", a.dtype)
+            out.append(t)
+        return out
 
     def torch_labels(self, device: str | torch.device | None = None) -> torch.Tensor:
         """Labels as int64 (classification) or float32 (regression)."""
         import torch
 
         dtype = torch.int64 if self.task == "classification" else torch.float32
-        return torch.as_tensor(self.labels).to(device=device, dtype=dtype)
+        y = torch.as_tensor(self.labels).to(device=device, dtype=dtype)
+        if self.task == "regression":
+            _check_fits(y, "labels", self.labels.dtype)
+        return y
 
     def torch_presence(self, device: str | torch.device | None = None) -> torch.Tensor | None:
         """Presence as a bool [n, K] tensor (the fused ops' sample_mask), or None."""
@@ -356,20 +393,20 @@ class MultiModalDataset:
 
         Raises:
             FileNotFoundError: the file does not exist.
-            ValueError: the file is truncated/corrupt, is not this format, has an unknown
-                version, misses a key, or fails validation; the message names the file.
+            ValueError: the file is not a regular file (a FIFO would block forever), is
+                truncated/corrupt, is not this format, has an unknown version, misses a key,
+                or fails validation; the message names the file.
         """
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such dataset file: {path}")
         try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive (a single .npy array?)")
-            with z:
-                _check_members(z, path)
-                raw = {key: z[key] for key in z.files}
-        except MemoryBudgetError:
+            with open_regular_file(path, "dataset file") as f:
+                z = np.load(f, allow_pickle=False)
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("not an .npz archive (a single .npy array?)")
+                with z:
+                    _check_members(z, path)
+                    raw = {key: z[key] for key in z.files}
+        except (FileNotFoundError, NotARegularFileError, MemoryBudgetError):
             raise
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError, MemoryError,
                 NotImplementedError, RuntimeError) as e:
@@ -433,6 +470,18 @@ class MultiModalDataset:
         if self.presence is not None:
             parts.append(f"absent={int(np.count_nonzero(~self.presence))}")
         return f"MultiModalDataset({', '.join(parts)})"
+
+
+def _check_fits(t: torch.Tensor, what: str, stored: np.dtype) -> None:
+    """``t`` (converted from a finite array of dtype ``stored``) must still be finite."""
+    import torch
+
+    bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+    if bad:
+        raise ValueError(f"{what}: {bad} value{'s are' if bad > 1 else ' is'} finite in "
+                         f"{stored} but overflow{'' if bad > 1 else 's'} "
+                         f"{str(t.dtype).removeprefix('torch.')} (|x| > "
+                         f"{torch.finfo(t.dtype).max:.3g}); rescale the features")
 
 
 def _check_members(z: np.lib.npyio.NpzFile, path: str) -> None:

@@ -8,11 +8,14 @@ inline as ordinary objects, so they pass through the same check.
 
 Refusing code is not enough: a few bytes of pickle can also ask for any amount of memory (a
 memo index of 2**31 makes the C unpickler allocate a 16 GiB memo table, ``bytearray(10**11)``
-or ``list(range(10**10))`` allocate on call, an array header can claim any shape). So the
-opcode stream is scanned first (``pickletools.genops``: every length must fit in the file and
-every memo index must be one the stream could have made), the allowed callables that could
-allocate by argument are replaced by checked versions, the file must fit the memory budget
-(:mod:`mmkernels.memory`), and a ``MemoryError`` becomes the same clear ``ValueError``.
+or ``list(range(10**10))`` allocate on call, an array constructor can claim any shape) or time
+(dict keys made to share one hash). So the opcode stream is scanned first
+(``pickletools.genops``: every length must fit in the file, every memo index must be one the
+stream could have made, and no dict or set may receive more than a few thousand keys whose
+hash the file could choose), the allowed callables that could allocate by argument are
+replaced by checked versions (an array built from a shape may not exceed the file), the file
+must fit the memory budget (:mod:`mmkernels.memory`), and a ``MemoryError`` becomes the same
+clear ``ValueError``. A path must name a regular file (a FIFO would block forever).
 
 Python 2 era files (protocol <= 2) are supported: their module names (``__builtin__``,
 ``copy_reg``) are mapped to Python 3 ones before the check, and byte strings are decoded
@@ -27,12 +30,17 @@ import math
 import os
 import pickle
 import pickletools
+import sys
 from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
 
 from mmkernels.memory import MemoryBudgetError, check_memory
+
+from .files import open_regular_file
+
+_HASH_MODULUS = sys.hash_info.modulus  # ints are hashed modulo this prime
 
 # (module, name) pairs a data pickle may reference; everything else is refused.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -94,7 +102,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         encoding: how to decode Python 2 ``str`` objects; "latin1" keeps numpy arrays
             intact.
         size: the pickle's length in bytes, which sets how much its constructors may build
-            (0: only a fixed floor). :func:`safe_load` passes it.
+            (0: only a fixed floor, and no array from a shape). :func:`safe_load` passes it.
     """
 
     def __init__(self, file: IO[bytes], *, source: str = "<pickle>", encoding: str = "latin1",
@@ -177,13 +185,16 @@ def _checked(name: tuple[str, str], fn: Any, source: str, allowance: _Allowance)
             return fn(obj, encoding, errors)
         return latin1
     if name[1] in ("ndarray", "_reconstruct"):
-        return _checked_array(fn, label, source)
+        return _checked_array(fn, label, source, allowance)
     return fn
 
 
-def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[..., Any]:
+def _checked_array(fn: Callable[..., Any], label: str, source: str,
+                   allowance: _Allowance) -> Callable[..., Any]:
     """ndarray(shape, dtype) and numpy's _reconstruct(cls, shape, dtype) allocate the shape's
-    bytes before any data arrives; numpy's own pickles pass shape (0,). (The data that
+    bytes before any data arrives; numpy's own pickles pass shape (0,). An array the file
+    could not fill (more bytes than the whole pickle) is refused whatever the memory budget:
+    115 bytes asking for ndarray((2**25, 4)) built a gigabyte of zeros. (The data that
     follows, __setstate__'s bytes, is referenced rather than copied, so a memoised buffer
     shared by many arrays costs nothing more.)"""
     reconstruct = label.endswith("_reconstruct")
@@ -196,6 +207,10 @@ def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[
         dtype = args[at + 1] if len(args) > at + 1 else kw.get("dtype", float)
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = math.prod(int(d) for d in dims) * np.dtype(dtype).itemsize
+        if nbytes > allowance.size:
+            raise RefusedCallError(f"{source}: refusing {label}{dims}: an array of {nbytes} "
+                                   f"bytes that the {allowance.size} bytes of the pickle "
+                                   "cannot hold (a corrupt or hostile pickle)")
         check_memory(f"{source}: {label}{dims}", nbytes)
         return fn(*args, **kw)
 
@@ -206,47 +221,137 @@ def _checked_array(fn: Callable[..., Any], label: str, source: str) -> Callable[
 _MEMO_PUT = ("PUT", "BINPUT", "LONG_BINPUT")
 _MUTATORS = ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD")
 _MEMO_GET = ("GET", "BINGET", "LONG_BINGET")
+_STRINGS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES",
+                      "BINBYTES8", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
+_INTS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"})
+_CONSTANTS = frozenset({"FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE"})
+_TUPLES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
+_CALLS = frozenset({"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"})
+# Most keys whose hash the file's author could choose that one dict or set may receive. Python
+# hashes ints modulo 2^61 - 1 and tuples of numbers by an invertible mix, so such keys can be
+# made to share one hash, and every insertion then compares with all the earlier ones: 50,000
+# of them (900 KB of pickle) took 33 s. Strings and bytes are hashed with a per-process random
+# key and small ints and floats by value, so they cannot be made to collide in numbers.
+_MAX_CRAFTABLE_KEYS = 1 << 12
+
+
+class _Item:
+    """What the scan knows of one object on the unpickler's stack: how deep containers nest
+    in it; whether its hash is salted (str, bytes, or a tuple holding one); whether its hash
+    could be chosen (a big int, a tuple of numbers, anything built by a call); and how many
+    such values it holds directly (``holds``: a list's or tuple's items, a dict's keys) or
+    through one of its items (``inner``)."""
+
+    __slots__ = ("depth", "salted", "craftable", "holds", "inner")
+
+    def __init__(self, depth: int, salted: bool, craftable: bool, holds: int = 0,
+                 inner: int = 0) -> None:
+        self.depth, self.salted, self.craftable = depth, salted, craftable
+        self.holds, self.inner = holds, inner
+
+
+_MARK = object()  # a MARK on the simulated stack
+# name -> (takes a MARK, items taken below it or without one, entries pushed)
+_SHAPES = {op.name: (pickletools.markobject in op.stack_before,
+                     op.stack_before.index(pickletools.markobject)
+                     if pickletools.markobject in op.stack_before else len(op.stack_before),
+                     tuple(op.stack_after)) for op in pickletools.opcodes}
+
+
+def _check_keys(count: int) -> None:
+    if count > _MAX_CRAFTABLE_KEYS:
+        raise ValueError(f"a dict or set receives more than {_MAX_CRAFTABLE_KEYS} keys whose "
+                         "hash could be chosen (big ints, tuples of numbers, constructed "
+                         "objects): keys made to share one hash would make loading take "
+                         "quadratic time (corrupt or hostile)")
 
 
 def _scan(data: bytes) -> None:
-    """Walk the opcodes without building anything, tracking how deep each stack item nests:
-    a length beyond the end of the data, a memo index the stream could not have made, or
-    nesting deeper than _MAX_DEPTH means corrupt or hostile bytes."""
-    mark = -1  # a MARK on the simulated stack; other entries are nesting depths
-    stack: list[int] = []
-    memo: dict[int, int] = {}
+    """Walk the opcodes without building anything, tracking how each stack item nests and
+    what its hash could be: a length beyond the end of the data, a memo index the stream
+    could not have made, nesting deeper than _MAX_DEPTH, or a dict or set given more than
+    _MAX_CRAFTABLE_KEYS keys of a choosable hash means corrupt or hostile bytes. (Written
+    for speed: it visits every opcode of files of hundreds of megabytes.)"""
+    stack: list[Any] = []  # _Item or _MARK
+    memo: dict[int, _Item] = {}
+    # Leaves are never containers, so one item each serves them all (a malformed stream that
+    # mutates one only makes the rest of its own scan stricter).
+    leaf_str, leaf_num, leaf_big = _Item(0, True, False), _Item(0, False, False), \
+        _Item(0, False, True)
     for ops, (op, arg, _) in enumerate(pickletools.genops(data), start=1):
-        if op.name in _MEMO_PUT or op.name in _MEMO_GET:
+        name = op.name
+        if name in _STRINGS:
+            stack.append(leaf_str)
+            continue
+        if name in _INTS:
+            big = isinstance(arg, int) and abs(arg) >= _HASH_MODULUS
+            stack.append(leaf_big if big else leaf_num)
+            continue
+        if name in _CONSTANTS:
+            stack.append(leaf_num)
+            continue
+        if name == "MARK":
+            stack.append(_MARK)
+            continue
+        if name in _MEMO_PUT or name in _MEMO_GET:
             if not isinstance(arg, int) or arg < 0 or arg > ops:
                 raise ValueError(f"memo index {arg} after {ops} opcodes (corrupt or hostile)")
-        if op.name in _MEMO_PUT or op.name == "MEMOIZE":
-            memo[arg if op.name != "MEMOIZE" else len(memo)] = stack[-1] if stack else 0
+        if name in _MEMO_PUT or name == "MEMOIZE":
+            top = stack[-1] if stack and stack[-1] is not _MARK else leaf_num
+            memo[arg if name != "MEMOIZE" else len(memo)] = top
             continue
-        if op.name in _MEMO_GET:
-            stack.append(memo.get(arg, 0))
+        if name in _MEMO_GET:
+            stack.append(memo.get(arg, leaf_num))
             continue
-        if op.name == "DUP":
-            stack.append(stack[-1] if stack else 0)
+        if name == "DUP":
+            stack.append(stack[-1] if stack else leaf_num)
             continue
-        before, popped = list(op.stack_before), []
-        if pickletools.markobject in before:
-            while stack and stack[-1] != mark:
+        has_mark, below, after = _SHAPES[name]
+        popped: list[_Item] = []
+        if has_mark:
+            while stack and stack[-1] is not _MARK:
                 popped.append(stack.pop())
             if stack:
                 stack.pop()
-            before = before[:before.index(pickletools.markobject)]
-        for _ in before:
-            if stack:
+        for _ in range(below):
+            if stack and stack[-1] is not _MARK:
                 popped.append(stack.pop())
-        popped = [d for d in popped if d != mark]
-        if op.name in _MUTATORS and popped:  # the container (popped last) gains its items
-            depth = max(popped[-1], max(popped[:-1], default=-1) + 1)
+            elif stack:
+                stack.pop()
+        items = popped[::-1]  # in stream order
+        depth, holds, inner, salted = -1, 0, 0, False
+        if name in _MUTATORS and items:  # the container (first) gains the other items
+            result, items = items[0], items[1:]
+            gained = items[0::2] if name in ("SETITEM", "SETITEMS") else \
+                () if name == "BUILD" else items  # a dict's keys; a list's or set's items
+            for c in items:
+                depth, inner = max(depth, c.depth), max(inner, c.holds)
+            result.depth = depth = max(result.depth, depth + 1)
+            result.holds += sum(c.craftable for c in gained)
+            result.inner = max(result.inner, inner)
+            if name in ("SETITEM", "SETITEMS", "ADDITEMS"):
+                _check_keys(result.holds)
         else:  # a new object holding what it consumed
-            depth = max(popped, default=-1) + 1
+            for c in items:
+                depth, inner = max(depth, c.depth), max(inner, c.holds, c.inner)
+                holds += c.craftable
+                salted = salted or c.salted
+            depth += 1
+            if name in _TUPLES:  # a tuple's hash mixes its items' invertibly
+                craftable = not salted and (len(items) > 1 or holds > 0)
+                result = _Item(depth, salted, craftable, holds, inner)
+            else:
+                result = _Item(depth, False, True, holds, inner)
+            if name == "DICT":
+                _check_keys(sum(c.craftable for c in items[0::2]))
+            elif name == "FROZENSET":
+                _check_keys(holds)
+            elif name in _CALLS:  # set(list), frozenset(list), dict(pairs), ...
+                _check_keys(inner)
         if depth > _MAX_DEPTH:
             raise ValueError(f"containers nested deeper than {_MAX_DEPTH} (corrupt or hostile)")
-        for item in op.stack_after:
-            stack.append(mark if item is pickletools.markobject else depth)
+        for entry in after:
+            stack.append(_MARK if entry is pickletools.markobject else result)
 
 
 def safe_load(file: str | os.PathLike[str] | IO[bytes], *, encoding: str = "latin1") -> Any:
@@ -255,11 +360,12 @@ def safe_load(file: str | os.PathLike[str] | IO[bytes], *, encoding: str = "lati
     Raises:
         FileNotFoundError: the path does not exist.
         RefusedGlobalError: (a ValueError) the pickle names a global outside the allowlist.
-        ValueError: the data is truncated or corrupt; the message names the file.
+        ValueError: the path is not a regular file (a FIFO would block forever), or the data
+            is truncated or corrupt; the message names the file.
     """
     if isinstance(file, (str, os.PathLike)):
         source = os.fspath(file)
-        with open(source, "rb") as f:
+        with open_regular_file(source, "pickle file") as f:
             return _load(f, source, encoding)
     return _load(file, getattr(file, "name", "<stream>"), encoding)
 

@@ -120,6 +120,18 @@ ERRORS = [
         "label_names: has 1 names but labels go up to 1",
     ),
     (dict(nonfinite="ignore"), "nonfinite: expected one of"),
+    # torch cannot take these; found deep inside a sweep they gave no file or key
+    (dict(modalities={"a": np.zeros((2, 1), ">f4")}),
+     r"modality 'a': expected the machine's byte order, got >f4 \(big-endian\)"),
+    (dict(modalities={"a": np.zeros((2, 1), np.longdouble)}),
+     "modality 'a': expected float16, float32 or float64, got float128"),
+    (dict(modalities={"a": np.zeros((2, 0))}),
+     r"modality 'a': expected at least one feature column, got shape \[2, 0\]"),
+    (dict(labels=np.array([0, 10**9])), "labels: class ids must be < 65536 .* got maximum "
+                                        "1000000000"),
+    (dict(labels=np.array([0, 2**64 - 1], np.uint64)), "class ids must be < 65536"),
+    (dict(labels=np.zeros(2, ">f8"), task="regression"),
+     "labels: expected the machine's byte order, got >f8"),
 ]
 
 
@@ -275,3 +287,42 @@ def test_concat_splits():
     assert ds.presence.all()
     with pytest.raises(ValueError, match="split 'test' has modalities"):
         concat_splits([("train", a), ("test", make(n=2, dims=(3,)))])
+
+
+def test_conversion_to_float32_must_stay_finite():
+    big = np.ones((3, 2))
+    big[1, 1] = 1e39  # finite in float64, inf in float32
+    ds = MultiModalDataset({"a": np.ones((3, 1), np.float32), "b": big}, np.arange(3))
+    with pytest.raises(ValueError, match=r"modality 'b': 1 value is finite in float64 but "
+                                         r"overflows float32 \(\|x\| > 3.4e\+38\)"):
+        ds.to_torch()
+    assert ds.to_torch(dtype=torch.float64)[1][1, 1] == 1e39  # fine where it fits
+    reg = MultiModalDataset({"a": np.ones((2, 1))}, np.array([1.0, -1e300]), task="regression")
+    with pytest.raises(ValueError, match="labels: 1 value is finite in float64"):
+        reg.torch_labels()
+
+
+def _no_hang(fn, *args):
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("the loader blocked")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)  # np.load would wait for a writer forever
+    with pytest.raises(ValueError, match=r"data.npz: a FIFO, not a regular file"):
+        _no_hang(MultiModalDataset.load, fifo)
+    with pytest.raises(ValueError, match="a folder, not a regular file"):
+        _no_hang(MultiModalDataset.load, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such dataset file"):
+        MultiModalDataset.load(tmp_path / "missing.npz")

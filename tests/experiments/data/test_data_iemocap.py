@@ -294,3 +294,49 @@ def test_truncated_and_garbage_pickles(tmp_path):
             load_iemocap(path)
     with pytest.raises(FileNotFoundError):
         load_iemocap(tmp_path / "missing.pkl")
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    import os
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("the loader blocked")
+
+    os.mkfifo(tmp_path / "IEMOCAP_features.pkl")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match=r"IEMOCAP_features.pkl: a FIFO, not a regular"):
+            load_iemocap(tmp_path / "IEMOCAP_features.pkl")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_arrays_the_file_cannot_hold_are_refused_whatever_the_budget(monkeypatch):
+    monkeypatch.setenv("MMKERNELS_MEMORY_BUDGET", "off")
+    raw = b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x02K\x04\x86\x85R."  # (2**25, 4) float64
+    with pytest.raises(ValueError, match="an array of 1073741824 bytes that the 28 bytes"):
+        safe_loads(raw)
+    back = safe_loads(pickle.dumps(np.ones((300, 4))))  # numpy's own pickles: shape (0,) first
+    assert back.shape == (300, 4)
+
+
+def test_keys_that_can_share_a_hash_are_bounded_per_dict():
+    import sys
+    from collections import OrderedDict
+
+    p = sys.hash_info.modulus  # k * p all hash to 0
+    for bad in ({k * p: 0 for k in range(1, 5000)}, {(k, -k): 0 for k in range(5000)},
+                set(k * p for k in range(1, 5000)), frozenset((k, k) for k in range(5000))):
+        for protocol in (2, 4):
+            with pytest.raises(ValueError, match="keys whose hash could be chosen"):
+                safe_loads(pickle.dumps(bad, protocol=protocol))
+    fine = [{f"k{i}": i for i in range(20000)}, {i: i for i in range(20000)},
+            {i + 0.5: i for i in range(20000)}, {(i, "x"): i for i in range(20000)},
+            set(range(20000)), {k * p: 0 for k in range(1, 4000)},
+            OrderedDict((f"c{i}", [np.ones(2)] * 3) for i in range(5000))]
+    for obj in fine:
+        for protocol in (2, 4):
+            assert list(safe_loads(pickle.dumps(obj, protocol=protocol))) == list(obj)

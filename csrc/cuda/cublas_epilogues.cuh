@@ -1,4 +1,4 @@
-// Kernel bodies of the CUDA backend (no torch header): the epilogues that turn the
+// Kernel bodies of the cuBLAS fallback (no torch header): the epilogues that turn the
 // per-modality GEMM results T_k into the outputs of both ops, and the builder that turns
 // grad_out into R_k, the gradient w.r.t. T_k. Each output element is written by exactly one
 // thread and summed in a fixed order: no atomics, so the backward is deterministic.
@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-namespace mmkernels::cuda {
+namespace mmkernels::cuda::cublas {
 
 constexpr int kMaxModalities = 16;
 
@@ -107,4 +107,4 @@ __global__ void build_grad_kernel(ModalityTable<acc_t> r, int k, SubsetTable st,
   }
 }
 
-}  // namespace mmkernels::cuda
+}  // namespace mmkernels::cuda::cublas

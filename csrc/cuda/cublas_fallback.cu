@@ -1,4 +1,9 @@
-// concat_project / project_concat on CUDA.
+// The cuBLAS fallback of concat_project / project_concat on CUDA (MMKERNELS_CUDA_BACKEND=cublas,
+// and devices below sm_80, where the fused kernels' mma.sync and cp.async do not exist).
+//
+// It reads the subset mask and the sample mask's column sums on the host and copies its
+// subset tables to the device, so unlike the fused path (csrc/cuda/*_cuda.cpp) it synchronises
+// with the host and cannot be captured in a CUDA graph.
 //
 // Same algorithm as the CPU backend: per modality one GEMM against the stack of its weight
 // blocks (cuBLAS through ATen: tensor cores for 16-bit inputs with a float32 result, TF32 for
@@ -6,7 +11,8 @@
 // sample uses; then one epilogue kernel that applies the masks, sums the modalities in float32,
 // adds the bias and applies the activation. No concatenation is ever built. The backward
 // builds R_k (gradient w.r.t. each GEMM result) with one kernel per modality, then two GEMMs.
-#include "fused_epilogues.cuh"
+#include "cublas_fallback.h"
+#include "cublas_epilogues.cuh"
 
 #include <mmkernels/fusion_plan.h>
 #include <mmkernels/memory_budget.h>
@@ -14,7 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,7 +27,7 @@
 
 #include <algorithm>
 
-namespace mmkernels::cuda {
+namespace mmkernels::cuda::cublas {
 namespace {
 
 constexpr int kThreads = 256;
@@ -35,31 +40,10 @@ at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The budget's figure for a GPU: free device memory plus what the caching allocator holds
-// reserved but unused (torch can hand that out without asking the driver).
-double cuda_free_bytes(const at::Device& device) {
-  if (!device.is_cuda()) return -1;
-  // torch.device("cuda") has no index (-1): it means the current device. (CUDAGuard.h brings
-  // in c10/cuda/CUDAFunctions.h, which declares current_device.)
-  const c10::DeviceIndex index =
-      device.has_index() ? device.index() : c10::cuda::current_device();
-  const c10::cuda::CUDAGuard guard(index);
-  size_t free = 0, total = 0;
-  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the error: the budget is then unknown, not fatal
-    return -1;
-  }
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
-  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-  const double cached = (double)stats.reserved_bytes[all].current -
-                        (double)stats.allocated_bytes[all].current;
-  return (double)free + std::max(0.0, cached);
+// The plan's subset tables from a host copy of the mask (a synchronising copy).
+void read_subsets(FusionPlan& p, const c10::optional<at::Tensor>& subset_mask) {
+  if (subset_mask.has_value()) fill_subsets(p, subset_mask->to(at::kCPU));
 }
-
-const bool kBudgetHookInstalled = [] {
-  device_free_hook() = &cuda_free_bytes;
-  return true;
-}();
 
 void check_modality_count(const char* op, const FusionPlan& p) {
   MMK_CHECK(p.K <= kMaxModalities, op, ": at most ", kMaxModalities,
@@ -224,13 +208,16 @@ at::Tensor concat_forward(const FusionPlan& p, at::TensorList xs, const at::Tens
   return out;
 }
 
-at::Tensor concat_project_cuda(at::TensorList xs, const at::Tensor& weight,
+}  // namespace
+
+at::Tensor concat_project(at::TensorList xs, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias,
                                const c10::optional<at::Tensor>& subset_mask,
                                const c10::optional<at::Tensor>& sample_mask,
                                c10::string_view activation) {
-  const auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
+  auto p = plan_concat_project(xs, weight, bias, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
+  read_subsets(p, subset_mask);
   check_modality_count("concat_project", p);
   check_fused_budget("concat_project", p, true, false, xs, weight.numel(), true, sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
@@ -240,13 +227,14 @@ at::Tensor concat_project_cuda(at::TensorList xs, const at::Tensor& weight,
   });
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backward_cuda(
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backward(
     const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs, const at::Tensor& weight,
     const c10::optional<at::Tensor>& subset_mask, const c10::optional<at::Tensor>& sample_mask,
     c10::string_view activation, std::array<bool, 3> output_mask) {
   const char* op = "concat_project_backward";
-  const auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
+  auto p = plan_concat_project(xs, weight, c10::nullopt, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
+  read_subsets(p, subset_mask);
   check_modality_count(op, p);
   check_backward(op, p, true, grad_out, out, xs);
   check_fused_budget(op, p, true, true, xs, weight.numel(),
@@ -271,6 +259,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   }
   return {output_mask[0] ? res.grad_x : std::vector<at::Tensor>{}, grad_w, grad_b};
 }
+
+namespace {
 
 // ---- project_concat ----------------------------------------------------------------------------
 
@@ -309,12 +299,15 @@ at::Tensor project_forward(const FusionPlan& p, at::TensorList xs, at::TensorLis
   return out;
 }
 
-at::Tensor project_concat_cuda(at::TensorList xs, at::TensorList weights, at::TensorList biases,
+}  // namespace
+
+at::Tensor project_concat(at::TensorList xs, at::TensorList weights, at::TensorList biases,
                                const c10::optional<at::Tensor>& subset_mask,
                                const c10::optional<at::Tensor>& sample_mask,
                                c10::string_view activation) {
-  const auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
+  auto p = plan_project_concat(xs, weights, biases, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
+  read_subsets(p, subset_mask);
   check_modality_count("project_concat", p);
   check_fused_budget("project_concat", p, false, false, xs, 0, true, sample_mask);
   const c10::cuda::CUDAGuard guard(xs[0].device());
@@ -325,13 +318,14 @@ at::Tensor project_concat_cuda(at::TensorList xs, at::TensorList weights, at::Te
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-project_concat_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
+project_concat_backward(const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
                              at::TensorList weights, const c10::optional<at::Tensor>& subset_mask,
                              const c10::optional<at::Tensor>& sample_mask,
                              c10::string_view activation, std::array<bool, 3> output_mask) {
   const char* op = "project_concat_backward";
-  const auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
+  auto p = plan_project_concat(xs, weights, {}, subset_mask, sample_mask,
                                      std::string(activation), /*allow_half=*/true);
+  read_subsets(p, subset_mask);
   check_modality_count(op, p);
   check_backward(op, p, false, grad_out, out, xs);
   int64_t weight_numel = 0;
@@ -361,13 +355,4 @@ project_concat_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, 
   return {output_mask[0] ? res.grad_x : std::vector<at::Tensor>{}, grad_ws, grad_bs};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("concat_project", &concat_project_cuda);
-  m.impl("concat_project_backward", &concat_project_backward_cuda);
-  m.impl("project_concat", &project_concat_cuda);
-  m.impl("project_concat_backward", &project_concat_backward_cuda);
-}
-
-}  // namespace mmkernels::cuda
+}  // namespace mmkernels::cuda::cublas

@@ -8,7 +8,7 @@
 //   bf16 x bf16 -> f32 gemm is not exported; the ukernel multiplies bfloat16 on AMX (B packed
 //   in its VNNI layout) and writes float32.
 // - both: a GEMM over a modality's present rows needs them gathered, and a gradient over them
-//   scattered back; as passes over whole tensors those copies cost a fifth of a float32 op.
+//   scattered back; as passes over whole tensors those copies go through memory twice.
 //   Here each block of rows is gathered into, converted in, and scattered from cache.
 // - backward: one pass over R_k's rows computes both grad_x_k and grad_stack_k, so R_k is read
 //   from memory once.

@@ -37,14 +37,15 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A modality present in at most this fraction of the samples is gathered before its GEMMs:
-// copying 80 % of the rows costs less than the 20 % of GEMM work it saves (measured on
-// 2-core Xeon, H = 128; the copy is a fifth of the GEMM's cost per row).
+// A modality present in at most this fraction of the samples is gathered before its GEMMs
+// (MKL path): copying the present rows costs less than the GEMM work on the absent ones it
+// saves. The copy costs a fraction of a GEMM row, so the break-even lies well above one half;
+// BENCHMARKS.md has the measurement behind the value.
 constexpr double kGatherBelow = 0.8;
 
 // Row kernels of the epilogues and the builder: in AVX-512 where the CPU has it
 // (row_kernels.h), else plain loops whose restrict pointers and loop-invariant relu flag let
-// the compiler vectorise them.
+// the compiler vectorise them (the extension is built for the baseline x86-64 ISA).
 template <typename acc_t>
 inline void add_into(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t n) {
   if constexpr (std::is_same_v<acc_t, float>)
@@ -92,9 +93,9 @@ struct Operand {
   int64_t ncols() const { return active ? w.size(0) : 0; }
 };
 
-// Scratch memory reused across calls on the same thread. Fresh multi-megabyte buffers cost
-// about 0.2 ms per MB in page faults on Linux (10 ms for 53 MB on the 2-core Xeon we measure
-// on), as much as the epilogues themselves. Temporaries never leave an op, so one cached
+// Scratch memory reused across calls on the same thread. A fresh multi-megabyte buffer pays a
+// page fault per 4 KiB page on first touch, which costs as much as the epilogues themselves
+// (BENCHMARKS.md). Temporaries never leave an op, so one cached
 // block per thread serves them all; what a call needed beyond the block is allocated fresh
 // and the block grows to that size for the next call, up to kMaxCachedBytes.
 class Workspace {

@@ -1,10 +1,12 @@
 // The row kernels of the CPU engine's passes (gemm_engine.h: sums of GEMM results, bias,
 // ReLU, rounding to bfloat16, the activation's gradient), in AVX-512 where the CPU has it.
 //
-// The extension is compiled for the baseline x86-64 ISA, so the compiler's own loops run
-// 4 floats wide and round to bfloat16 one element at a time; with the GEMMs on AMX these
-// passes were most of the op's time (55 % of a forward with 15 subsets). Each kernel returns
-// false where it does not apply (no AVX-512, another CPU), and the caller runs its plain loop.
+// Why: the extension is compiled for the baseline x86-64 ISA, so the compiler's own loops run
+// 4 floats wide and round to bfloat16 one element at a time; once the GEMMs run on AMX these
+// memory-bound passes are the larger part of a forward with many subsets. Each kernel is
+// compiled for AVX-512 by a target attribute and chosen at run time from the CPU's flags; it
+// returns false where it does not apply (no AVX-512, another CPU), and the caller then runs
+// its plain loop.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -8,7 +8,8 @@ Every case times the mmkernels op and its baselines in the same run, on the same
   algorithm's;
 - torch.compile: the eager reference compiled (inductor, static shapes);
 - gemm_floor: the case's GEMMs alone on PyTorch, the floor of the GEMM work;
-- in bfloat16, mmkernels on float32 copies of the same tensors.
+- in bfloat16, mmkernels on float32 copies of the same tensors;
+- mmkernels on its fallback path (oneDNN disabled: MKL, bfloat16 converted to float32).
 """
 
 from __future__ import annotations
@@ -175,6 +176,21 @@ def gemm_floor(shapes: list[tuple[int, int, int]], dtype: torch.dtype, gen, back
 # ---- the cases --------------------------------------------------------------------------------
 
 
+def _without_onednn(run: Runner) -> Runner:
+    """The runner with torch.backends.mkldnn disabled: mmkernels then takes its fallback path
+    (MKL GEMMs, bfloat16 converted to float32), as on a CPU without AMX."""
+
+    def wrapped() -> object:
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return run()
+        finally:
+            torch.backends.mkldnn.enabled = before
+
+    return wrapped
+
+
 def _compiled(fn):
     """torch.compile of a reference function (the baseline of docs/design.md), shapes static."""
     return torch.compile(fn, dynamic=False)
@@ -189,7 +205,9 @@ def cpu_cases(
     Every case times mmkernels, the eager reference, the composition, torch.compile of the
     reference (unless ``compile`` is False) and the case's GEMMs alone ("gemm_floor": speed-up
     = the fraction of PyTorch's GEMM rate on the same shapes that the op reaches). In bfloat16
-    the op on float32 copies of the same tensors is timed too ("mmkernels_float32").
+    the op on float32 copies of the same tensors is timed too ("mmkernels_float32"), and in
+    both dtypes the op on its fallback path ("mmkernels_mkl_path": oneDNN disabled, so MKL
+    GEMMs and bfloat16 converted to float32, as on a CPU without AMX).
     """
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -205,6 +223,7 @@ def cpu_cases(
             reference_fn=None):
         floor, gflop = gemm_floor(floor_shapes, dtype, gen, backward)
         runners = dict(runners)
+        runners["mmkernels_mkl_path"] = _without_onednn(runners["mmkernels"])
         if compile and reference_fn is not None:
             runners["torch.compile"] = reference_fn
         runners["gemm_floor"] = floor

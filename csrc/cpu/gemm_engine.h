@@ -1,16 +1,21 @@
 // The CPU engine behind both fused ops.
 //
-// Forward: per modality k, one GEMM T_k = x_k @ stack_k^T over all of k's weight blocks (MKL
-// runs it on every core). It is skipped when no subset or no sample uses k, and when a
+// Forward: per modality k, one GEMM T_k = x_k @ stack_k^T over all of k's weight blocks, on
+// every core. Where the CPU has AMX, bfloat16 and float32 GEMMs run in blocks of rows on
+// oneDNN's brgemm ukernel (blocked_gemm.h: bfloat16 on AMX with float32 results, so the
+// modalities are summed in float32); elsewhere, and for float64, on MKL (bfloat16 converted to
+// float32 first). A GEMM is skipped when no subset or no sample uses k, and when a
 // modality is missing from enough samples its present rows are gathered first, so absent rows
 // cost no GEMM work. Then one parallel pass over rows (the op's epilogue) combines the T_k with
 // the masks, the bias and the activation: no [B, D] concatenation is ever built.
 // Backward: one parallel pass turns grad_out into R_k, the gradient w.r.t. T_k, writing every
-// row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k.
+// row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k (on
+// the blocked path both in one pass over R_k's rows).
 //
 // Absent rows are selected out, never multiplied by zero (0 * NaN is NaN, and real missing
 // data is often NaN): the epilogues never read their rows of T_k, R_k is written zero there,
-// and the x_k of grad_stack_k is the gathered present rows or a copy with absent rows zeroed.
+// and the x_k of grad_stack_k is the gathered present rows or a copy with absent rows zeroed
+// (on the blocked path, only present rows are packed into the weight gradient's blocks).
 //
 // Row ranges are split into a fixed number of tasks, each reducing column sums into its own
 // partial, and partials are added in task order: results do not depend on scheduling.

@@ -185,6 +185,7 @@ class PackedB {
       return;
     }
     data_ = at::zeros({blocks() * Kp * kColBlock}, src.options());
+    if (Kp == 0) return;  // nothing to pack, and the packing refuses an empty depth
     for (int64_t j = 0; j < blocks(); ++j)
       at::native::cpublas::pack(Kp, width(j), N, ld(j), dtype, dtype,
                                 src.data_ptr<T>() + j * kColBlock,
@@ -225,6 +226,10 @@ void project_rows(const at::Tensor& x, const int64_t* rows, const at::Tensor& w,
   const PackedB<T> B(w.t());
   const int64_t n = out.size(0), d = x.size(1);
   if (n == 0 || B.N == 0) return;
+  if (B.Kp == 0) {  // no depth (d = 0): empty sums, and the ukernel refuses an empty depth
+    out.zero_();
+    return;
+  }
   const T* xp = x.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t nblocks = (n + kRowBlock - 1) / kRowBlock;

@@ -16,9 +16,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 from hypothesis import given, settings
+from oracle import assert_matches_oracle
 from test_fused_ops_parity import Problem, call, check, problems
 
 import mmkernels
+from mmkernels import reference
 from mmkernels._native import native
 
 
@@ -84,6 +86,28 @@ def test_large_problems_match_the_reference(op, present, per_subset, dims, block
     seed = len(dims) + int(10 * (present or 0))
     with onednn(blocked):
         check(big(op, present, per_subset, dims, seed, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "mkl"])
+@pytest.mark.parametrize("dims", [[0], [0, 3]], ids=["only", "beside"])
+def test_a_modality_without_features(dims, blocked, dtype) -> None:
+    """d_k = 0: its products are empty sums (zeros), not a GEMM of empty depth, which the
+    ukernel refuses (it raised std::bad_alloc)."""
+    xs = [torch.randn(600, d, dtype=dtype, requires_grad=True) for d in dims]
+    w = torch.randn(70, sum(dims), dtype=dtype, requires_grad=True)
+    b = torch.randn(70, dtype=dtype, requires_grad=True)
+    with onednn(blocked):
+        out = mmkernels.concat_project(xs, w, b)
+        grads = torch.autograd.grad(out, [*xs, w, b], torch.ones_like(out))
+    same = reference.concat_project(xs, w, b)
+    grads_same = torch.autograd.grad(same, [*xs, w, b], torch.ones_like(same))
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (*xs, w, b)]
+    oracle = reference.concat_project(leaves64[: len(xs)], leaves64[-2], leaves64[-1])
+    grads64 = torch.autograd.grad(oracle, leaves64, torch.ones_like(oracle))
+    assert_matches_oracle(out, same, oracle, "out", reduction=sum(dims) + 1)
+    for i, (g, gs, g64) in enumerate(zip(grads, grads_same, grads64)):
+        assert_matches_oracle(g, gs, g64, f"gradient {i}", reduction=600)
 
 
 @settings(max_examples=60, deadline=None)

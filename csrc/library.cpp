@@ -7,6 +7,8 @@
 #include <mmkernels/allocation_cache.h>
 #include <mmkernels/memory_budget.h>
 
+#include "cpu/blocked_gemm.h"
+
 #ifndef MMKERNELS_NO_PYTHON
 #include <torch/extension.h>
 #endif
@@ -65,6 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return pybind11::make_tuple(b.bytes, b.source);
       },
       "(bytes, source) of the fused ops' memory budget on a device; bytes is inf for none");
+  m.def("blocked_gemms", &mmkernels::cpu::blocked::available,
+        "whether the CPU ops' bfloat16 and float32 GEMMs run on oneDNN's ukernels now (bfloat16 "
+        "on AMX); else on MKL, bfloat16 converted to float32");
   m.def("accumulation_dtype", &mmkernels::accumulation_dtype,
         "the dtype the native ops accumulate inputs of a dtype in");
   m.def("set_allocation_cache", &mmkernels::set_allocation_cache,

@@ -43,7 +43,9 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
     std::vector<acc_t> z(H);
     for (int64_t b = r0; b < r1; ++b)
       for (int64_t s = 0; s < p.S; ++s) {
-        for (int64_t h = 0; h < H; ++h) z[h] = bptr ? bptr[s * bias_step + h] : acc_t(0);
+        // A copy, not a loop with the bias test inside: the compiler left that one scalar.
+        if (bptr) std::copy(bptr + s * bias_step, bptr + s * bias_step + H, z.data());
+        else std::fill(z.begin(), z.end(), acc_t(0));
         for (int64_t k = 0; k < p.K; ++k)
           if (p.used(s, k) && v.present(k, b))
             add_into(z.data(), v.row(k, b) + p.block_of[k][s] * H, H);

@@ -1,20 +1,28 @@
 // The CPU engine behind both fused ops.
 //
-// Forward: per modality k, one GEMM T_k = x_k @ stack_k^T over all of k's weight blocks (MKL
-// runs it on every core). It is skipped when no subset or no sample uses k, and when a
+// Forward: per modality k, one GEMM T_k = x_k @ stack_k^T over all of k's weight blocks, on
+// every core. Where the CPU has AMX, bfloat16 and float32 GEMMs run in blocks of rows on
+// oneDNN's brgemm ukernel (blocked_gemm.h: bfloat16 on AMX with float32 results, so the
+// modalities are summed in float32); elsewhere, and for float64, on MKL (bfloat16 converted to
+// float32 first). A GEMM is skipped when no subset or no sample uses k, and when a
 // modality is missing from enough samples its present rows are gathered first, so absent rows
 // cost no GEMM work. Then one parallel pass over rows (the op's epilogue) combines the T_k with
 // the masks, the bias and the activation: no [B, D] concatenation is ever built.
 // Backward: one parallel pass turns grad_out into R_k, the gradient w.r.t. T_k, writing every
-// row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k.
+// row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k (on
+// the blocked path both in one pass over R_k's rows).
 //
 // Absent rows are selected out, never multiplied by zero (0 * NaN is NaN, and real missing
 // data is often NaN): the epilogues never read their rows of T_k, R_k is written zero there,
-// and the x_k of grad_stack_k is the gathered present rows or a copy with absent rows zeroed.
+// and the x_k of grad_stack_k is the gathered present rows or a copy with absent rows zeroed
+// (on the blocked path, only present rows are packed into the weight gradient's blocks).
 //
 // Row ranges are split into a fixed number of tasks, each reducing column sums into its own
 // partial, and partials are added in task order: results do not depend on scheduling.
 #pragma once
+
+#include "blocked_gemm.h"
+#include "row_kernels.h"
 
 #include <mmkernels/fusion_plan.h>
 
@@ -34,21 +42,27 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A modality present in at most this fraction of the samples is gathered before its GEMMs:
-// copying 80 % of the rows costs less than the 20 % of GEMM work it saves (measured on
-// 2-core Xeon, H = 128; the copy is a fifth of the GEMM's cost per row).
+// A modality present in at most this fraction of the samples is gathered before its GEMMs
+// (MKL path): copying the present rows costs less than the GEMM work on the absent ones it
+// saves. The copy costs a fraction of a GEMM row, so the break-even lies well above one half;
+// BENCHMARKS.md has the measurement behind the value.
 constexpr double kGatherBelow = 0.8;
 
-// Row kernels of the epilogues and the builder. Restrict pointers and a loop-invariant relu
-// flag let the compiler vectorise them.
+// Row kernels of the epilogues and the builder: in AVX-512 where the CPU has it
+// (row_kernels.h), else plain loops whose restrict pointers and loop-invariant relu flag let
+// the compiler vectorise them (the extension is built for the baseline x86-64 ISA).
 template <typename acc_t>
 inline void add_into(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::add_into(dst, src, n)) return;
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 template <typename scalar_t, typename acc_t>
 inline void store_activated(scalar_t* __restrict__ out, const acc_t* __restrict__ z, int64_t n,
                             bool relu) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::store_activated(out, z, n, relu)) return;
   if (relu) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(z[i] < acc_t(0) ? acc_t(0) : z[i]);
   } else {
@@ -61,6 +75,8 @@ template <typename scalar_t, typename acc_t>
 inline void activation_grad(acc_t* __restrict__ d, acc_t* __restrict__ colsum,
                             const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                             int64_t n, bool relu) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::activation_grad(d, colsum, grad, out, n, relu)) return;
   if (relu) {
     // Both loads unconditional: the select then compiles to a vector blend, not a branch
     // that mispredicts on every other element.
@@ -82,9 +98,9 @@ struct Operand {
   int64_t ncols() const { return active ? w.size(0) : 0; }
 };
 
-// Scratch memory reused across calls on the same thread. Fresh multi-megabyte buffers cost
-// about 0.2 ms per MB in page faults on Linux (10 ms for 53 MB on the 2-core Xeon we measure
-// on), as much as the epilogues themselves. Temporaries never leave an op, so one cached
+// Scratch memory reused across calls on the same thread. A fresh multi-megabyte buffer pays a
+// page fault per 4 KiB page on first touch, which costs as much as the epilogues themselves
+// (BENCHMARKS.md). Temporaries never leave an op, so one cached
 // block per thread serves them all; what a call needed beyond the block is allocated fresh
 // and the block grows to that size for the next call, up to kMaxCachedBytes.
 class Workspace {
@@ -184,6 +200,20 @@ inline at::Tensor gemm_input(const Operand& op, const RowSelection& sel, int64_t
   return dst.copy_(op.x.index_select(0, sel.index[k]));
 }
 
+// bfloat16 and float32 operands multiply in blocks of rows on oneDNN's ukernels where the CPU
+// has them (blocked_gemm.h: bfloat16 on AMX with float32 results, gathers and scatters in
+// cache); elsewhere on MKL, bfloat16 converted to float32.
+inline bool on_blocked(const Operand& op) {
+  const auto t = op.x.scalar_type();
+  return (t == at::kBFloat16 || t == at::kFloat) && blocked::available();
+}
+
+inline void blocked_forward(const Operand& op, const at::Tensor& index, at::Tensor& T) {
+  const int64_t* rows = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  if (op.x.scalar_type() == at::kBFloat16) blocked::project_rows<at::BFloat16>(op.x, rows, op.w, T);
+  else blocked::project_rows<float>(op.x, rows, op.w, T);
+}
+
 // Row access to the per-modality GEMM results (T_k forward, R_k backward).
 template <typename acc_t>
 struct RowView {
@@ -274,7 +304,10 @@ void forward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
   for (int64_t k = 0; k < p.K; ++k) {
     if (!sel.live[k]) continue;
     T[k] = ws.take({sel.rows(k, p.B), ops[k].ncols()}, ops[k].w.scalar_type());
-    at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
+    if (on_blocked(ops[k]))
+      blocked_forward(ops[k], sel.index[k], T[k]);
+    else
+      at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
   }
   const auto view = row_view<acc_t>(p, sel, T);
   for_each_task(p.B, num_tasks(p.B), [&](int64_t, int64_t r0, int64_t r1) {
@@ -300,6 +333,19 @@ at::Tensor scatter_rows(const at::Tensor& compact, const std::vector<int64_t>& p
     }
   });
   return full;
+}
+
+// grad_x_k (into *grad_x when given) and grad_stack_k in one blocked pass over R_k's rows;
+// grad_stack_k sums the rows where k is present only.
+inline at::Tensor blocked_backward(const Operand& op, const RowSelection& sel, const at::Tensor& R,
+                                   int64_t k, int64_t K, at::Tensor* grad_x, bool need_w,
+                                   int64_t tasks) {
+  const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+  if (op.x.scalar_type() == at::kBFloat16)
+    return blocked::backward_rows<at::BFloat16>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x,
+                                                need_w, tasks);
+  return blocked::backward_rows<float>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x, need_w,
+                                       tasks);
 }
 
 struct BackwardResult {
@@ -367,6 +413,13 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   BackwardResult res;
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& op = ops[k];
+    if (sel.live[k] && on_blocked(op)) {
+      at::Tensor gx = need_x ? at::empty_like(op.x) : at::Tensor();
+      res.grad_stack.push_back(blocked_backward(op, sel, R[k], k, p.K, need_x ? &gx : nullptr,
+                                                need_w, tasks));
+      if (need_x) res.grad_x.push_back(gx);
+      continue;
+    }
     if (need_x) {
       if (!sel.live[k]) {
         res.grad_x.push_back(at::zeros_like(op.x));

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mmkernels.experiments.bench.fused_ops import Case, cpu_cases
-from mmkernels.experiments.bench.timing import machine, median_ms
+from mmkernels.experiments.bench.timing import interleaved_ms, load_average, machine
 
 DTYPES = {
     "float32": torch.float32,
@@ -28,11 +28,14 @@ DTYPES = {
 
 
 def time_cases(cases: list[Case], repeats: int) -> list[dict]:
+    """Each case's runners interleaved (timing.interleaved_ms), with the load average beside."""
     header = f"{'case':32} {'runner':22} {'median ms':>10} {'speed-up':>9} {'target':>7}  GFLOP/s"
     print(header)
     results = []
     for case in cases:
-        times = {name: median_ms(fn, repeats=repeats) for name, fn in case.runners.items()}
+        load_before = load_average()
+        times = interleaved_ms(case.runners, repeats=repeats)
+        load_after = load_average()
         ours = times["mmkernels"]
         rows = []
         for name, ms in times.items():
@@ -55,6 +58,7 @@ def time_cases(cases: list[Case], repeats: int) -> list[dict]:
             )
         for note in case.notes:
             print(f"{'':32} note: {note}")
+        print(f"{'':32} load average {load_before:.2f} before, {load_after:.2f} after")
         results.append(
             {
                 "name": case.name,
@@ -62,6 +66,7 @@ def time_cases(cases: list[Case], repeats: int) -> list[dict]:
                 "gflop": case.gflop,
                 "notes": case.notes,
                 "runners": rows,
+                "load_average": [load_before, load_after],
             }
         )
         sys.stdout.flush()
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"# {results['machine']}\n# device {args.device}, dtype {args.dtype}")
     if args.device == "cpu":
-        cases = cpu_cases(scale=args.scale, dtype=DTYPES[args.dtype])
+        cases = cpu_cases(scale=args.scale, dtype=DTYPES[args.dtype], compile=args.compile)
     else:
         from mmkernels.experiments.bench.gpu_ops import fp32_rooflines, gpu_cases
 
@@ -131,6 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         help="batch size factor (1.0 = the shapes of the targets)",
     )
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own; on a machine busy with other work "
+        "one thread is far less noisy than an OpenMP team waiting for a descheduled member)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the torch.compile baseline (its compilation takes minutes on the CPU)",
+    )
     parser.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     parser.add_argument(
         "--out",
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = args.out or Path(f"bench-results/fused_ops_{args.device}.json")
     results = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)

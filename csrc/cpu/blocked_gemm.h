@@ -1,0 +1,360 @@
+// The CPU engine's GEMMs (gemm_engine.h) as loops over blocks of rows around oneDNN's brgemm
+// ukernel (ATen's cpublas::brgemm, which PyTorch's CPU flash attention uses), for bfloat16 and
+// float32 inputs, with float32 results.
+//
+// Why not one MKL call per GEMM, as for float64:
+// - bfloat16: the engine sums the modalities' partial products in float32, so its GEMMs must
+//   return float32. PyTorch's bfloat16 mm rounds its result to bfloat16, and ATen's
+//   bf16 x bf16 -> f32 gemm is not exported; the ukernel multiplies bfloat16 on AMX (B packed
+//   in its VNNI layout) and writes float32.
+// - both: a GEMM over a modality's present rows needs them gathered, and a gradient over them
+//   scattered back; as passes over whole tensors those copies go through memory twice.
+//   Here each block of rows is gathered into, converted in, and scattered from cache.
+// - backward: one pass over R_k's rows computes both grad_x_k and grad_stack_k, so R_k is read
+//   from memory once.
+//
+// Only the present rows enter a weight gradient, whatever the absent rows of x hold (NaN).
+// Sums over rows run in fixed tasks whose partial sums are added in task order.
+//
+// The ukernels exist where oneDNN packs bfloat16 for them, i.e. on CPUs with AMX
+// (cpublas::could_pack, also false while torch.backends.mkldnn is disabled); elsewhere the
+// engine uses MKL and converts bfloat16 to float32.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MMKERNELS_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace mmkernels::cpu::blocked {
+
+using at::BFloat16;
+
+constexpr int64_t kRowBlock = 64;     // rows of A (and C) per ukernel call
+constexpr int64_t kColBlock = 64;     // columns of B per block: the widest bfloat16 packing
+constexpr int64_t kDepthBlock = 256;  // rows of R_k and x_k per block of the backward pass
+constexpr int64_t kDepthStep = 32;    // a weight-gradient block's depth is padded to this
+constexpr int64_t kMinRows = 512;     // rows per task, as in the engine (num_tasks)
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Whether the engine's bfloat16 and float32 GEMMs run here.
+inline bool available() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(MMKERNELS_AVX512_BF16)
+  return at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+constexpr bool is_bf16 = std::is_same_v<T, BFloat16>;
+
+// The depth of a GEMM is padded to pairs in bfloat16 (VNNI).
+template <typename T>
+int64_t padded(int64_t k) {
+  return is_bf16<T> ? round_up(k, 2) : k;
+}
+
+#if defined(MMKERNELS_AVX512_BF16)
+
+// AVX512-BF16 is on every CPU with AMX, and available() requires AMX.
+MMKERNELS_AVX512_BF16 inline void to_bf16_avx512(const float* src, BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(dst + i, m,
+                             (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
+// A[c * lda + i] = rows[i][c] for c < ncols, i < count: `count` float32 rows transposed.
+// Gathers column c of 16 rows at a time; the 16 rows' cache lines serve the next columns.
+template <typename T>
+MMKERNELS_AVX512_BF16 void transpose_avx512(const float* const* rows, int64_t count,
+                                            int64_t ncols, T* A, int64_t lda) {
+  for (int64_t i0 = 0; i0 < count; i0 += 16) {
+    const int64_t n = std::min<int64_t>(16, count - i0);
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    alignas(64) int32_t off[16] = {0};
+    bool near = true;  // offsets from the group's first row fit the gather's 32 bits
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t d = rows[i0 + i] - rows[i0];
+      near = near && d >= INT32_MIN && d <= INT32_MAX;
+      off[i] = (int32_t)d;
+    }
+    if (!near) {
+      for (int64_t c = 0; c < ncols; ++c)
+        for (int64_t i = 0; i < n; ++i) A[c * lda + i0 + i] = static_cast<T>(rows[i0 + i][c]);
+      continue;
+    }
+    const __m512i vidx = _mm512_load_si512(off);
+    for (int64_t c = 0; c < ncols; ++c) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, vidx, rows[i0] + c, 4);
+      if constexpr (is_bf16<T>)
+        _mm256_mask_storeu_epi16(A + c * lda + i0, m, (__m256i)_mm512_cvtneps_pbh(v));
+      else
+        _mm512_mask_storeu_ps(A + c * lda + i0, m, v);
+    }
+  }
+}
+
+#endif
+
+// dst = src in T (bfloat16: rounded to nearest even).
+template <typename T>
+void from_float(const float* src, T* dst, int64_t n) {
+  if constexpr (is_bf16<T>) {
+#if defined(MMKERNELS_AVX512_BF16)
+    to_bf16_avx512(src, dst, n);
+#else
+    for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
+#endif
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+template <typename T>
+void transpose(const float* const* rows, int64_t count, int64_t ncols, T* A, int64_t lda) {
+#if defined(MMKERNELS_AVX512_BF16)
+  transpose_avx512(rows, count, ncols, A, lda);
+#else
+  for (int64_t c = 0; c < ncols; ++c)
+    for (int64_t i = 0; i < count; ++i) A[c * lda + i] = static_cast<T>(rows[i][c]);
+#endif
+}
+
+// bfloat16 B rows in the VNNI layout ([depth, width] -> [depth / 2][ld][2]): row pairs
+// interleaved. rows[i] points at row i's first column of the block; depth is even.
+inline void pack_vnni(const BFloat16* const* rows, int64_t depth, int64_t width, int64_t ld,
+                      BFloat16* out) {
+  auto* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t p = 0; p < depth; p += 2, dst += 2 * ld) {
+    const auto* a = reinterpret_cast<const uint16_t*>(rows[p]);
+    const auto* b = reinterpret_cast<const uint16_t*>(rows[p + 1]);
+    for (int64_t n = 0; n < width; ++n) {
+      dst[2 * n] = a[n];
+      dst[2 * n + 1] = b[n];
+    }
+  }
+}
+
+// Releases the calling thread's tile state at the end of its share of a parallel region.
+struct TileRelease {
+  ~TileRelease() { at::native::cpublas::brgemm_release(true); }
+};
+
+// C = A @ B, A [m, Kp] with leading dimension lda, B packed, C float32 with ldc.
+template <typename T>
+class PackedB;
+
+template <typename T>
+void multiply(int64_t m, const T* A, int64_t lda, const PackedB<T>& B, float* C, int64_t ldc,
+              bool add = false) {
+  for (int64_t j = 0; j < B.blocks(); ++j)
+    at::native::cpublas::brgemm(m, B.width(j), B.Kp, lda, B.ld(j), ldc, add, A, B.block(j),
+                                C + j * kColBlock, is_bf16<T>);
+}
+
+// B [K, N] as the ukernel reads it, in T: K padded (padded<T>) with zero rows; in bfloat16 the
+// columns in blocks of kColBlock, each packed with leading dimension round_up(width, 16).
+template <typename T>
+class PackedB {
+ public:
+  // b: [K, N] in any floating dtype and strides (bfloat16 values convert exactly).
+  explicit PackedB(const at::Tensor& b)
+      : K(b.size(0)), Kp(padded<T>(b.size(0))), N(b.size(1)) {
+    const auto dtype = c10::CppTypeToScalarType<T>::value;
+    at::Tensor src = at::zeros({Kp, N}, b.options().dtype(dtype));
+    src.narrow(0, 0, K).copy_(b);
+    if constexpr (!is_bf16<T>) {
+      data_ = src;
+      return;
+    }
+    data_ = at::zeros({blocks() * Kp * kColBlock}, src.options());
+    if (Kp == 0) return;  // nothing to pack, and the packing refuses an empty depth
+    for (int64_t j = 0; j < blocks(); ++j)
+      at::native::cpublas::pack(Kp, width(j), N, ld(j), dtype, dtype,
+                                src.data_ptr<T>() + j * kColBlock,
+                                data_.data_ptr<T>() + j * Kp * kColBlock);
+  }
+
+  const int64_t K, Kp, N;
+  int64_t blocks() const { return (N + kColBlock - 1) / kColBlock; }
+  int64_t width(int64_t j) const { return std::min(kColBlock, N - j * kColBlock); }
+  int64_t ld(int64_t j) const { return is_bf16<T> ? round_up(width(j), 16) : N; }
+  const T* block(int64_t j) const {
+    return data_.data_ptr<T>() + j * kColBlock * (is_bf16<T> ? Kp : 1);
+  }
+
+ private:
+  at::Tensor data_;
+};
+
+// x's rows [i0, i0 + m) (rows[i] when listed) as A with leading dimension Kp: in place when
+// they are consecutive and need no padding, else copied into `scratch` ([kRowBlock, Kp]).
+template <typename T>
+const T* load_rows(const T* x, int64_t d, int64_t Kp, const int64_t* rows, int64_t i0,
+                   int64_t m, T* scratch) {
+  if (!rows && d == Kp) return x + i0 * d;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = rows ? rows[i0 + i] : i0 + i;
+    std::memcpy(scratch + i * Kp, x + r * d, d * sizeof(T));
+    if (Kp > d) scratch[i * Kp + d] = T(0.f);
+  }
+  return scratch;
+}
+
+// T[i] = x[rows ? rows[i] : i] @ w^T for i in [0, T.size(0)): x [B, d] in T contiguous,
+// w [ncols, d] (any floating dtype), T [n, ncols] float32 contiguous; blocks of rows in
+// parallel.
+template <typename T>
+void project_rows(const at::Tensor& x, const int64_t* rows, const at::Tensor& w, at::Tensor& out) {
+  const PackedB<T> B(w.t());
+  const int64_t n = out.size(0), d = x.size(1);
+  if (n == 0 || B.N == 0) return;
+  if (B.Kp == 0) {  // no depth (d = 0): empty sums, and the ukernel refuses an empty depth
+    out.zero_();
+    return;
+  }
+  const T* xp = x.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  const int64_t nblocks = (n + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, nblocks, kMinRows / kRowBlock, [&](int64_t b0, int64_t b1) {
+    TileRelease release;
+    std::vector<T> scratch(kRowBlock * B.Kp);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kRowBlock, m = std::min(kRowBlock, n - i0);
+      multiply(m, load_rows(xp, d, B.Kp, rows, i0, m, scratch.data()), B.Kp, B,
+               op + i0 * B.N, B.N);
+    }
+  });
+}
+
+// The backward of one modality in one pass over R's rows (R [n, ncols] float32 contiguous,
+// row i standing for sample x_i = index[i], or i when index is null):
+// - when grad_x is given ([B, d] in T, contiguous): grad_x[x_i] = R[i] @ w, and zeros in the
+//   rows no R row stands for;
+// - returned: sum over the present rows i of R[i]^T x[x_i] ([ncols, d] float32, zeros when
+//   need_w is false), present meaning listed in index, else mask[x_i * K + k] (all when mask
+//   is null).
+template <typename T>
+at::Tensor backward_rows(const at::Tensor& R, const at::Tensor& w, const at::Tensor& x,
+                         const int64_t* index, const bool* mask, int64_t K, int64_t k,
+                         at::Tensor* grad_x, bool need_w, int64_t tasks) {
+  const int64_t n = R.size(0), ncols = R.size(1), d = x.size(1), Bx = x.size(0);
+  tasks = std::max<int64_t>(1, std::min(tasks, n / kMinRows));
+  at::Tensor parts = at::zeros({need_w ? tasks : 1, ncols, d}, R.options());
+  if (ncols == 0 || d == 0) {
+    if (grad_x) grad_x->zero_();
+    return parts[0];
+  }
+  const std::vector<T> zeros(d, T(0.f));  // the depth padding of B
+  const float* rp = R.data_ptr<float>();
+  const T* xp = x.data_ptr<T>();
+  T* gp = grad_x ? grad_x->template data_ptr<T>() : nullptr;
+  std::optional<PackedB<T>> W;
+  if (grad_x) W.emplace(w);
+  const int64_t Kw = padded<T>(ncols);  // grad_x's depth
+  auto sample = [&](int64_t i) { return index ? index[i] : i; };
+
+  auto task = [&](int64_t t) {
+    TileRelease release;
+    std::vector<T> a(kRowBlock * Kw), At(ncols * kDepthBlock);
+    std::vector<T> Bblk(kDepthBlock * std::max(d, kColBlock));
+    std::vector<float> c(kRowBlock * d);
+    std::vector<const float*> r_rows(kDepthBlock);
+    std::vector<const T*> x_rows(kDepthBlock);
+    float* C = parts[need_w ? t : 0].data_ptr<float>();
+    const int64_t i_begin = t * n / tasks, i_end = (t + 1) * n / tasks;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kDepthBlock) {
+      const int64_t rows = std::min(kDepthBlock, i_end - i0);
+      if (gp) {
+        if (index) {  // zeros in the samples between the listed ones (and after the last)
+          for (int64_t i = i0; i < i0 + rows; ++i) {
+            const int64_t from = i == 0 ? 0 : index[i - 1] + 1;
+            std::fill(gp + from * d, gp + index[i] * d, T(0.f));
+          }
+          if (i0 + rows == n) std::fill(gp + (index[n - 1] + 1) * d, gp + Bx * d, T(0.f));
+        }
+        for (int64_t s0 = i0; s0 < i0 + rows; s0 += kRowBlock) {
+          const int64_t m = std::min(kRowBlock, i0 + rows - s0);
+          const T* A;
+          if constexpr (is_bf16<T>) {
+            for (int64_t i = 0; i < m; ++i) {
+              from_float(rp + (s0 + i) * ncols, a.data() + i * Kw, ncols);
+              if (Kw > ncols) a[i * Kw + ncols] = T(0.f);
+            }
+            A = a.data();
+          } else {
+            A = rp + s0 * ncols;
+          }
+          if (!is_bf16<T> && !index) {  // straight into grad_x's rows
+            multiply(m, A, Kw, *W, reinterpret_cast<float*>(gp) + s0 * d, d);
+            continue;
+          }
+          multiply(m, A, Kw, *W, c.data(), d);
+          for (int64_t i = 0; i < m; ++i) from_float(c.data() + i * d, gp + sample(s0 + i) * d, d);
+        }
+      }
+      if (!need_w) continue;
+      int64_t count = 0;  // the block's present rows
+      for (int64_t i = i0; i < i0 + rows; ++i) {
+        const int64_t b = sample(i);
+        if (index || !mask || mask[b * K + k]) {
+          r_rows[count] = rp + i * ncols;
+          x_rows[count++] = xp + b * d;
+        }
+      }
+      if (count == 0) continue;
+      const int64_t depth = round_up(count, kDepthStep);
+      // A = the rows of R transposed, [ncols, depth]; B = the rows of x, [depth, d]; both
+      // zero in the padding.
+      transpose(r_rows.data(), count, ncols, At.data(), depth);
+      for (int64_t c0 = 0; c0 < ncols; ++c0)
+        std::fill(At.data() + c0 * depth + count, At.data() + (c0 + 1) * depth, T(0.f));
+      for (int64_t i = count; i < depth; ++i) x_rows[i] = zeros.data();
+      if constexpr (is_bf16<T>) {
+        for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
+          const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
+          std::vector<const T*> cols(depth);
+          for (int64_t i = 0; i < depth; ++i) cols[i] = x_rows[i] + (i < count ? n0 : 0);
+          pack_vnni(cols.data(), depth, width, ld, Bblk.data());
+          at::native::cpublas::brgemm(ncols, width, depth, depth, ld, d, true, At.data(),
+                                      Bblk.data(), C + n0, true);
+        }
+      } else {
+        for (int64_t i = 0; i < depth; ++i) std::memcpy(Bblk.data() + i * d, x_rows[i], d * sizeof(T));
+        for (int64_t n0 = 0; n0 < d; n0 += kColBlock)
+          at::native::cpublas::brgemm(ncols, std::min(kColBlock, d - n0), depth, depth, d, d,
+                                      true, At.data(), Bblk.data() + n0, C + n0, false);
+      }
+    }
+  };
+  if (tasks == 1) {
+    task(0);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) task(t);
+    });
+  }
+  if (grad_x && n == 0) grad_x->zero_();
+  at::Tensor sum = parts[0];
+  for (int64_t t = 1; t < parts.size(0); ++t) sum.add_(parts[t]);  // in task order
+  return sum;
+}
+
+}  // namespace mmkernels::cpu::blocked

@@ -63,6 +63,9 @@ print(cm.allocation_cache_stats().cached_bytes)         # 12 MiB > 8 MiB limit: 
 c = torch.zeros(2**20)                                  # 4 MiB, kept when freed
 del c
 print(cm.allocation_cache_stats().cached_bytes)
+e = torch.zeros(3 * 2**20)                              # above the limit again: freed, and
+del e                                                   # c's block stays cached
+print(cm.allocation_cache_stats().cached_bytes)
 d = torch.empty(2**20)                                  # reuses c's block...
 d.zero_()
 assert d.abs().sum().item() == 0                        # ...and torch.empty's contract holds
@@ -70,7 +73,7 @@ cm.disable_allocation_cache()
 del d                                                   # freed through the cache, not kept
 print(cm.allocation_cache_stats().cached_bytes, torch.ones(2**20).sum().item())
 """).split()
-    assert out == ["0", str(4 * 2**20), "0", str(float(2**20))]
+    assert out == ["0", str(4 * 2**20), str(4 * 2**20), "0", str(float(2**20))]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

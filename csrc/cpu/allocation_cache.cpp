@@ -91,15 +91,17 @@ class AllocationCache final : public c10::Allocator {
     if (p == nullptr) return;
     std::unique_lock<std::mutex> hold(mutex_);
     const auto it = live_.find(p);
-    if (it == live_.end()) {  // a small block, or one allocated before the cache was on
+    if (it == live_.end()) {  // a small block: malloc's
       hold.unlock();
       c10::free_cpu(p);
       return;
     }
     const size_t size = it->second;
     live_.erase(it);
-    if (stats_.cached_bytes + size > limit_) trim_locked(limit_ > size ? limit_ - size : 0);
-    if (stats_.cached_bytes + size <= limit_) {
+    if (size <= limit_) {
+      // Room for it: the largest cached blocks go first (a block above the limit is freed and
+      // leaves the cache as it is).
+      trim_locked(limit_ - size);
       free_.emplace(size, p);
       stats_.cached_bytes += size;
       return;

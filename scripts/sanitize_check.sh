@@ -5,7 +5,8 @@
 #   * a fixed, derandomised slice of the op-boundary fuzzer (every op, forward and backward,
 #     gram and softmax_regression_loss_grad, the head refits; valid and invalid arguments),
 #   * the fuzzer's regression tests, the parity tests' representative shapes, the error tests
-#     and the head-refit tests (gram, softmax_regression_loss_grad).
+#     the blocked (AMX / brgemm) GEMM paths, and the head-refit tests (gram,
+#     softmax_regression_loss_grad).
 # Fails on any ASan report (reports go to files, so one in a fuzz worker counts too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ status=0
 "$PY" -c "import mmkernels, torch; assert mmkernels.__file__.startswith('$WORK'), mmkernels.__file__" \
   || status=1
 "$PY" -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz_boundary.py \
-  tests/ops/test_fused_ops_parity.py tests/ops/test_fused_ops_errors.py \
+  tests/ops/test_fused_ops_parity.py tests/ops/test_fused_ops_errors.py tests/ops/test_blocked_gemms.py \
   tests/heads/test_heads.py || status=1
 unset LD_PRELOAD
 if ls asan/report* > /dev/null 2>&1; then

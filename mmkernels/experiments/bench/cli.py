@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "scale": args.scale,
         "device": args.device,
+        "allocation_cache": args.allocation_cache,
     }
-    print(f"# {results['machine']}\n# device {args.device}, dtype {args.dtype}")
+    print(f"# {results['machine']}\n# device {args.device}, dtype {args.dtype}, allocation "
+          f"cache {'on' if args.allocation_cache else 'off'}")
     if args.device == "cpu":
         cases = cpu_cases(scale=args.scale, dtype=DTYPES[args.dtype], compile=args.compile)
     else:
@@ -149,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the torch.compile baseline (its compilation takes minutes on the CPU)",
     )
+    parser.add_argument(
+        "--allocation-cache",
+        action="store_true",
+        help="allocate through mmkernels.cpu_memory's cache for the whole run (every runner: "
+        "fresh large outputs then reuse mapped pages instead of page-faulting)",
+    )
     parser.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     parser.add_argument(
         "--out",
@@ -160,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.allocation_cache:
+        from mmkernels.cpu_memory import enable_allocation_cache
+
+        enable_allocation_cache()
     out = args.out or Path(f"bench-results/fused_ops_{args.device}.json")
     results = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ for requests of about the same size, as PyTorch's caching allocator does on CUDA
 
 It is process-wide (every CPU tensor of the process, from any library), off by default, and
 changes no numerical result; ``mmkernels sweep`` and ``reproduce`` turn it on. The cached
-blocks stay the process's memory until :func:`disable_allocation_cache` or exit. PyTorch's
-profiler does not see allocations made through it.
+blocks stay the process's memory until :func:`disable_allocation_cache` or exit, so the memory
+budget (mmkernels.memory, measured from the memory available) counts them as used; the default
+limit is a quarter of the budget for that reason. PyTorch's profiler does not see allocations
+made through it.
 """
 
 from __future__ import annotations

@@ -1272,26 +1272,6 @@ def _fold_rows(fold: Tensor, F: int) -> tuple[list[list[tuple[int, int]]],
     return train, held
 
 
-def _select(
-    z: Tensor | GroupedZ,
-    y: Tensor,
-    *,
-    task: str,
-    grid: Sequence[float] | None = None,
-    folds: int | Tensor = 5,
-    class_weight: str | Tensor | None = None,
-    num_classes: int | None = None,
-    tol: float | None = None,
-    max_iter: int = 1000,
-    history: int = 10,
-) -> tuple[L2Search, list[tuple[Tensor, tuple[Tensor, Tensor]] | None]]:
-    """select_l2, plus per group what the refit starts from (classification: the mean over
-    folds of the solutions at each subset's chosen l2, and Z's column moments; regression:
-    None)."""
-    return _select_impl(z, y, task=task, grid=grid, folds=folds, class_weight=class_weight,
-                        num_classes=num_classes, tol=tol, max_iter=max_iter, history=history)
-
-
 def select_l2(
     z: Tensor | GroupedZ,
     y: Tensor,
@@ -1370,10 +1350,13 @@ def fit_cv(
     return parts[0][1], search
 
 
-def _select_impl(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[float] | None,
-                 folds: int | Tensor, class_weight: str | Tensor | None,
-                 num_classes: int | None, tol: float | None, max_iter: int, history: int
-                 ) -> tuple[L2Search, list[tuple[Tensor, tuple[Tensor, Tensor]] | None]]:
+def _select(z: Tensor | GroupedZ, y: Tensor, *, task: str, grid: Sequence[float] | None,
+            folds: int | Tensor, class_weight: str | Tensor | None,
+            num_classes: int | None, tol: float | None, max_iter: int, history: int
+            ) -> tuple[L2Search, list[tuple[Tensor, tuple[Tensor, Tensor]] | None]]:
+    """select_l2, plus per group what the refit starts from (classification: the mean over
+    folds of the solutions at each subset's chosen l2, and Z's column moments; regression:
+    None)."""
     if task not in _TASKS:
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
     groups = z.groups if isinstance(z, GroupedZ) else None

@@ -66,17 +66,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   at::Tensor grad_b = output_mask[2] ? at::empty(bshape, weight.options()) : at::empty({0}, weight.options());
   if (output_mask[1]) f.grad_weight[0] = grad_w.data_ptr();
   if (output_mask[2]) f.grad_bias[0] = grad_b.data_ptr();
-  const int64_t ws_elems = fused_backward_workspace_elems(f);
-  const auto acc = acc_scalar(xs[0].scalar_type());
-  double bytes = keep.bytes + (double)ws_elems * (acc == at::kDouble ? 8.0 : 4.0) +
-                 (double)(grad_w.numel() + grad_b.numel()) * (double)weight.element_size();
+  double bytes = keep.bytes + (double)(grad_w.numel() + grad_b.numel()) * (double)weight.element_size();
   for (const auto& g : grad_x) bytes += (double)g.numel() * (double)g.element_size();
-  check_memory_budget(op, bytes, xs[0].device(),
-                      "the gradients of output " + shape_str(output_shape(p, true)) +
-                          " and their partial sums");
-  at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, xs[0].options().dtype(acc));
-  f.workspace = ws.data_ptr();
-  launch_fused_backward(f, stream_of(ws));
+  launch_backward(op, f, bytes, output_shape(p, true), xs[0]);
   return {grad_x, grad_w, grad_b};
 }
 

@@ -110,4 +110,19 @@ inline void* stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+// The backward's last step in both ops: its partial-sum workspace counted into `bytes` (what
+// the call allocates) and checked against the budget before anything is allocated, then the
+// launch. `like` gives the device and the input dtype.
+inline void launch_backward(const char* op, FusedProblem& f, double bytes,
+                            const std::vector<int64_t>& out_shape, const at::Tensor& like) {
+  const int64_t ws_elems = fused_backward_workspace_elems(f);
+  const auto acc = acc_scalar(like.scalar_type());
+  bytes += (double)ws_elems * (acc == at::kDouble ? 8.0 : 4.0);
+  check_memory_budget(op, bytes, like.device(),
+                      "the gradients of output " + shape_str(out_shape) + " and their partial sums");
+  at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, like.options().dtype(acc));
+  f.workspace = ws.data_ptr();
+  launch_fused_backward(f, stream_of(ws));
+}
+
 }  // namespace mmkernels::cuda

@@ -74,15 +74,7 @@ project_concat_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, 
       f.grad_bias[k] = grad_b.back().data_ptr();
     }
   }
-  const int64_t ws_elems = fused_backward_workspace_elems(f);
-  const auto acc = acc_scalar(xs[0].scalar_type());
-  bytes += (double)ws_elems * (acc == at::kDouble ? 8.0 : 4.0);
-  check_memory_budget(op, bytes, xs[0].device(),
-                      "the gradients of output " + shape_str(output_shape(p, false)) +
-                          " and their partial sums");
-  at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, xs[0].options().dtype(acc));
-  f.workspace = ws.data_ptr();
-  launch_fused_backward(f, stream_of(ws));
+  launch_backward(op, f, bytes, output_shape(p, false), xs[0]);
   return {grad_x, grad_w, grad_b};
 }
 

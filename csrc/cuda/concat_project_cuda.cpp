@@ -27,15 +27,7 @@ at::Tensor concat_project_cuda(at::TensorList xs, const at::Tensor& weight,
     f.has_bias = 1;
     f.bias[0] = keep.dense(*bias).data_ptr();
   }
-  const auto shape = output_shape(p, true);
-  const double out_bytes = (double)c10::multiply_integers(shape) * (double)xs[0].element_size();
-  check_memory_budget(op, out_bytes + keep.bytes, xs[0].device(),
-                      "its output " + shape_str(shape));
-  at::Tensor out = at::empty(shape, xs[0].options());
-  if (out.numel() == 0) return out;
-  f.out = out.data_ptr();
-  launch_fused_forward(f, stream_of(out));
-  return out;
+  return launch_forward(op, f, keep.bytes, output_shape(p, true), xs[0]);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backward_cuda(

@@ -110,6 +110,19 @@ inline void* stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+// The forward's last step in both ops: the output checked against the budget (with `bytes`,
+// the copies made so far), allocated, and computed.
+inline at::Tensor launch_forward(const char* op, FusedProblem& f, double bytes,
+                                 const std::vector<int64_t>& shape, const at::Tensor& like) {
+  bytes += (double)c10::multiply_integers(shape) * (double)like.element_size();
+  check_memory_budget(op, bytes, like.device(), "its output " + shape_str(shape));
+  at::Tensor out = at::empty(shape, like.options());
+  if (out.numel() == 0) return out;
+  f.out = out.data_ptr();
+  launch_fused_forward(f, stream_of(out));
+  return out;
+}
+
 // The backward's last step in both ops: its partial-sum workspace counted into `bytes` (what
 // the call allocates) and checked against the budget before anything is allocated, then the
 // launch. `like` gives the device and the input dtype.

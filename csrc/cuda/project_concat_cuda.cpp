@@ -26,15 +26,7 @@ at::Tensor project_concat_cuda(at::TensorList xs, at::TensorList weights, at::Te
     if (!biases.empty()) f.bias[k] = keep.dense(biases[k]).data_ptr();
   }
   f.has_bias = biases.empty() ? 0 : 1;
-  const auto shape = output_shape(p, false);
-  const double out_bytes = (double)c10::multiply_integers(shape) * (double)xs[0].element_size();
-  check_memory_budget(op, out_bytes + keep.bytes, xs[0].device(),
-                      "its output " + shape_str(shape));
-  at::Tensor out = at::empty(shape, xs[0].options());
-  if (out.numel() == 0) return out;
-  f.out = out.data_ptr();
-  launch_fused_forward(f, stream_of(out));
-  return out;
+  return launch_forward(op, f, keep.bytes, output_shape(p, false), xs[0]);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>

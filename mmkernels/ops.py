@@ -121,26 +121,6 @@ def _check_types(op: str, **args: tuple[object, str]) -> None:
             raise TypeError(f"{op}: {name} must be {want}, got {got}")
 
 
-# ---- fake kernels of the head ops ------------------------------------------------------------
-#
-# The fused ops' fake kernels are C++ (csrc/meta: the kernels' own plan, so meta, fake and real
-# tensors raise the same errors). These run for meta tensors and under torch.compile
-# (FakeTensorMode) for the head-refit ops, with the native kernels' messages.
-
-
-def _fail(cond: bool, op: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"{op}: {message}")
-
-
-def _check_shape(op: str, name: str, t: Tensor, expected: list, what: str) -> None:
-    _fail(list(t.shape) == list(expected), op,
-          f"{name} must have shape {list(expected)} ({what}), got {list(t.shape)}")
-
-
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
 # ---- autograd ---------------------------------------------------------------------------------
 
 

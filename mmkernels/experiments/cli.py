@@ -464,7 +464,10 @@ def sweep(args: argparse.Namespace) -> int:
     _check_options(args)
     cfg = _sweep_config(args)
     name = args.name or Path(args.data).stem
-    data = _prepared(args, f"--data {args.data}", lambda: MultiModalDataset.load(args.data),
+    from mmkernels.experiments.sweep import MAX_MODALITIES
+
+    data = _prepared(args, f"--data {args.data}",
+                     lambda: MultiModalDataset.load(args.data, max_modalities=MAX_MODALITIES),
                      name, split_seed=args.split_seed, test_size=args.test_size,
                      standardize=not args.no_standardize)
     if args.threads:

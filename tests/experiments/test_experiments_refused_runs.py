@@ -76,7 +76,7 @@ REFUSED = [
     (["--data", "{garbage}"], "garbage.npz: cannot read dataset file"),
     (["--data", "{huge}"], r"huge.npz: modality 'text': 1 value is finite in float64 but "
                            r"overflows float32"),
-    (["--data", "{many}"], "many.npz: 24 modalities; a sweep takes at most 20"),
+    (["--data", "{many}"], "many.npz: 24 modalities; at most 20 are taken here"),
     (["--hidden", "0"], "--hidden: expected an int >= 1, got 0"),
     (["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),

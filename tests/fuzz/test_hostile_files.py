@@ -22,6 +22,7 @@ import pytest
 from file_fuzz import HOSTILE_PICKLES, HOSTILE_SECONDS, KINDS, mutate, odd_files
 
 from mmkernels.experiments.data import MultiModalDataset, load_iemocap
+from mmkernels.experiments.data.dataset import TooManyModalitiesError
 from mmkernels.experiments.store import RECORDS_FILE, ResultStore, read_records
 from mmkernels.memory import MemoryBudgetError
 
@@ -85,6 +86,23 @@ def test_npz_header_claiming_more_than_the_member_holds(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"lies.npz.*'extra.npy'.*declares shape "
                                          r"\[1000000000000\].*holds"):
         MultiModalDataset.load(path)
+
+
+def test_too_many_modalities_refused_before_any_member_is_read(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    path = tmp_path / "many.npz"
+    MultiModalDataset({f"m{k}": np.ones((8, 3), np.float32) for k in range(24)},
+                      np.arange(8) % 2, task="classification").save(path, compress=True)
+
+    def no_member(*args, **kwargs):
+        raise AssertionError("a member was opened before the modality count was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "open", no_member)
+        with pytest.raises(TooManyModalitiesError,
+                           match=r"many.npz: 24 modalities; at most 20 are taken here"):
+            MultiModalDataset.load(path, max_modalities=20)
+    assert MultiModalDataset.load(path, max_modalities=24).n_modalities == 24
 
 
 def test_small_file_expanding_past_the_budget(tmp_path: Path, monkeypatch) -> None:

@@ -388,8 +388,12 @@ class MultiModalDataset:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, nonfinite: str = "error") -> MultiModalDataset:
+    def load(cls, path: str | os.PathLike[str], *, nonfinite: str = "error",
+             max_modalities: int | None = None) -> MultiModalDataset:
         """Read a file written by :meth:`save` (``allow_pickle=False``, always).
+
+        max_modalities: refuse a file with more modalities (TooManyModalitiesError), counted
+        from the archive's listing before any member is decompressed.
 
         Raises:
             FileNotFoundError: the file does not exist.
@@ -404,9 +408,11 @@ class MultiModalDataset:
                 if not isinstance(z, np.lib.npyio.NpzFile):
                     raise ValueError("not an .npz archive (a single .npy array?)")
                 with z:
+                    _check_modality_count(z, path, max_modalities)
                     _check_members(z, path)
                     raw = {key: z[key] for key in z.files}
-        except (FileNotFoundError, NotARegularFileError, MemoryBudgetError):
+        except (FileNotFoundError, NotARegularFileError, MemoryBudgetError,
+                TooManyModalitiesError):
             raise
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error, ValueError, MemoryError,
                 NotImplementedError, RuntimeError) as e:
@@ -482,6 +488,18 @@ def _check_fits(t: torch.Tensor, what: str, stored: np.dtype) -> None:
                          f"{stored} but overflow{'' if bad > 1 else 's'} "
                          f"{str(t.dtype).removeprefix('torch.')} (|x| > "
                          f"{torch.finfo(t.dtype).max:.3g}); rescale the features")
+
+
+class TooManyModalitiesError(ValueError):
+    """A dataset file holds more modalities than its reader takes."""
+
+
+def _check_modality_count(z: np.lib.npyio.NpzFile, path: str, limit: int | None) -> None:
+    # z.files is the zip's central directory: counting costs nothing however large the file
+    count = sum(1 for name in z.files if name.startswith("modality/"))
+    if limit is not None and count > limit:
+        raise TooManyModalitiesError(f"{path}: {count} modalities; at most {limit} are taken "
+                                     "here")
 
 
 def _check_members(z: np.lib.npyio.NpzFile, path: str) -> None:

@@ -14,6 +14,7 @@
 #include "cublas_fallback.h"
 #include "cublas_epilogues.cuh"
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/fusion_plan.h>
 #include <mmkernels/memory_budget.h>
 #include <mmkernels/weight_stacks.h>
@@ -36,9 +37,6 @@ int64_t grid_for(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8));
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The plan's subset tables from a host copy of the mask (a synchronising copy).
 void read_subsets(FusionPlan& p, const c10::optional<at::Tensor>& subset_mask) {
@@ -116,7 +114,7 @@ ModalityTable<acc_t> forward_gemms(const FusionPlan& p, at::TensorList xs,
     t.width[k] = p.widths[k];
     t.offset[k] = concat_first ? 0 : p.offsets[k];
     if (!live[k]) continue;
-    T[k] = gemm_acc(xs[k], stacks[k].t(), acc_type(xs[0].scalar_type()));
+    T[k] = gemm_acc(xs[k], stacks[k].t(), accumulation_dtype(xs[0].scalar_type()));
     t.data[k] = T[k].data_ptr<acc_t>();
     t.ld[k] = T[k].size(1);
   }
@@ -142,7 +140,7 @@ Grads backward_gemms(const FusionPlan& p, const at::Tensor& grad_out, const at::
                      const c10::optional<at::Tensor>& sample_mask, bool concat_first,
                      bool need_x, bool need_w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto acc = acc_type(xs[0].scalar_type());
+  const auto acc = accumulation_dtype(xs[0].scalar_type());
   const auto live = live_modalities(p, sample_mask);
   SubsetTable st{};
   const auto subsets = device_subsets(p, xs[0].device(), st);
@@ -206,7 +204,7 @@ at::Tensor concat_forward(const FusionPlan& p, at::TensorList xs, const at::Tens
   SubsetTable st{};
   const auto subsets = device_subsets(p, xs[0].device(), st);
   at::Tensor bias_acc, mask_holder;
-  if (bias.has_value()) bias_acc = bias->to(acc_type(xs[0].scalar_type())).contiguous();
+  if (bias.has_value()) bias_acc = bias->to(accumulation_dtype(xs[0].scalar_type())).contiguous();
   const int64_t H = p.widths[0];
   concat_forward_kernel<scalar_t, acc_t>
       <<<grid_for(out.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -259,7 +257,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_backw
   if (output_mask[1]) grad_w = concat_unstack(p, res.grad_stack, weight);
   if (output_mask[2]) {
     // The bias sees every row, present or not: sum act'(out) * grad_out over the batch.
-    const auto acc = acc_type(xs[0].scalar_type());
+    const auto acc = accumulation_dtype(xs[0].scalar_type());
     at::Tensor dz = grad_out.to(acc);
     if (p.relu) dz = dz * out.gt(0);
     at::Tensor gb = dz.sum(-2);
@@ -294,7 +292,7 @@ at::Tensor project_forward(const FusionPlan& p, at::TensorList xs, at::TensorLis
   bias_table.K = static_cast<int>(p.K);
   for (int64_t k = 0; k < p.K; ++k)
     if (!biases.empty() && live[k]) {
-      bias_acc[k] = project_stack(p, biases[k], k).to(acc_type(xs[0].scalar_type())).contiguous();
+      bias_acc[k] = project_stack(p, biases[k], k).to(accumulation_dtype(xs[0].scalar_type())).contiguous();
       bias_table.data[k] = bias_acc[k].data_ptr<acc_t>();
     }
   SubsetTable st{};
@@ -357,7 +355,7 @@ project_concat_backward(const at::Tensor& grad_out, const at::Tensor& out, at::T
       const at::Tensor stacked = res.R[k].defined()
                                      ? res.R[k].sum(0)
                                      : at::zeros({p.nblocks(k) * p.widths[k]},
-                                                 xs[0].options().dtype(acc_type(xs[0].scalar_type())));
+                                                 xs[0].options().dtype(accumulation_dtype(xs[0].scalar_type())));
       grad_bs.push_back(project_unstack(p, stacked, like, k));
     }
   }

@@ -4,6 +4,7 @@
 
 #include "fused_api.h"
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/fusion_plan.h>
 #include <mmkernels/memory_budget.h>
 
@@ -98,8 +99,6 @@ inline FusedProblem start_problem(const char* op, const FusionPlan& p, at::Tenso
   return f;
 }
 
-inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // A gradient shaped like t, or an empty placeholder when not wanted.
 inline at::Tensor grad_like(bool wanted, const at::Tensor& t) {
   return wanted ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous))
@@ -129,8 +128,8 @@ inline at::Tensor launch_forward(const char* op, FusedProblem& f, double bytes,
 inline void launch_backward(const char* op, FusedProblem& f, double bytes,
                             const std::vector<int64_t>& out_shape, const at::Tensor& like) {
   const int64_t ws_elems = fused_backward_workspace_elems(f);
-  const auto acc = acc_scalar(like.scalar_type());
-  bytes += (double)ws_elems * (acc == at::kDouble ? 8.0 : 4.0);
+  const auto acc = accumulation_dtype(like.scalar_type());
+  bytes += (double)ws_elems * (double)c10::elementSize(acc);
   check_memory_budget(op, bytes, like.device(),
                       "the gradients of output " + shape_str(out_shape) + " and their partial sums");
   at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, like.options().dtype(acc));

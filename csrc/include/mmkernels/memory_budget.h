@@ -16,6 +16,7 @@
 // Calls that need less than kAlwaysFits are never checked (no file is read for them).
 #pragma once
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/fusion_plan.h>
 
 #include <ATen/ATen.h>
@@ -252,7 +253,7 @@ inline double fused_op_bytes(const FusionPlan& p, bool concat_first, bool backwa
                              at::TensorList xs, int64_t weight_numel, bool grads_contiguous,
                              const c10::optional<at::Tensor>& sample_mask) {
   const double elem = (double)xs[0].element_size();
-  const double acc = xs[0].scalar_type() == at::kDouble ? 8.0 : 4.0;
+  const double acc = (double)c10::elementSize(accumulation_dtype(xs[0].scalar_type()));
   const double B = (double)p.B, S = (double)p.S;
   const double width = (double)output_width(p, concat_first);
   double total = S * B * width * elem;  // the output, or grad_out's and out's dense copies

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mmkernels.experiments.data import OverlapGenerator
+from mmkernels.metrics import mean_squared_error
 from mmkernels.subsets import all_subsets
 
 __all__ = ["PAPER_TABLE4", "TABLE4_OVERLAPS", "TABLE4_SUBSETS", "ridge_subset_mse",
@@ -74,7 +75,7 @@ def ridge_subset_mse(
         lam = rel_l2 * float(torch.diagonal(g).sum()) / len(cols)
         coef = torch.linalg.solve(g + lam * torch.eye(len(cols), dtype=g.dtype), xty[cols])
         pred = (xt[:, cols] - mx[cols]) @ coef + my
-        out.append(float(((pred - yt) ** 2).mean()))
+        out.append(float(mean_squared_error(pred, yt)))
     return out
 
 

@@ -1081,12 +1081,15 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         where = "at W = 0" if theta0 is None else "at the starting point"
         raise ValueError(f"the loss {where} is not finite: Z holds NaN or Inf values (in "
                          f"subsets {sorted(set(bad))[:10]})")
-    converged = g.abs().amax(1) <= tol
+    gmax = g.abs().amax(1)  # the gradient's max norm, carried with g
+    converged = gmax <= tol
     n_iter = torch.zeros(S, dtype=torch.int64, device=device)
+    on_device = torch.device(device).type != "cpu"  # host reads wait for the device
     # index_select / index_copy_ rather than advanced indexing: those run serially on small
     # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
     ids = (~converged).nonzero().flatten()
     th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
+    gmax = gmax.index_select(0, ids)
     k = len(ids)
     # History slot by slot ([k, P] each, filled in turn): a slot-major list keeps every gather
     # and write on one slot, below the intra-op grain for moderate S * P.
@@ -1120,16 +1123,20 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         d = r.neg_()
         gd = torch.linalg.vecdot(g, d)
         # A stale history points uphill: restart those problems on steepest descent (selected
-        # on the device, no host read).
+        # on the device, no host read; on the CPU the read is free, and the restart's passes
+        # over [k, P] are skipped when no problem needs it).
         uphill = gd >= 0
-        sd = g if dg is None else g * dg
-        sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        d = torch.where(uphill.unsqueeze(1), -sd, d)
-        gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
+        if on_device or bool(uphill.any()):
+            sd = g if dg is None else g * dg
+            sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            d = torch.where(uphill.unsqueeze(1), -sd, d)
+            gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
-        gmax0 = g.abs().amax(1)
+        gmax0 = gmax
         step = torch.ones(k, dtype=torch.float64, device=device)
-        new_th, new_f, new_g = th.clone(), f.clone(), g.clone()
+        # The accepted points, copied from the current ones only when some unit step fails
+        # (the common case, all accepted, takes the trial point as it is).
+        new_th = new_f = new_g = new_gmax = None
         pending = torch.ones(k, dtype=torch.bool, device=device)
         p = None  # the pending rows; None = all k
         any_stop = None  # known without a further read when every unit step is accepted
@@ -1143,25 +1150,28 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 trial = th.index_select(0, p).addcmul_(st.unsqueeze(1), d.index_select(0, p))
                 ft, gt = evaluate(trial, ids.index_select(0, p))
                 f0, gd0, gm0 = f.index_select(0, p), gd.index_select(0, p), gmax0.index_select(0, p)
+            gmt = gt.abs().amax(1)
             ok = torch.isfinite(ft) & ((ft <= f0 + 1e-4 * st * gd0) | (
                 # Near the optimum the decrease drowns in float64 rounding of f; then a step
                 # that keeps f within rounding and shrinks the gradient is progress too.
-                (ft <= f0 + 1e-14 * f0.abs()) & (gt.abs().amax(1) < gm0)))
+                (ft <= f0 + 1e-14 * f0.abs()) & (gmt < gm0)))
             if p is None:
                 # One host read: is every unit step accepted, and would any problem then meet
                 # the tolerance (the convergence test, below)?
-                all_ok, any_done = torch.stack(
-                    [ok.all(), (gt.abs().amax(1) <= tol).any()]).tolist()
+                all_ok, any_done = torch.stack([ok.all(), (gmt <= tol).any()]).tolist()
                 if all_ok:
-                    new_th, new_f, new_g = trial, ft, gt
+                    new_th, new_f, new_g, new_gmax = trial, ft, gt, gmt
                     pending.zero_()
                     any_stop = bool(any_done)
                     break
+            if new_th is None:
+                new_th, new_f, new_g, new_gmax = th.clone(), f.clone(), g.clone(), gmax.clone()
             rows = ok.nonzero().flatten()
             acc = rows if p is None else p.index_select(0, rows)
             new_th.index_copy_(0, acc, trial.index_select(0, rows))
             new_f.index_copy_(0, acc, ft.index_select(0, rows))
             new_g.index_copy_(0, acc, gt.index_select(0, rows))
+            new_gmax.index_copy_(0, acc, gmt.index_select(0, rows))
             pending.index_fill_(0, acc, False)
             p = pending.nonzero().flatten()
             if len(p) == 0:
@@ -1181,9 +1191,9 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         yy = yv.square() if dg is None else yv.square().mul_(dg)
         gamma = torch.where(good, sy / yy.sum(1).clamp_min(1e-300), gamma)
         pos, filled = (pos + 1) % history, filled + 1
-        th, f, g = new_th, new_f, new_g
+        th, f, g, gmax = new_th, new_f, new_g, new_gmax
         its += (~failed).long()
-        done = g.abs().amax(1) <= tol
+        done = gmax <= tol
         # A failed line search means no decrease is representable any more: stop that subset.
         stop = done | failed
         if any_stop if any_stop is not None else bool(stop.any()):
@@ -1193,8 +1203,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             n_iter.index_copy_(0, where, its.index_select(0, out))
             converged.index_copy_(0, where, done.index_select(0, out))
             keep = (~stop).nonzero().flatten()
-            ids, th, f, g, gamma, its = (
-                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its))
+            ids, th, f, g, gmax, gamma, its = (
+                t.index_select(0, keep) for t in (ids, th, f, g, gmax, gamma, its))
             dg = None if dg is None else dg.index_select(0, keep)
             s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
                                    for hist in (s_hist, y_hist, rho))

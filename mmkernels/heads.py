@@ -386,9 +386,17 @@ class GroupedZ:
             if chunk.shape[0] != S or chunk.shape[2] != L:
                 raise ValueError(f"{where} has shape {tuple(chunk.shape)}, expected "
                                  f"[{S}, {r1 - r0}, {L}]")
-            _check_z_tensor(chunk, where)
+            _check_z_tensor(chunk, where, finite=False)
+            # One pass over the chunk for both checks: the column minima and maxima [S, L] are
+            # all finite iff the chunk is, and both 0 iff the column is zero in every row.
+            lo, hi = (torch.aminmax(chunk, dim=1) if chunk.shape[1] else
+                      (chunk.new_zeros(S, L), chunk.new_zeros(S, L)))
+            if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+                bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).any(1).nonzero()
+                raise ValueError(f"{where} holds NaN or Inf values (in subsets "
+                                 f"{bad.flatten().tolist()[:10]})")
             if check_drop:
-                nonzero = ((chunk != 0) & dropped.to(dev)[:, None, :]).flatten(1).any(1)
+                nonzero = (((lo != 0) | (hi != 0)) & dropped.to(dev)).any(1)
                 if bool(nonzero.any()):
                     bad = nonzero.nonzero().flatten().tolist()
                     raise ValueError(f"{where} is non-zero outside the columns given for "
@@ -415,9 +423,19 @@ def _check_z_tensor(z: Tensor, name: str = "Z", finite: bool = True) -> None:
         raise ValueError(f"{name} must be float32, float64 or bfloat16, got {z.dtype}")
     if z.shape[0] == 0:
         raise ValueError(f"{name} has no subsets (S = 0): the subsets list is empty")
-    if finite and not bool(torch.isfinite(z).all()):
+    if finite and not _all_finite(z):
         bad = (~torch.isfinite(z)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} holds NaN or Inf values (in subsets {bad[:10]})")
+
+
+def _all_finite(z: Tensor) -> bool:
+    """No NaN or Inf in z, by one reduction: aminmax propagates NaN, and an infinity is the
+    minimum or the maximum (13x faster than isfinite(z).all(), which writes a bool per entry,
+    on the sweep cell's 268 MB Z)."""
+    if z.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(z)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _num_rows(z: ZLike | GroupedZ) -> int:

@@ -1103,7 +1103,6 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     gmax = g.abs().amax(1)  # the gradient's max norm, carried with g
     converged = gmax <= tol
     n_iter = torch.zeros(S, dtype=torch.int64, device=device)
-    on_device = torch.device(device).type != "cpu"  # host reads wait for the device
     # index_select / index_copy_ rather than advanced indexing: those run serially on small
     # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
     ids = (~converged).nonzero().flatten()
@@ -1142,14 +1141,12 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         d = r.neg_()
         gd = torch.linalg.vecdot(g, d)
         # A stale history points uphill: restart those problems on steepest descent (selected
-        # on the device, no host read; on the CPU the read is free, and the restart's passes
-        # over [k, P] are skipped when no problem needs it).
+        # on the device, no host read).
         uphill = gd >= 0
-        if on_device or bool(uphill.any()):
-            sd = g if dg is None else g * dg
-            sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            d = torch.where(uphill.unsqueeze(1), -sd, d)
-            gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
+        sd = g if dg is None else g * dg
+        sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = torch.where(uphill.unsqueeze(1), -sd, d)
+        gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
         gmax0 = gmax
         step = torch.ones(k, dtype=torch.float64, device=device)

@@ -41,7 +41,7 @@ RidgeCV on the same folds), all subsets and folds of a group in one batched solv
   default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (sklearn's default; the loss
   and gradient are computed in float32 then). Each evaluation is the fused native op
   mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
-  Z; for C <= 8 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
+  Z; for C <= 16 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
   Why this solver, and how it uses threads (results depend on the thread count only through
   the op's summation order): docs/heads.md.
 
@@ -386,17 +386,26 @@ class GroupedZ:
             if chunk.shape[0] != S or chunk.shape[2] != L:
                 raise ValueError(f"{where} has shape {tuple(chunk.shape)}, expected "
                                  f"[{S}, {r1 - r0}, {L}]")
-            _check_z_tensor(chunk, where)
+            _check_z_tensor(chunk, where, finite=False)
+            # One pass over the chunk for both checks: the column minima and maxima [S, L] are
+            # all finite iff the chunk is, and both 0 iff the column is zero in every row.
+            lo, hi = (torch.aminmax(chunk, dim=1) if chunk.shape[1] else
+                      (chunk.new_zeros(S, L), chunk.new_zeros(S, L)))
+            if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+                bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).any(1).nonzero()
+                raise ValueError(f"{where} holds NaN or Inf values (in subsets "
+                                 f"{bad.flatten().tolist()[:10]})")
             if check_drop:
-                nonzero = ((chunk != 0) & dropped.to(dev)[:, None, :]).flatten(1).any(1)
+                nonzero = (((lo != 0) | (hi != 0)) & dropped.to(dev)).any(1)
                 if bool(nonzero.any()):
                     bad = nonzero.nonzero().flatten().tolist()
                     raise ValueError(f"{where} is non-zero outside the columns given for "
                                      f"subsets {bad[:10]}: those columns would be dropped")
-            rows = torch.arange(r1 - r0, device=dev)
+            # A column gather per subset: 5x the 3-d advanced index [ids, rows, columns] of
+            # a whole group (which builds an index per output entry) on the cell's Z.
             for ids, store, c in groups:
-                store[:, r0:r1] = chunk[ids.to(dev)[:, None, None], rows[None, :, None],
-                                        c[:, None, :]]
+                for j, s in enumerate(ids.tolist()):
+                    store[j, r0:r1].copy_(chunk[s].index_select(1, c[j]))
         return cls([(ids, store) for ids, store, _ in groups])
 
 
@@ -415,9 +424,19 @@ def _check_z_tensor(z: Tensor, name: str = "Z", finite: bool = True) -> None:
         raise ValueError(f"{name} must be float32, float64 or bfloat16, got {z.dtype}")
     if z.shape[0] == 0:
         raise ValueError(f"{name} has no subsets (S = 0): the subsets list is empty")
-    if finite and not bool(torch.isfinite(z).all()):
+    if finite and not _all_finite(z):
         bad = (~torch.isfinite(z)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} holds NaN or Inf values (in subsets {bad[:10]})")
+
+
+def _all_finite(z: Tensor) -> bool:
+    """No NaN or Inf in z, by one reduction: aminmax propagates NaN, and an infinity is the
+    minimum or the maximum (13x faster than isfinite(z).all(), which writes a bool per entry,
+    on the sweep cell's 268 MB Z)."""
+    if z.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(z)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _num_rows(z: ZLike | GroupedZ) -> int:
@@ -1081,12 +1100,14 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         where = "at W = 0" if theta0 is None else "at the starting point"
         raise ValueError(f"the loss {where} is not finite: Z holds NaN or Inf values (in "
                          f"subsets {sorted(set(bad))[:10]})")
-    converged = g.abs().amax(1) <= tol
+    gmax = g.abs().amax(1)  # the gradient's max norm, carried with g
+    converged = gmax <= tol
     n_iter = torch.zeros(S, dtype=torch.int64, device=device)
     # index_select / index_copy_ rather than advanced indexing: those run serially on small
     # tensors, while aten::index opens an OpenMP region (milliseconds on a busy machine).
     ids = (~converged).nonzero().flatten()
     th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
+    gmax = gmax.index_select(0, ids)
     k = len(ids)
     # History slot by slot ([k, P] each, filled in turn): a slot-major list keeps every gather
     # and write on one slot, below the intra-op grain for moderate S * P.
@@ -1127,9 +1148,11 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         d = torch.where(uphill.unsqueeze(1), -sd, d)
         gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
-        gmax0 = g.abs().amax(1)
+        gmax0 = gmax
         step = torch.ones(k, dtype=torch.float64, device=device)
-        new_th, new_f, new_g = th.clone(), f.clone(), g.clone()
+        # The accepted points, copied from the current ones only when some unit step fails
+        # (the common case, all accepted, takes the trial point as it is).
+        new_th = new_f = new_g = new_gmax = None
         pending = torch.ones(k, dtype=torch.bool, device=device)
         p = None  # the pending rows; None = all k
         any_stop = None  # known without a further read when every unit step is accepted
@@ -1143,25 +1166,28 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
                 trial = th.index_select(0, p).addcmul_(st.unsqueeze(1), d.index_select(0, p))
                 ft, gt = evaluate(trial, ids.index_select(0, p))
                 f0, gd0, gm0 = f.index_select(0, p), gd.index_select(0, p), gmax0.index_select(0, p)
+            gmt = gt.abs().amax(1)
             ok = torch.isfinite(ft) & ((ft <= f0 + 1e-4 * st * gd0) | (
                 # Near the optimum the decrease drowns in float64 rounding of f; then a step
                 # that keeps f within rounding and shrinks the gradient is progress too.
-                (ft <= f0 + 1e-14 * f0.abs()) & (gt.abs().amax(1) < gm0)))
+                (ft <= f0 + 1e-14 * f0.abs()) & (gmt < gm0)))
             if p is None:
                 # One host read: is every unit step accepted, and would any problem then meet
                 # the tolerance (the convergence test, below)?
-                all_ok, any_done = torch.stack(
-                    [ok.all(), (gt.abs().amax(1) <= tol).any()]).tolist()
+                all_ok, any_done = torch.stack([ok.all(), (gmt <= tol).any()]).tolist()
                 if all_ok:
-                    new_th, new_f, new_g = trial, ft, gt
+                    new_th, new_f, new_g, new_gmax = trial, ft, gt, gmt
                     pending.zero_()
                     any_stop = bool(any_done)
                     break
+            if new_th is None:
+                new_th, new_f, new_g, new_gmax = th.clone(), f.clone(), g.clone(), gmax.clone()
             rows = ok.nonzero().flatten()
             acc = rows if p is None else p.index_select(0, rows)
             new_th.index_copy_(0, acc, trial.index_select(0, rows))
             new_f.index_copy_(0, acc, ft.index_select(0, rows))
             new_g.index_copy_(0, acc, gt.index_select(0, rows))
+            new_gmax.index_copy_(0, acc, gmt.index_select(0, rows))
             pending.index_fill_(0, acc, False)
             p = pending.nonzero().flatten()
             if len(p) == 0:
@@ -1181,9 +1207,9 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         yy = yv.square() if dg is None else yv.square().mul_(dg)
         gamma = torch.where(good, sy / yy.sum(1).clamp_min(1e-300), gamma)
         pos, filled = (pos + 1) % history, filled + 1
-        th, f, g = new_th, new_f, new_g
+        th, f, g, gmax = new_th, new_f, new_g, new_gmax
         its += (~failed).long()
-        done = g.abs().amax(1) <= tol
+        done = gmax <= tol
         # A failed line search means no decrease is representable any more: stop that subset.
         stop = done | failed
         if any_stop if any_stop is not None else bool(stop.any()):
@@ -1193,8 +1219,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             n_iter.index_copy_(0, where, its.index_select(0, out))
             converged.index_copy_(0, where, done.index_select(0, out))
             keep = (~stop).nonzero().flatten()
-            ids, th, f, g, gamma, its = (
-                t.index_select(0, keep) for t in (ids, th, f, g, gamma, its))
+            ids, th, f, g, gmax, gamma, its = (
+                t.index_select(0, keep) for t in (ids, th, f, g, gmax, gamma, its))
             dg = None if dg is None else dg.index_select(0, keep)
             s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
                                    for hist in (s_hist, y_hist, rho))

@@ -445,7 +445,7 @@ def test_softmax_op_subset_index_reads_picked_subsets():
     torch.library.opcheck(ops.softmax_regression_loss_grad, (z, y, w, b, None, 0.2, pick))
 
 
-@pytest.mark.parametrize("C, H", [(4, 5), (12, 19), (40, 37)])  # the 8-, 16-lane and generic
+@pytest.mark.parametrize("C, H", [(4, 5), (12, 19), (24, 11), (40, 37)])  # lanes, 32-lane, generic
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_op_matches_autograd(C, H, dtype):
     z = torch.randn(2, 300, H, dtype=torch.float64)
@@ -479,10 +479,10 @@ def _softmax_reference(z, y, w, b, sw, l2):
     return loss.detach(), w.grad, b.grad
 
 
-# Every class count of the rows-in-lanes kernel (C <= 8), H below one vector of lanes, at
+# Every class count of the rows-in-lanes kernel (C <= 16), H below one vector of lanes, at
 # 1 (float32) or 2 (float64) vectors, and above the gradient's register block (HC vectors),
 # with a tail; n > 256 and not a multiple of 16 (a partial lane block, several flushes).
-@pytest.mark.parametrize("C", range(1, 9))
+@pytest.mark.parametrize("C", range(1, 17))
 @pytest.mark.parametrize("H", [5, 16, 37, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_lanes_kernel_matches_reference(C, H, dtype):

@@ -149,6 +149,21 @@ def test_grouped_z_fits_each_subset_at_its_own_width():
     assert ridge.risk(gz, z[3, :, 0])[3].item() < 1e-6        # y is a column of subset 3
 
 
+# from_source checks both from one pass (column minima and maxima): an infinity of either
+# sign or a NaN, in a column kept or one dropped, is named as NaN/Inf in its subset.
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("column", [0, 5])          # kept / dropped for subset 2 (A, C)
+def test_grouped_z_names_nan_or_inf_in_any_column(bad, column):
+    z, y, cols = _padded()
+    assert (column in cols[2].tolist()) == (column == 0)
+    z[2, 11, column] = bad
+    with pytest.raises(ValueError, match=r"Z holds NaN or Inf values \(in subsets \[2\]\)"):
+        heads.GroupedZ.from_source(z, cols)
+    src = heads.encoded(lambda xs: z[:, :len(xs[0])], [torch.zeros(z.shape[1], 1)])
+    with pytest.raises(ValueError, match=r"0:90\) holds NaN or Inf values \(in subsets \[2\]"):
+        heads.GroupedZ.from_source(src, cols)
+
+
 def test_grouped_z_checks_what_it_drops_and_spills_over_its_budget(monkeypatch):
     z, y, cols = _padded()
     bad = z.clone()

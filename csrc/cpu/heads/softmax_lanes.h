@@ -1,4 +1,4 @@
-// The rows-in-lanes softmax-regression kernel, for C <= 8 classes (the usual head).
+// The rows-in-lanes softmax-regression kernel, for C <= 16 classes (the usual heads).
 #pragma once
 
 #include "isa.h"
@@ -86,7 +86,10 @@ MMK_INLINE void softmax_subset_lanes(const T* z, int64_t ld, int64_t n, int64_t 
   using V = typename Lanes<T>::V;
   using VU = typename Lanes<T>::VU;
   constexpr int L = Lanes<T>::L;
-  constexpr int HC = 24 / C >= 16 ? 16 : 24 / C >= 8 ? 8 : 24 / C >= 4 ? 4 : 2;
+  // Register budget (32 zmm): the logits hold R rows x C class accumulators (two rows while
+  // 2C + 3 fit, one above 12 classes), the gradient C x HC accumulators (HC = 1 above 12).
+  constexpr int R = C <= 12 ? 2 : 1;
+  constexpr int HC = C > 12 ? 1 : 24 / C >= 16 ? 16 : 24 / C >= 8 ? 8 : 24 / C >= 4 ? 4 : 2;
   constexpr int64_t FLUSH = 256;  // rows between float32 -> float64 flushes
   const int64_t NV = H / L, Hv = NV * L, Ht = H - Hv;
   // Workspace: row partial sums [C][L], gradient accumulators [C][NV] (vectors), bias
@@ -107,9 +110,9 @@ MMK_INLINE void softmax_subset_lanes(const T* z, int64_t ld, int64_t n, int64_t 
   for (int64_t i0 = 0; i0 < n; i0 += L) {
     const int nb = static_cast<int>(std::min<int64_t>(L, n - i0));
     const T* zb = z + i0 * ld;
-    // Logits: partial vectors over h, two rows at a time (2C independent FMA chains).
+    // Logits: partial vectors over h, R rows at a time (R C independent FMA chains).
     int r = 0;
-    for (; r + 2 <= nb; r += 2) {
+    for (; R == 2 && r + 2 <= nb; r += 2) {
       const T* z0 = zb + r * ld;
       const T* z1 = z0 + ld;
       V a0[C], a1[C];

@@ -1,4 +1,4 @@
-// The padded softmax-regression kernel, for 9..32 classes: classes in the vector lanes.
+// The padded softmax-regression kernel, for 17..32 classes: classes in the vector lanes.
 #pragma once
 
 #include "isa.h"

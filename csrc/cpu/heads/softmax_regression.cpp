@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   if (sample_weight.has_value()) sw = sample_weight->to(acc).contiguous();
   at::Tensor zc = select_first ? z.index_select(0, index).to(acc) : z.to(acc);
   if (zc.stride(2) != 1) zc = zc.contiguous();
-  // Weights in the kernel's layout: [K, H, CP] zero-padded, or [K, C, H] for large C.
+  // Weights in the kernel's layout: [K, H, CP] zero-padded (17..32 classes), or [K, C, H].
   at::Tensor wl;
   if (CP) {
     wl = at::zeros({K, H, CP}, w.options());

@@ -41,7 +41,8 @@ RidgeCV on the same folds), all subsets and folds of a group in one batched solv
   default tol 1e-6 for float64 Z and 1e-4 for float32/bfloat16 Z (sklearn's default; the loss
   and gradient are computed in float32 then). Each evaluation is the fused native op
   mmkernels::softmax_regression_loss_grad (logits, softmax, loss and gradient in one pass over
-  Z; for C <= 16 rows sit in the vector lanes for the softmax, see csrc/cpu/heads/softmax_lanes.h).
+  Z; for C <= 16 (C <= 8 without AVX-512) rows sit in the vector lanes for the softmax, see
+  csrc/cpu/heads/softmax_lanes.h).
   Why this solver, and how it uses threads (results depend on the thread count only through
   the op's summation order): docs/heads.md.
 

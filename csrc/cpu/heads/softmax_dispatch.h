@@ -1,9 +1,10 @@
 // softmax_subset: one subset's softmax-regression loss and gradient, by the kernel family for
 // its class count, in the widest instruction set this CPU runs (isa.h).
 //
-// Families: rows in vector lanes for C <= 16 (softmax_lanes.h), classes in 32 padded lanes
-// for C <= 32 (softmax_padded.h), the generic body above (softmax_generic.h). Each
-// family is compiled three times, for SSE2, AVX2+FMA and AVX-512, and picked at run time.
+// Families: rows in vector lanes for C <= 16 with AVX-512, else C <= 8 (softmax_lanes.h),
+// classes in 16 or 32 padded lanes for the rest up to C = 32 (softmax_padded.h), the generic
+// body above (softmax_generic.h). Each family is compiled three times, for SSE2, AVX2+FMA and
+// AVX-512, and picked at run time.
 #pragma once
 
 #include "isa.h"
@@ -15,11 +16,18 @@
 
 namespace mmkernels::cpu {
 
-// Lanes of the padded layout for C classes; 0 = the [C, H] layout (the rows-in-lanes kernel
-// for C <= 16, the generic body above 32). The op lays the weights out by it. The padded
+// Lanes of the padded layout for C classes; 0 = the [C, H] layout (the rows-in-lanes kernel,
+// or the generic body above 32). The op lays the weights out by it. With AVX-512 the padded
 // kernel at 9..16 classes (16 lanes) wasted up to 7/16 of each vector and ran a scalar exp
-// per class and row: at C = 10 it took 1.8x the rows-in-lanes kernel's time per class at C = 8.
-inline int64_t padded_lanes(int64_t C) { return C <= 16 ? 0 : C <= 32 ? 32 : 0; }
+// per class and row: at C = 10 it took 1.8x the rows-in-lanes kernel's time per class at C = 8,
+// so rows-in-lanes takes up to 16 classes there. Without AVX-512 (16 vector registers, not
+// 32) its 9..16-class accumulators would spill, and that case has not been measured: those
+// CPUs keep the padded kernel.
+inline int64_t padded_lanes(int64_t C) {
+  if (C <= 8) return 0;
+  if (C <= 16) return cpu_has_avx512() ? 0 : 16;
+  return C <= 32 ? 32 : 0;
+}
 
 template <typename T>
 MMK_INLINE void softmax_subset_lanes_any(const T* z, int64_t ld, int64_t n, int64_t H,
@@ -42,6 +50,7 @@ MMK_INLINE void softmax_subset_any(const T* z, int64_t ld, int64_t n, int64_t H,
                                    const T* w, const T* b, const int64_t* y, const T* sw,
                                    double* loss, double* gw, double* gb) {
   switch (padded_lanes(C)) {
+    case 16: return softmax_subset_padded<T, 16>(z, ld, n, H, C, w, b, y, sw, loss, gw, gb);
     case 32: return softmax_subset_padded<T, 32>(z, ld, n, H, C, w, b, y, sw, loss, gw, gb);
     default: return softmax_subset_lanes_any<T>(z, ld, n, H, C, w, b, y, sw, loss, gw, gb);
   }

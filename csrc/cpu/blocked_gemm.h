@@ -111,36 +111,6 @@ MMKERNELS_AVX512_BF16 void transpose_avx512(const float* const* rows, int64_t co
   }
 }
 
-// pack_vnni below, 16 row pairs' columns per permute: out[2n] = a[n], out[2n + 1] = b[n].
-alignas(64) inline constexpr uint16_t kPairsLo[32] = {
-    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-alignas(64) inline constexpr uint16_t kPairsHi[32] = {
-    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-
-MMKERNELS_AVX512_BF16 inline void pack_vnni_avx512(const BFloat16* const* rows, int64_t depth,
-                                                   int64_t width, int64_t ld, BFloat16* out) {
-  const __m512i vlo = _mm512_load_si512(kPairsLo), vhi = _mm512_load_si512(kPairsHi);
-  for (int64_t p = 0; p < depth; p += 2) {
-    BFloat16* dst = out + p * ld;
-    for (int64_t n0 = 0; n0 < width; n0 += 32) {
-      const int64_t left = std::min<int64_t>(32, width - n0);
-      const __mmask32 m = left == 32 ? ~(__mmask32)0 : (((__mmask32)1 << left) - 1);
-      const __m512i a = _mm512_maskz_loadu_epi16(m, rows[p] + n0);
-      const __m512i b = _mm512_maskz_loadu_epi16(m, rows[p + 1] + n0);
-      // Two stores of up to 16 interleaved pairs each, exactly the 2 * width values.
-      const int64_t first = std::min<int64_t>(16, left), second = left - first;
-      const __mmask32 m0 = first == 16 ? ~(__mmask32)0 : (((__mmask32)1 << (2 * first)) - 1);
-      _mm512_mask_storeu_epi16(dst + 2 * n0, m0, _mm512_permutex2var_epi16(a, vlo, b));
-      if (second > 0) {
-        const __mmask32 m1 = second == 16 ? ~(__mmask32)0 : (((__mmask32)1 << (2 * second)) - 1);
-        _mm512_mask_storeu_epi16(dst + 2 * n0 + 32, m1, _mm512_permutex2var_epi16(a, vhi, b));
-      }
-    }
-  }
-}
-
 #endif
 
 // dst = src in T (bfloat16: rounded to nearest even).
@@ -171,10 +141,6 @@ void transpose(const float* const* rows, int64_t count, int64_t ncols, T* A, int
 // interleaved. rows[i] points at row i's first column of the block; depth is even.
 inline void pack_vnni(const BFloat16* const* rows, int64_t depth, int64_t width, int64_t ld,
                       BFloat16* out) {
-#if defined(MMKERNELS_AVX512_BF16)
-  // available() implies AVX512-BF16, and this packing runs only on the blocked path.
-  return pack_vnni_avx512(rows, depth, width, ld, out);
-#endif
   auto* dst = reinterpret_cast<uint16_t*>(out);
   for (int64_t p = 0; p < depth; p += 2, dst += 2 * ld) {
     const auto* a = reinterpret_cast<const uint16_t*>(rows[p]);
@@ -308,7 +274,7 @@ at::Tensor backward_rows(const at::Tensor& R, const at::Tensor& w, const at::Ten
   auto task = [&](int64_t t) {
     TileRelease release;
     std::vector<T> a(kRowBlock * Kw), At(ncols * kDepthBlock);
-    std::vector<T> Bblk(kDepthBlock * round_up(std::max<int64_t>(d, 1), kColBlock));
+    std::vector<T> Bblk(kDepthBlock * std::max(d, kColBlock));
     std::vector<float> c(kRowBlock * d);
     std::vector<const float*> r_rows(kDepthBlock);
     std::vector<const T*> x_rows(kDepthBlock);
@@ -362,19 +328,13 @@ at::Tensor backward_rows(const at::Tensor& R, const at::Tensor& w, const at::Ten
         std::fill(At.data() + c0 * depth + count, At.data() + (c0 + 1) * depth, T(0.f));
       for (int64_t i = count; i < depth; ++i) x_rows[i] = zeros.data();
       if constexpr (is_bf16<T>) {
-        // All of the block's column blocks packed pair by pair, so that each row of x is read
-        // once, front to back; then one ukernel call per column block.
-        for (int64_t p = 0; p < depth; p += 2)
-          for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-            const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
-            const T* pair[2] = {x_rows[p] + (p < count ? n0 : 0),
-                                x_rows[p + 1] + (p + 1 < count ? n0 : 0)};
-            pack_vnni(pair, 2, width, ld, Bblk.data() + n0 * depth + p * ld);
-          }
         for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
           const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
+          std::vector<const T*> cols(depth);
+          for (int64_t i = 0; i < depth; ++i) cols[i] = x_rows[i] + (i < count ? n0 : 0);
+          pack_vnni(cols.data(), depth, width, ld, Bblk.data());
           at::native::cpublas::brgemm(ncols, width, depth, depth, ld, d, true, At.data(),
-                                      Bblk.data() + n0 * depth, C + n0, true);
+                                      Bblk.data(), C + n0, true);
         }
       } else {
         for (int64_t i = 0; i < depth; ++i) std::memcpy(Bblk.data() + i * d, x_rows[i], d * sizeof(T));

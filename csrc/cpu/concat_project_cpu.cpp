@@ -64,7 +64,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
   const auto ops = concat_operands(p, xs, weight, acc_type(xs[0].scalar_type()));
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, H,
                                       std::vector<int64_t>(p.K, 0), output_mask[0],
-                                      output_mask[1]);
+                                      output_mask[1], /*need_colsum=*/true);
   at::Tensor grad_w = at::empty({0}, weight.options()), grad_b = at::empty({0}, weight.options());
   if (output_mask[1]) grad_w = concat_unstack(p, res.grad_stack, weight);
   if (output_mask[2]) {

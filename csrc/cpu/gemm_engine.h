@@ -90,6 +90,20 @@ inline void activation_grad(acc_t* __restrict__ d, acc_t* __restrict__ colsum,
   add_into(colsum, d, n);
 }
 
+// d = act'(out) * grad_out, or d += that when accumulating.
+template <typename scalar_t, typename acc_t>
+inline void activation_grad_into(acc_t* __restrict__ d, const scalar_t* __restrict__ grad,
+                                 const scalar_t* __restrict__ out, int64_t n, bool relu,
+                                 bool accumulate) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (rows::activation_grad_into(d, grad, out, n, relu, accumulate)) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(grad[i]), o = static_cast<acc_t>(out[i]);
+    const acc_t v = !relu || o > acc_t(0) ? g : acc_t(0);
+    d[i] = accumulate ? d[i] + v : v;
+  }
+}
+
 // Modality k as a GEMM operand: its rows, and its weight blocks stacked as [ncols, d_k].
 struct Operand {
   at::Tensor x;         // [B, d_k], input dtype, contiguous
@@ -352,17 +366,24 @@ struct BackwardResult {
   std::vector<at::Tensor> grad_x;      // [B, d_k] in the input dtype (empty when not needed)
   std::vector<at::Tensor> grad_stack;  // [ncols_k, d_k] in the accumulation dtype
   std::vector<at::Tensor> grad_rows;   // R_k: [rows_k, ncols_k], absent rows zero or absent
-  at::Tensor grad_colsum;              // [S, width]: column sums of act'(out) * grad_out
+  at::Tensor grad_colsum;              // [S, width]: column sums of act'(out) * grad_out,
+                                       // undefined unless asked for
 };
 
 // The backward of both ops. `grad_out` and `out` are [S, B, width] (S = 1 without subsets);
 // modality k's block j collects, from the columns [col_offset[k], + widths[k]) of every
 // member subset of the block, act'(out) * grad_out on the rows where k is present.
+// With need_colsum (concat_project's bias sees every row and column) the pass computes
+// act'(out) * grad_out over all of grad_out once, into a row buffer; without it (project_concat)
+// it reads only the columns and rows that feed some R_k, and writes them straight into R_k:
+// with subsets, a subset pads its unused modalities' blocks with zero columns, often half of
+// grad_out.
 template <typename scalar_t>
 BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
                               const c10::optional<at::Tensor>& sample_mask,
                               const at::Tensor& grad_out, const at::Tensor& out, int64_t width,
-                              const std::vector<int64_t>& col_offset, bool need_x, bool need_w) {
+                              const std::vector<int64_t>& col_offset, bool need_x, bool need_w,
+                              bool need_colsum) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowSelection sel = select_rows(p, ops, sample_mask);
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -378,10 +399,35 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   const scalar_t* optr = o.data_ptr<scalar_t>();
   const int64_t B = p.B, S = p.S, tasks = num_tasks(B);
   const bool relu = p.relu;
-  at::Tensor colsum = at::zeros({tasks, S * width}, acc_opts);
+  at::Tensor colsum = need_colsum ? at::zeros({tasks, S * width}, acc_opts) : at::Tensor();
+
+  // Row b's blocks of R_k straight from grad_out and out.
+  auto direct_row = [&](int64_t b) {
+    for (int64_t k = 0; k < p.K; ++k) {
+      acc_t* r = view.row(k, b);
+      if (!r) continue;
+      const int64_t Hk = p.widths[k];
+      if (!view.present(k, b)) {
+        std::fill(r, r + ops[k].ncols(), acc_t(0));
+        continue;
+      }
+      for (size_t j = 0; j < p.members[k].size(); ++j) {
+        acc_t* dst = r + j * Hk;
+        const auto& subsets = p.members[k][j];
+        if (subsets.empty()) std::fill(dst, dst + Hk, acc_t(0));
+        for (size_t m = 0; m < subsets.size(); ++m) {
+          const int64_t off = (subsets[m] * B + b) * width + col_offset[k];
+          activation_grad_into(dst, gptr + off, optr + off, Hk, relu, m > 0);
+        }
+      }
+    }
+  };
 
   // With no output columns every R_k has none either: no row to visit (B may be huge).
-  if (S * width > 0) for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+  if (S * width > 0 && !need_colsum) for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) direct_row(b);
+  });
+  if (S * width > 0 && need_colsum) for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
     std::vector<acc_t> dz(S * width);
     acc_t* cs = colsum[t].data_ptr<acc_t>();
     for (int64_t b = r0; b < r1; ++b) {
@@ -439,7 +485,7 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
             : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
   }
   res.grad_rows = R;
-  res.grad_colsum = colsum.sum(0).view({S, width});  // fixed reduction order over tasks
+  if (need_colsum) res.grad_colsum = colsum.sum(0).view({S, width});  // fixed order over tasks
   return res;
 }
 

@@ -70,7 +70,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   const auto acc = acc_type(xs[0].scalar_type());
   const auto ops = project_operands(p, xs, weights, acc);
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, output_width(p, false),
-                                      p.offsets, output_mask[0], output_mask[1]);
+                                      p.offsets, output_mask[0], output_mask[1],
+                                      /*need_colsum=*/false);
   std::vector<at::Tensor> grad_ws, grad_bs;
   for (int64_t k = 0; k < p.K; ++k) {
     if (output_mask[1]) grad_ws.push_back(project_unstack(p, res.grad_stack[k], weights[k], k));

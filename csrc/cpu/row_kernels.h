@@ -97,6 +97,25 @@ MMKERNELS_ROW_AVX512 inline void activation_grad_avx512(float* d, float* colsum,
   }
 }
 
+// d = act'(out) * grad, or d += that when accumulating (then the same additions, in the same
+// order, as a store into a buffer followed by add_avx512).
+template <typename scalar_t>
+MMKERNELS_ROW_AVX512 inline void activation_grad_into_avx512(float* d, const scalar_t* grad,
+                                                             const scalar_t* out, int64_t n,
+                                                             bool act, bool accumulate) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    __m512 g = load_as_float(grad + i, m);
+    if (act) {
+      const __mmask16 on = _mm512_cmp_ps_mask(load_as_float(out + i, m), _mm512_setzero_ps(),
+                                              _CMP_GT_OQ);
+      g = _mm512_maskz_mov_ps(on, g);
+    }
+    if (accumulate) g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i), g);
+    _mm512_mask_storeu_ps(d + i, m, g);
+  }
+}
+
 #endif
 
 // dst += src.
@@ -128,6 +147,17 @@ inline bool activation_grad(float* d, float* colsum, const scalar_t* grad, const
 #if defined(MMKERNELS_ROW_AVX512)
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>)
     if (has_avx512()) return activation_grad_avx512(d, colsum, grad, out, n, relu), true;
+#endif
+  return false;
+}
+
+// d = act'(out) * grad (no column sums), or d += that when accumulating.
+template <typename scalar_t>
+inline bool activation_grad_into(float* d, const scalar_t* grad, const scalar_t* out, int64_t n,
+                                 bool relu, bool accumulate) {
+#if defined(MMKERNELS_ROW_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, BFloat16>)
+    if (has_avx512()) return activation_grad_into_avx512(d, grad, out, n, relu, accumulate), true;
 #endif
   return false;
 }

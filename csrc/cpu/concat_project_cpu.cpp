@@ -28,7 +28,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
   at::Tensor out = at::empty(output_shape(p, true), xs[0].options());
   const int64_t B = p.B, H = p.widths[0];
   if (out.numel() == 0) return out;
-  const auto acc = acc_type(xs[0].scalar_type());
+  const auto acc = accumulation_dtype(xs[0].scalar_type());
   const auto ops = concat_operands(p, xs, weight, acc);
   at::Tensor bias_acc;
   const acc_t* bptr = nullptr;
@@ -61,7 +61,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& weight, const c10::optional<at::Tensor>& sample_mask,
     std::array<bool, 3> output_mask) {
   const int64_t H = p.widths[0];
-  const auto ops = concat_operands(p, xs, weight, acc_type(xs[0].scalar_type()));
+  const auto ops = concat_operands(p, xs, weight, accumulation_dtype(xs[0].scalar_type()));
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, H,
                                       std::vector<int64_t>(p.K, 0), output_mask[0],
                                       output_mask[1], /*need_colsum=*/true);

@@ -24,6 +24,7 @@
 #include "blocked_gemm.h"
 #include "row_kernels.h"
 
+#include <mmkernels/accumulation.h>
 #include <mmkernels/fusion_plan.h>
 
 #include <ATen/ATen.h>
@@ -37,10 +38,6 @@
 #include <vector>
 
 namespace mmkernels::cpu {
-
-inline at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // A modality present in at most this fraction of the samples is gathered before its GEMMs
 // (MKL path): copying the present rows costs less than the GEMM work on the absent ones it

@@ -27,7 +27,7 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
   at::Tensor out = at::empty(output_shape(p, false), xs[0].options());
   if (out.numel() == 0) return out;
   const int64_t B = p.B, width = output_width(p, false);
-  const auto acc = acc_type(xs[0].scalar_type());
+  const auto acc = accumulation_dtype(xs[0].scalar_type());
   const auto ops = project_operands(p, xs, weights, acc);
   std::vector<at::Tensor> bias_stacks(p.K);
   std::vector<const acc_t*> bptr(p.K, nullptr);
@@ -67,7 +67,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const FusionPlan& p, const at::Tensor& grad_out, const at::Tensor& out, at::TensorList xs,
     at::TensorList weights, const c10::optional<at::Tensor>& sample_mask,
     std::array<bool, 3> output_mask) {
-  const auto acc = acc_type(xs[0].scalar_type());
+  const auto acc = accumulation_dtype(xs[0].scalar_type());
   const auto ops = project_operands(p, xs, weights, acc);
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, output_width(p, false),
                                       p.offsets, output_mask[0], output_mask[1],

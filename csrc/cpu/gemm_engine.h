@@ -398,31 +398,35 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   const bool relu = p.relu;
   at::Tensor colsum = need_colsum ? at::zeros({tasks, S * width}, acc_opts) : at::Tensor();
 
-  // Row b's blocks of R_k straight from grad_out and out.
-  auto direct_row = [&](int64_t b) {
+  // Row b of every R_k: zero where k is absent, else block j the sum over its member subsets
+  // (in member order) of what put(dst, s, k, add) stores or adds: act'(out) * grad_out of
+  // subset s's columns of k in row b.
+  auto build_row = [&](int64_t b, auto&& put) {
     for (int64_t k = 0; k < p.K; ++k) {
       acc_t* r = view.row(k, b);
       if (!r) continue;
-      const int64_t Hk = p.widths[k];
       if (!view.present(k, b)) {
         std::fill(r, r + ops[k].ncols(), acc_t(0));
         continue;
       }
       for (size_t j = 0; j < p.members[k].size(); ++j) {
-        acc_t* dst = r + j * Hk;
+        acc_t* dst = r + j * p.widths[k];
         const auto& subsets = p.members[k][j];
-        if (subsets.empty()) std::fill(dst, dst + Hk, acc_t(0));
-        for (size_t m = 0; m < subsets.size(); ++m) {
-          const int64_t off = (subsets[m] * B + b) * width + col_offset[k];
-          activation_grad_into(dst, gptr + off, optr + off, Hk, relu, m > 0);
-        }
+        if (subsets.empty()) std::fill(dst, dst + p.widths[k], acc_t(0));
+        for (size_t m = 0; m < subsets.size(); ++m) put(dst, subsets[m], k, m > 0);
       }
     }
   };
 
   // With no output columns every R_k has none either: no row to visit (B may be huge).
+  // Without column sums (project_concat), straight from grad_out and out, reading only the
+  // blocks some R_k takes; with them (concat_project), every column once into a row buffer.
   if (S * width > 0 && !need_colsum) for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t b = r0; b < r1; ++b) direct_row(b);
+    for (int64_t b = r0; b < r1; ++b)
+      build_row(b, [&](acc_t* dst, int64_t s, int64_t k, bool add) {
+        const int64_t off = (s * B + b) * width + col_offset[k];
+        activation_grad_into(dst, gptr + off, optr + off, p.widths[k], relu, add);
+      });
   });
   if (S * width > 0 && need_colsum) for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
     std::vector<acc_t> dz(S * width);
@@ -431,25 +435,11 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
       for (int64_t s = 0; s < S; ++s)
         activation_grad(dz.data() + s * width, cs + s * width, gptr + (s * B + b) * width,
                         optr + (s * B + b) * width, width, relu);
-      for (int64_t k = 0; k < p.K; ++k) {
-        acc_t* r = view.row(k, b);
-        if (!r) continue;
-        const int64_t Hk = p.widths[k];
-        if (!view.present(k, b)) {
-          std::fill(r, r + ops[k].ncols(), acc_t(0));
-          continue;
-        }
-        for (size_t j = 0; j < p.members[k].size(); ++j) {
-          acc_t* dst = r + j * Hk;
-          const auto& subsets = p.members[k][j];
-          if (subsets.empty()) std::fill(dst, dst + Hk, acc_t(0));
-          for (size_t m = 0; m < subsets.size(); ++m) {
-            const acc_t* src = dz.data() + subsets[m] * width + col_offset[k];
-            if (m == 0) std::copy(src, src + Hk, dst);
-            else add_into(dst, src, Hk);
-          }
-        }
-      }
+      build_row(b, [&](acc_t* dst, int64_t s, int64_t k, bool add) {
+        const acc_t* src = dz.data() + s * width + col_offset[k];
+        if (add) add_into(dst, src, p.widths[k]);
+        else std::copy(src, src + p.widths[k], dst);
+      });
     }
   });
 

@@ -80,18 +80,23 @@ MMKERNELS_ROW_AVX512 inline __m512 load_as_float(const scalar_t* p, __mmask16 m)
   else return load_bf16(p, m);
 }
 
+// act'(out) * grad for the lanes m of grad and out: grad where out > 0 (relu), else grad.
+template <typename scalar_t>
+MMKERNELS_ROW_AVX512 inline __m512 activated_grad(const scalar_t* grad, const scalar_t* out,
+                                                  __mmask16 m, bool act) {
+  const __m512 g = load_as_float(grad, m);
+  if (!act) return g;
+  return _mm512_maskz_mov_ps(
+      _mm512_cmp_ps_mask(load_as_float(out, m), _mm512_setzero_ps(), _CMP_GT_OQ), g);
+}
+
 template <typename scalar_t>
 MMKERNELS_ROW_AVX512 inline void activation_grad_avx512(float* d, float* colsum,
                                                         const scalar_t* grad, const scalar_t* out,
                                                         int64_t n, bool act) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    __m512 g = load_as_float(grad + i, m);
-    if (act) {
-      const __mmask16 on = _mm512_cmp_ps_mask(load_as_float(out + i, m), _mm512_setzero_ps(),
-                                              _CMP_GT_OQ);
-      g = _mm512_maskz_mov_ps(on, g);
-    }
+    const __m512 g = activated_grad(grad + i, out + i, m, act);
     _mm512_mask_storeu_ps(d + i, m, g);
     _mm512_mask_storeu_ps(colsum + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, colsum + i), g));
   }
@@ -105,12 +110,7 @@ MMKERNELS_ROW_AVX512 inline void activation_grad_into_avx512(float* d, const sca
                                                              bool act, bool accumulate) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    __m512 g = load_as_float(grad + i, m);
-    if (act) {
-      const __mmask16 on = _mm512_cmp_ps_mask(load_as_float(out + i, m), _mm512_setzero_ps(),
-                                              _CMP_GT_OQ);
-      g = _mm512_maskz_mov_ps(on, g);
-    }
+    __m512 g = activated_grad(grad + i, out + i, m, act);
     if (accumulate) g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i), g);
     _mm512_mask_storeu_ps(d + i, m, g);
   }

@@ -1,8 +1,10 @@
 """Plain-PyTorch implementations of every op: the test oracle and the benchmarks' baseline.
 
 They follow the design literally: build the masked concatenation, apply nn.functional.linear
-and the activation, and loop over subsets. The modules at the end are one subset's model of a
-SubsetEnsemble as plain nn.Linear layers (SubsetEnsemble.subset_model builds them).
+and the activation, and loop over subsets; the head-refit ops (gram,
+softmax_regression_loss_grad) build the intercept column and use autograd. The modules at the
+end are one subset's model of a SubsetEnsemble as plain nn.Linear layers
+(SubsetEnsemble.subset_model builds them).
 "Absent" is a zero block, chosen with torch.where so that whatever an absent row holds (even
 NaN or Inf) reaches neither the result nor a gradient: absent rows are selected out before any
 product, never multiplied by zero (0 * NaN is NaN).
@@ -16,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["concat_project", "project_concat", "presence", "MaskedConcat", "MaskedLateEncoder",
-           "SubsetModel"]
+__all__ = ["concat_project", "project_concat", "presence", "gram",
+           "softmax_regression_loss_grad", "MaskedConcat", "MaskedLateEncoder", "SubsetModel"]
 
 
 def _activate(z: Tensor, activation: str) -> Tensor:
@@ -108,6 +110,36 @@ def project_concat(
                       [*xs, *weights, *(biases or [])])
     return outs[0] if subset_mask is None else torch.stack(outs)
 
+
+
+def gram(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """mmkernels::gram: per subset the intercept-augmented Gram (A^T A [S, H+1, H+1]) and
+    A^T y ([S, H+1, T]) with A = [z_s, 1], for z [S, n, H] and y [n, T]; in z's dtype."""
+    a = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=z.dtype, device=z.device)], 2)
+    return a.transpose(1, 2) @ a, a.transpose(1, 2) @ y.to(z.dtype)
+
+
+def softmax_regression_loss_grad(
+    z: Tensor, y: Tensor, w: Tensor, b: Tensor, sample_weight: Tensor | None, l2: float,
+    subset_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mmkernels::softmax_regression_loss_grad, in z's dtype, by autograd: for each subset s of
+    ``subset_index`` (every subset when None), with logits z_s W_s + b_s ([n, C]),
+    loss_s = sum_i sw_i CE(logits_i, y_i) + l2 / 2 ||W_s||^2 (sw = 1 when sample_weight is
+    None), and its gradient with respect to W [k, H, C] and b [k, C]. Returns (loss [k],
+    grad_w, grad_b)."""
+    zs = z if subset_index is None else z.index_select(0, subset_index)
+    w = w.detach().to(z.dtype).requires_grad_(True)
+    b = b.detach().to(z.dtype).requires_grad_(True)
+    k, n = zs.shape[:2]
+    weight = torch.ones(n, dtype=z.dtype, device=z.device) if sample_weight is None \
+        else sample_weight.to(z.dtype)
+    with torch.enable_grad():
+        logp = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), zs, w), dim=2)
+        ce = -logp.gather(2, y.expand(k, n).unsqueeze(2)).squeeze(2)
+        loss = (ce * weight).sum(1) + 0.5 * l2 * w.square().sum((1, 2))
+        grad_w, grad_b = torch.autograd.grad(loss.sum(), [w, b])
+    return loss.detach(), grad_w, grad_b
 
 # ---- the plain-PyTorch per-subset model (SubsetEnsemble.subset_model; the equivalence oracle)
 

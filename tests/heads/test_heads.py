@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression, Ridge
 
 import mmkernels  # noqa: F401  (registers the ops)
-from mmkernels import heads
+from mmkernels import heads, reference
 
 ops = torch.ops.mmkernels
 FAST = settings(max_examples=8, deadline=None)
@@ -467,16 +467,9 @@ def test_softmax_op_matches_autograd(C, H, dtype):
 
 
 def _softmax_reference(z, y, w, b, sw, l2):
-    """Plain PyTorch, float64, autograd: sum_i sw_i CE + l2/2 ||W||^2 and its gradient."""
-    z, w, b, sw = (t.detach().double() for t in (z, w, b, sw))
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    S, n = z.shape[:2]
-    logp = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), z, w), dim=2)
-    ce = -logp.gather(2, y.expand(S, n).unsqueeze(2)).squeeze(2)
-    loss = (ce * sw).sum(1) + 0.5 * l2 * w.square().sum((1, 2))
-    loss.sum().backward()
-    return loss.detach(), w.grad, b.grad
+    """mmkernels.reference's op in float64."""
+    return reference.softmax_regression_loss_grad(z.double(), y, w.double(), b.double(),
+                                                  sw.double(), l2)
 
 
 # Every class count of the rows-in-lanes kernel (C <= 16), H below one vector of lanes, at

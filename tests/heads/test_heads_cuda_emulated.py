@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import assert_matches_oracle
 
+from mmkernels import reference
+
 ACC = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
 
 
@@ -28,8 +30,7 @@ def _z(gen: torch.Generator, S: int, n: int, H: int, dtype: torch.dtype, layout:
 
 
 def _gram_reference(z: torch.Tensor, y2: torch.Tensor, dtype: torch.dtype):
-    A = torch.cat([z.to(dtype), torch.ones(*z.shape[:2], 1, dtype=dtype)], 2)
-    return A.transpose(1, 2) @ A, A.transpose(1, 2) @ y2.to(dtype)
+    return reference.gram(z.to(dtype), y2)
 
 
 @st.composite
@@ -75,17 +76,10 @@ def test_gram_does_not_depend_on_timing_only_on_the_split() -> None:
 
 
 def _softmax_reference(z, y, w, b, sw, l2, index, dtype):
-    """Plain PyTorch with autograd in `dtype`: sum_i sw_i CE + l2/2 ||W||^2 and its gradient."""
-    zs = (z if index is None else z.index_select(0, index)).to(dtype)
-    w = w.detach().to(dtype).requires_grad_(True)
-    b = b.detach().to(dtype).requires_grad_(True)
-    K, n = zs.shape[:2]
-    logp = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), zs, w), dim=2)
-    ce = -logp.gather(2, y.expand(K, n).unsqueeze(2)).squeeze(2)
-    weight = torch.ones(n, dtype=dtype) if sw is None else sw.to(dtype)
-    loss = (ce * weight).sum(1) + 0.5 * l2 * w.square().sum((1, 2))
-    loss.sum().backward()
-    return loss.detach(), w.grad, b.grad
+    """mmkernels.reference's op with every floating input in `dtype`."""
+    return reference.softmax_regression_loss_grad(
+        z.to(dtype), y, w.to(dtype), b.to(dtype), None if sw is None else sw.to(dtype), l2,
+        index)
 
 
 @st.composite

@@ -344,8 +344,10 @@ class SubsetEnsemble(nn.Module):
       early: enc_weight [S, H, D], enc_bias [S, H];
       late:  enc_weights[k] [S, H_k, d_k], enc_biases[k] [S, H_k];
       head_weight [S, C, L], head_bias [S, C] with L = H (early) or sum H_k (late).
-    The forward pass is one concat_project / project_concat with ``subset_mask`` and a
-    torch.baddbmm for the heads: output [S, B, C].
+    The forward pass, early fusion: one concat_project with ``subset_mask`` and a torch.baddbmm
+    for the heads; late fusion: per modality, one project_concat over the subsets that use it
+    and a torch.bmm with their heads' columns, summed into each subset's logits (the padded
+    latent of ``encode`` is never built). Output [S, B, C].
 
     Initialisation: each subset's layers are initialised exactly as separate nn.Linear layers
     would be (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight, then bias), with draws from a

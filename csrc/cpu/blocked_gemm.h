@@ -21,6 +21,8 @@
 // engine uses MKL and converts bfloat16 to float32.
 #pragma once
 
+#include "row_kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -218,130 +220,186 @@ const T* load_rows(const T* x, int64_t d, int64_t Kp, const int64_t* rows, int64
   return scratch;
 }
 
-// T[i] = x[rows ? rows[i] : i] @ w^T for i in [0, T.size(0)): x [B, d] in T contiguous,
-// w [ncols, d] (any floating dtype), T [n, ncols] float32 contiguous; blocks of rows in
-// parallel.
+// Row i of x (x[rows[i]] when rows are listed) times w^T, for the row ranges a caller asks for:
+// the engine's forward runs it band by band, each band's results still in cache when its
+// epilogue reads them. x [B, d] in T contiguous, w [ncols, d] in any floating dtype.
 template <typename T>
-void project_rows(const at::Tensor& x, const int64_t* rows, const at::Tensor& w, at::Tensor& out) {
-  const PackedB<T> B(w.t());
-  const int64_t n = out.size(0), d = x.size(1);
-  if (n == 0 || B.N == 0) return;
-  if (B.Kp == 0) {  // no depth (d = 0): empty sums, and the ukernel refuses an empty depth
-    out.zero_();
-    return;
-  }
-  const T* xp = x.data_ptr<T>();
-  float* op = out.data_ptr<float>();
-  const int64_t nblocks = (n + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, nblocks, kMinRows / kRowBlock, [&](int64_t b0, int64_t b1) {
-    TileRelease release;
-    std::vector<T> scratch(kRowBlock * B.Kp);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kRowBlock, m = std::min(kRowBlock, n - i0);
-      multiply(m, load_rows(xp, d, B.Kp, rows, i0, m, scratch.data()), B.Kp, B,
-               op + i0 * B.N, B.N);
-    }
-  });
-}
+class RowProjector {
+ public:
+  RowProjector(const at::Tensor& x, const int64_t* rows, const at::Tensor& w)
+      : B_(w.t()), x_(x.data_ptr<T>()), d_(x.size(1)), rows_(rows) {}
 
-// The backward of one modality in one pass over R's rows (R [n, ncols] float32 contiguous,
-// row i standing for sample x_i = index[i], or i when index is null):
+  // Scratch (in T) one call needs.
+  int64_t scratch_size() const { return kRowBlock * B_.Kp; }
+
+  // out[i - i0] = row i @ w^T for i in [i0, i1); out float32 with leading dimension ldo.
+  void operator()(int64_t i0, int64_t i1, float* out, int64_t ldo, T* scratch) const {
+    if (B_.N == 0) return;
+    if (B_.Kp == 0) {  // no depth (d = 0): empty sums, and the ukernel refuses an empty depth
+      for (int64_t i = i0; i < i1; ++i) std::fill(out + (i - i0) * ldo, out + (i - i0) * ldo + B_.N, 0.f);
+      return;
+    }
+    for (int64_t s = i0; s < i1; s += kRowBlock) {
+      const int64_t m = std::min(kRowBlock, i1 - s);
+      multiply(m, load_rows(x_, d_, B_.Kp, rows_, s, m, scratch), B_.Kp, B_, out + (s - i0) * ldo,
+               ldo);
+    }
+  }
+
+ private:
+  PackedB<T> B_;
+  const T* x_;
+  int64_t d_;
+  const int64_t* rows_;
+};
+
+// Columns of R per group in the backward: a group's rows of R [kDepthBlock, kColGroup] and its
+// weight-gradient block [kColGroup, d] stay in cache while the band is multiplied.
+constexpr int64_t kColGroup = 512;
+
+struct BackwardParts {
+  at::Tensor grad_stack;  // [ncols, d] float32
+  at::Tensor row_sum;     // [ncols] float32: the sums of R's rows, undefined unless asked for
+};
+
+// The backward of one modality in one pass over R's rows (R [n, ncols] float32, row i
+// standing for sample x_i = index[i], or i when index is null). R need not exist in memory:
+// `source(i0, m, c0, c1, buf, &ld)` returns a pointer to its rows [i0, i0 + m), columns
+// [c0, c1), with leading dimension ld, either into R itself or into buf ([m, c1 - c0], which it
+// then fills), so R can be built band by band in cache.
 // - when grad_x is given ([B, d] in T, contiguous): grad_x[x_i] = R[i] @ w, and zeros in the
 //   rows no R row stands for;
-// - returned: sum over the present rows i of R[i]^T x[x_i] ([ncols, d] float32, zeros when
-//   need_w is false), present meaning listed in index, else mask[x_i * K + k] (all when mask
-//   is null).
-template <typename T>
-at::Tensor backward_rows(const at::Tensor& R, const at::Tensor& w, const at::Tensor& x,
-                         const int64_t* index, const bool* mask, int64_t K, int64_t k,
-                         at::Tensor* grad_x, bool need_w, int64_t tasks) {
-  const int64_t n = R.size(0), ncols = R.size(1), d = x.size(1), Bx = x.size(0);
+// - grad_stack: the sum over the present rows i of R[i]^T x[x_i] (zeros when need_w is
+//   false), present meaning listed in index, else mask[x_i * K + k] (all when mask is null);
+// - row_sum (need_sum): the sum of R's rows.
+template <typename T, typename Source>
+BackwardParts backward_rows(Source&& source, int64_t n, int64_t ncols, const at::Tensor& w,
+                            const at::Tensor& x, const int64_t* index, const bool* mask,
+                            int64_t K, int64_t k, at::Tensor* grad_x, bool need_w, bool need_sum,
+                            int64_t tasks) {
+  const int64_t d = x.size(1), Bx = x.size(0);
   tasks = std::max<int64_t>(1, std::min(tasks, n / kMinRows));
-  at::Tensor parts = at::zeros({need_w ? tasks : 1, ncols, d}, R.options());
-  if (ncols == 0 || d == 0) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor parts = at::zeros({need_w ? tasks : 1, ncols, d}, f32);
+  at::Tensor sums = at::zeros({need_sum ? tasks : 1, ncols}, f32);
+  auto result = [&] {
+    BackwardParts r{parts[0], need_sum ? sums[0] : at::Tensor()};
+    for (int64_t t = 1; t < parts.size(0); ++t) r.grad_stack.add_(parts[t]);  // in task order
+    for (int64_t t = 1; need_sum && t < tasks; ++t) r.row_sum.add_(sums[t]);
+    return r;
+  };
+  if (ncols == 0 || (d == 0 && !need_sum)) {
     if (grad_x) grad_x->zero_();
-    return parts[0];
+    return result();
   }
   const std::vector<T> zeros(d, T(0.f));  // the depth padding of B
-  const float* rp = R.data_ptr<float>();
   const T* xp = x.data_ptr<T>();
   T* gp = grad_x ? grad_x->template data_ptr<T>() : nullptr;
-  std::optional<PackedB<T>> W;
-  if (grad_x) W.emplace(w);
-  const int64_t Kw = padded<T>(ncols);  // grad_x's depth
+  const int64_t ngroups = (ncols + kColGroup - 1) / kColGroup;
+  auto group_cols = [&](int64_t g) { return std::min(kColGroup, ncols - g * kColGroup); };
+  std::vector<PackedB<T>> W;  // w's rows of each column group, as B of grad_x = R @ w
+  if (grad_x && d > 0)
+    for (int64_t g = 0; g < ngroups; ++g) W.emplace_back(w.narrow(0, g * kColGroup, group_cols(g)));
   auto sample = [&](int64_t i) { return index ? index[i] : i; };
+  // grad_x accumulates over the groups in float32: in place when it is float32 and not
+  // scattered, else in a band buffer converted (and scattered) once the band is done.
+  const bool direct_x = !is_bf16<T> && !index;
+  const int64_t ldx = round_up(std::max<int64_t>(d, 1), 16) + kColBlock;  // VNNI blocks of x
 
   auto task = [&](int64_t t) {
     TileRelease release;
-    std::vector<T> a(kRowBlock * Kw), At(ncols * kDepthBlock);
-    std::vector<T> Bblk(kDepthBlock * std::max(d, kColBlock));
-    std::vector<float> c(kRowBlock * d);
+    std::vector<float> rbuf(kDepthBlock * kColGroup), cb(direct_x ? 0 : kDepthBlock * d);
+    std::vector<T> a(kRowBlock * padded<T>(kColGroup)), At(kColGroup * kDepthBlock);
+    std::vector<T> Bx_packed(kDepthBlock * ldx);
     std::vector<const float*> r_rows(kDepthBlock);
     std::vector<const T*> x_rows(kDepthBlock);
+    std::vector<int64_t> present(kDepthBlock);
     float* C = parts[need_w ? t : 0].data_ptr<float>();
+    float* sum = sums[need_sum ? t : 0].data_ptr<float>();
     const int64_t i_begin = t * n / tasks, i_end = (t + 1) * n / tasks;
     for (int64_t i0 = i_begin; i0 < i_end; i0 += kDepthBlock) {
-      const int64_t rows = std::min(kDepthBlock, i_end - i0);
-      if (gp) {
-        if (index) {  // zeros in the samples between the listed ones (and after the last)
-          for (int64_t i = i0; i < i0 + rows; ++i) {
-            const int64_t from = i == 0 ? 0 : index[i - 1] + 1;
-            std::fill(gp + from * d, gp + index[i] * d, T(0.f));
-          }
-          if (i0 + rows == n) std::fill(gp + (index[n - 1] + 1) * d, gp + Bx * d, T(0.f));
+      const int64_t nrows = std::min(kDepthBlock, i_end - i0);
+      if (gp && index) {  // zeros in the samples between the listed ones (and after the last)
+        for (int64_t i = i0; i < i0 + nrows; ++i) {
+          const int64_t from = i == 0 ? 0 : index[i - 1] + 1;
+          std::fill(gp + from * d, gp + index[i] * d, T(0.f));
         }
-        for (int64_t s0 = i0; s0 < i0 + rows; s0 += kRowBlock) {
-          const int64_t m = std::min(kRowBlock, i0 + rows - s0);
-          const T* A;
-          if constexpr (is_bf16<T>) {
-            for (int64_t i = 0; i < m; ++i) {
-              from_float(rp + (s0 + i) * ncols, a.data() + i * Kw, ncols);
-              if (Kw > ncols) a[i * Kw + ncols] = T(0.f);
+        if (i0 + nrows == n) std::fill(gp + (index[n - 1] + 1) * d, gp + Bx * d, T(0.f));
+      }
+      // The band's present rows of x, packed once as B of every group's weight gradient.
+      int64_t count = 0, depth = 0;
+      if (need_w && d > 0) {
+        for (int64_t i = 0; i < nrows; ++i) {
+          const int64_t b = sample(i0 + i);
+          if (index || !mask || mask[b * K + k]) {
+            present[count] = i;
+            x_rows[count++] = xp + b * d;
+          }
+        }
+        depth = round_up(count, kDepthStep);
+        for (int64_t i = count; i < depth; ++i) x_rows[i] = zeros.data();
+        if constexpr (is_bf16<T>) {
+          for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
+            const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
+            std::vector<const T*> cols(depth);
+            for (int64_t i = 0; i < depth; ++i) cols[i] = x_rows[i] + (i < count ? n0 : 0);
+            pack_vnni(cols.data(), depth, width, ld, Bx_packed.data() + n0 * depth);
+          }
+        } else {
+          for (int64_t i = 0; i < depth; ++i)
+            std::memcpy(Bx_packed.data() + i * d, x_rows[i], d * sizeof(T));
+        }
+      }
+      for (int64_t g = 0; g < ngroups; ++g) {
+        const int64_t c0 = g * kColGroup, gc = group_cols(g);
+        int64_t ld = gc;
+        const float* Rg = source(i0, nrows, c0, c0 + gc, rbuf.data(), &ld);
+        if (need_sum)
+          for (int64_t i = 0; i < nrows; ++i) {
+            const float* r = Rg + i * ld;
+            if (!rows::add_into(sum + c0, r, gc))
+              for (int64_t c = 0; c < gc; ++c) sum[c0 + c] += r[c];
+          }
+        if (gp && d > 0) {
+          const int64_t Kw = padded<T>(gc);  // grad_x's depth
+          for (int64_t s0 = 0; s0 < nrows; s0 += kRowBlock) {
+            const int64_t m = std::min(kRowBlock, nrows - s0);
+            const T* A;
+            int64_t lda = ld;
+            if constexpr (is_bf16<T>) {
+              for (int64_t i = 0; i < m; ++i) {
+                from_float(Rg + (s0 + i) * ld, a.data() + i * Kw, gc);
+                if (Kw > gc) a[i * Kw + gc] = T(0.f);
+              }
+              A = a.data();
+              lda = Kw;
+            } else {
+              A = Rg + s0 * ld;
             }
-            A = a.data();
-          } else {
-            A = rp + s0 * ncols;
+            float* dst = direct_x ? reinterpret_cast<float*>(gp) + (i0 + s0) * d : cb.data() + s0 * d;
+            multiply(m, A, lda, W[g], dst, d, /*add=*/g > 0);
           }
-          if (!is_bf16<T> && !index) {  // straight into grad_x's rows
-            multiply(m, A, Kw, *W, reinterpret_cast<float*>(gp) + s0 * d, d);
-            continue;
-          }
-          multiply(m, A, Kw, *W, c.data(), d);
-          for (int64_t i = 0; i < m; ++i) from_float(c.data() + i * d, gp + sample(s0 + i) * d, d);
         }
-      }
-      if (!need_w) continue;
-      int64_t count = 0;  // the block's present rows
-      for (int64_t i = i0; i < i0 + rows; ++i) {
-        const int64_t b = sample(i);
-        if (index || !mask || mask[b * K + k]) {
-          r_rows[count] = rp + i * ncols;
-          x_rows[count++] = xp + b * d;
-        }
-      }
-      if (count == 0) continue;
-      const int64_t depth = round_up(count, kDepthStep);
-      // A = the rows of R transposed, [ncols, depth]; B = the rows of x, [depth, d]; both
-      // zero in the padding.
-      transpose(r_rows.data(), count, ncols, At.data(), depth);
-      for (int64_t c0 = 0; c0 < ncols; ++c0)
-        std::fill(At.data() + c0 * depth + count, At.data() + (c0 + 1) * depth, T(0.f));
-      for (int64_t i = count; i < depth; ++i) x_rows[i] = zeros.data();
-      if constexpr (is_bf16<T>) {
+        if (count == 0) continue;
+        // A = the group's present rows of R transposed, [gc, depth], zero in the padding.
+        for (int64_t i = 0; i < count; ++i) r_rows[i] = Rg + present[i] * ld;
+        transpose(r_rows.data(), count, gc, At.data(), depth);
+        for (int64_t c = 0; c < gc; ++c)
+          std::fill(At.data() + c * depth + count, At.data() + (c + 1) * depth, T(0.f));
         for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-          const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
-          std::vector<const T*> cols(depth);
-          for (int64_t i = 0; i < depth; ++i) cols[i] = x_rows[i] + (i < count ? n0 : 0);
-          pack_vnni(cols.data(), depth, width, ld, Bblk.data());
-          at::native::cpublas::brgemm(ncols, width, depth, depth, ld, d, true, At.data(),
-                                      Bblk.data(), C + n0, true);
+          const int64_t width = std::min(kColBlock, d - n0);
+          if constexpr (is_bf16<T>)
+            at::native::cpublas::brgemm(gc, width, depth, depth, round_up(width, 16), d, true,
+                                        At.data(), Bx_packed.data() + n0 * depth, C + c0 * d + n0,
+                                        true);
+          else
+            at::native::cpublas::brgemm(gc, width, depth, depth, d, d, true, At.data(),
+                                        Bx_packed.data() + n0, C + c0 * d + n0, false);
         }
-      } else {
-        for (int64_t i = 0; i < depth; ++i) std::memcpy(Bblk.data() + i * d, x_rows[i], d * sizeof(T));
-        for (int64_t n0 = 0; n0 < d; n0 += kColBlock)
-          at::native::cpublas::brgemm(ncols, std::min(kColBlock, d - n0), depth, depth, d, d,
-                                      true, At.data(), Bblk.data() + n0, C + n0, false);
       }
+      if (gp && !direct_x && d > 0)
+        for (int64_t i = 0; i < nrows; ++i)
+          from_float(cb.data() + i * d, gp + sample(i0 + i) * d, d);
     }
   };
   if (tasks == 1) {
@@ -352,9 +410,7 @@ at::Tensor backward_rows(const at::Tensor& R, const at::Tensor& w, const at::Ten
     });
   }
   if (grad_x && n == 0) grad_x->zero_();
-  at::Tensor sum = parts[0];
-  for (int64_t t = 1; t < parts.size(0); ++t) sum.add_(parts[t]);  // in task order
-  return sum;
+  return result();
 }
 
 }  // namespace mmkernels::cpu::blocked

@@ -39,17 +39,18 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, const at::Tensor
   const int64_t bias_step = p.per_subset ? H : 0;
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
+  forward_gemms<scalar_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
     std::vector<acc_t> z(H);
-    for (int64_t b = r0; b < r1; ++b)
-      for (int64_t s = 0; s < p.S; ++s) {
+    for (int64_t s = 0; s < p.S; ++s)  // each subset's rows of a band: one run of out
+      for (int64_t b = r0; b < r1; ++b) {
         // A copy, not a loop with the bias test inside: the compiler left that one scalar.
         if (bptr) std::copy(bptr + s * bias_step, bptr + s * bias_step + H, z.data());
         else std::fill(z.begin(), z.end(), acc_t(0));
         for (int64_t k = 0; k < p.K; ++k)
           if (p.used(s, k) && v.present(k, b))
             add_into(z.data(), v.row(k, b) + p.block_of[k][s] * H, H);
-        store_activated(optr + (s * B + b) * H, z.data(), H, p.relu);
+        store_activated(optr + (s * B + b) * H, z.data(), static_cast<const acc_t*>(nullptr), H,
+                        p.relu);
       }
   });
   return out;
@@ -64,7 +65,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_impl(
   const auto ops = concat_operands(p, xs, weight, accumulation_dtype(xs[0].scalar_type()));
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, H,
                                       std::vector<int64_t>(p.K, 0), output_mask[0],
-                                      output_mask[1], /*need_colsum=*/true);
+                                      output_mask[1], /*need_colsum=*/true,
+                                      /*need_rowsum=*/false);
   at::Tensor grad_w = at::empty({0}, weight.options()), grad_b = at::empty({0}, weight.options());
   if (output_mask[1]) grad_w = concat_unstack(p, res.grad_stack, weight);
   if (output_mask[2]) {

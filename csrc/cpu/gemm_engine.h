@@ -35,6 +35,8 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace mmkernels::cpu {
@@ -55,15 +57,17 @@ inline void add_into(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
+// out = act(z + bias), or act(z) when bias is null.
 template <typename scalar_t, typename acc_t>
-inline void store_activated(scalar_t* __restrict__ out, const acc_t* __restrict__ z, int64_t n,
-                            bool relu) {
+inline void store_activated(scalar_t* __restrict__ out, const acc_t* __restrict__ z,
+                            const acc_t* __restrict__ bias, int64_t n, bool relu) {
   if constexpr (std::is_same_v<acc_t, float>)
-    if (rows::store_activated(out, z, n, relu)) return;
-  if (relu) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(z[i] < acc_t(0) ? acc_t(0) : z[i]);
+    if (rows::store_activated(out, z, bias, n, relu)) return;
+  auto act = [relu](acc_t v) { return relu && v < acc_t(0) ? acc_t(0) : v; };
+  if (bias) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(act(z[i] + bias[i]));
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(z[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(act(z[i]));
   }
 }
 
@@ -166,6 +170,14 @@ struct RowSelection {
   const bool* mask_ptr = nullptr;
 
   int64_t rows(int64_t k, int64_t B) const { return index[k].defined() ? index[k].size(0) : B; }
+
+  // The stored rows [lo, hi) of k that stand for the samples [b0, b1).
+  std::pair<int64_t, int64_t> stored_rows(int64_t k, int64_t b0, int64_t b1) const {
+    if (!index[k].defined()) return {b0, b1};
+    const int64_t* i = index[k].data_ptr<int64_t>();
+    const int64_t n = index[k].size(0);
+    return {std::lower_bound(i, i + n, b0) - i, std::lower_bound(i, i + n, b1) - i};
+  }
 };
 
 inline RowSelection select_rows(const FusionPlan& p, const std::vector<Operand>& ops,
@@ -213,16 +225,11 @@ inline at::Tensor gemm_input(const Operand& op, const RowSelection& sel, int64_t
 
 // bfloat16 and float32 operands multiply in blocks of rows on oneDNN's ukernels where the CPU
 // has them (blocked_gemm.h: bfloat16 on AMX with float32 results, gathers and scatters in
-// cache); elsewhere on MKL, bfloat16 converted to float32.
-inline bool on_blocked(const Operand& op) {
-  const auto t = op.x.scalar_type();
-  return (t == at::kBFloat16 || t == at::kFloat) && blocked::available();
-}
-
-inline void blocked_forward(const Operand& op, const at::Tensor& index, at::Tensor& T) {
-  const int64_t* rows = index.defined() ? index.data_ptr<int64_t>() : nullptr;
-  if (op.x.scalar_type() == at::kBFloat16) blocked::project_rows<at::BFloat16>(op.x, rows, op.w, T);
-  else blocked::project_rows<float>(op.x, rows, op.w, T);
+// cache); elsewhere on MKL, bfloat16 converted to float32. Every x_k has the op's dtype.
+template <typename scalar_t>
+bool on_blocked() {
+  return (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, float>) &&
+         blocked::available();
 }
 
 // Row access to the per-modality GEMM results (T_k forward, R_k backward).
@@ -232,6 +239,7 @@ struct RowView {
   const RowSelection& sel;
   std::vector<acc_t*> data;
   std::vector<int64_t> ld;
+  std::vector<int64_t> first;  // the stored row of data[k] (a band's first row, compact if gathered)
 
   bool present(int64_t k, int64_t b) const {
     return sel.live[k] && (!sel.mask_ptr || sel.mask_ptr[b * p.K + k]);
@@ -241,16 +249,17 @@ struct RowView {
     if (!sel.live[k]) return nullptr;
     if (sel.index[k].defined()) {
       const int64_t i = sel.pos[k][b];
-      return i < 0 ? nullptr : data[k] + i * ld[k];
+      return i < 0 ? nullptr : data[k] + (i - first[k]) * ld[k];
     }
-    return data[k] + b * ld[k];
+    return data[k] + (b - first[k]) * ld[k];
   }
 };
 
 template <typename acc_t>
 RowView<acc_t> row_view(const FusionPlan& p, const RowSelection& sel,
                         const std::vector<at::Tensor>& buffers) {
-  RowView<acc_t> v{p, sel, std::vector<acc_t*>(p.K, nullptr), std::vector<int64_t>(p.K, 0)};
+  RowView<acc_t> v{p, sel, std::vector<acc_t*>(p.K, nullptr), std::vector<int64_t>(p.K, 0),
+                   std::vector<int64_t>(p.K, 0)};
   for (int64_t k = 0; k < p.K; ++k)
     if (sel.live[k]) {
       v.data[k] = buffers[k].data_ptr<acc_t>();
@@ -304,25 +313,85 @@ at::Tensor weight_grad_input(const Operand& op, const RowSelection& sel, int64_t
   return dst;
 }
 
-// Computes the T_k, then runs `epilogue(const RowView&, r0, r1)` over row ranges in parallel.
-template <typename acc_t, typename Epilogue>
+// Rows of T_k per band of the blocked forward: enough that a ukernel call has rows to work
+// on, few enough that the band's T_k (every modality's columns) stay in L2 (~1 MiB).
+inline int64_t band_rows(int64_t total_cols) {
+  constexpr int64_t kBandBytes = int64_t(1) << 20;
+  const int64_t rows = kBandBytes / (int64_t)sizeof(float) / std::max<int64_t>(total_cols, 1);
+  return std::clamp<int64_t>(rows / 16 * 16, 16, 256);
+}
+
+// The blocked forward: per band of rows, every T_k of the band from the ukernels, then the
+// epilogue on them while they are in cache. (Whole T_k went through memory twice, and at
+// small d_k that traffic, not the GEMM, set the forward's time.)
+template <typename scalar_t, typename Epilogue>
+void banded_forward(const FusionPlan& p, const std::vector<Operand>& ops, const RowSelection& sel,
+                    Epilogue&& epilogue) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<std::optional<blocked::RowProjector<scalar_t>>> proj(p.K);
+  int64_t total = 0, scratch = 0;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (!sel.live[k]) continue;
+    const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+    proj[k].emplace(ops[k].x, index, ops[k].w);
+    total += ops[k].ncols();
+    scratch = std::max(scratch, proj[k]->scratch_size());
+  }
+  const int64_t band = band_rows(total), tasks = num_tasks(p.B);
+  auto& ws = Workspace::local();
+  // Held here: a take the workspace cannot serve is a fresh tensor, freed with its last handle.
+  const at::Tensor band_buffers = ws.take({tasks, band * total}, at::kFloat);
+  const at::Tensor scratch_buffers =
+      ws.take({tasks, std::max<int64_t>(scratch, 1)}, c10::CppTypeToScalarType<scalar_t>::value);
+  acc_t* buffers = band_buffers.data_ptr<acc_t>();
+  scalar_t* scratches = scratch_buffers.data_ptr<scalar_t>();
+  for_each_task(p.B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+    blocked::TileRelease release;
+    RowView<acc_t> view{p, sel, std::vector<acc_t*>(p.K, nullptr), std::vector<int64_t>(p.K, 0),
+                        std::vector<int64_t>(p.K, 0)};
+    for (int64_t b0 = r0; b0 < r1; b0 += band) {
+      const int64_t b1 = std::min(r1, b0 + band);
+      acc_t* at = buffers + t * band * total;
+      for (int64_t k = 0; k < p.K; ++k) {
+        if (!sel.live[k]) continue;
+        const auto [lo, hi] = sel.stored_rows(k, b0, b1);
+        (*proj[k])(lo, hi, at, ops[k].ncols(), scratches + t * std::max<int64_t>(scratch, 1));
+        view.data[k] = at;
+        view.ld[k] = ops[k].ncols();
+        view.first[k] = lo;
+        at += band * ops[k].ncols();
+      }
+      epilogue(view, b0, b1);
+    }
+    rows::store_fence();
+  });
+}
+
+// Computes the T_k, then runs `epilogue(const RowView&, r0, r1)` over bands of rows, in
+// parallel.
+template <typename scalar_t, typename Epilogue>
 void forward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
                    const c10::optional<at::Tensor>& sample_mask, Epilogue&& epilogue) {
+  using acc_t = at::opmath_type<scalar_t>;
   const RowSelection sel = select_rows(p, ops, sample_mask);
   auto& ws = Workspace::local();
   ws.reset();
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (on_blocked<scalar_t>()) return banded_forward<scalar_t>(p, ops, sel, epilogue);
+  }
   std::vector<at::Tensor> T(p.K);
   for (int64_t k = 0; k < p.K; ++k) {
     if (!sel.live[k]) continue;
     T[k] = ws.take({sel.rows(k, p.B), ops[k].ncols()}, ops[k].w.scalar_type());
-    if (on_blocked(ops[k]))
-      blocked_forward(ops[k], sel.index[k], T[k]);
-    else
-      at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
+    at::mm_out(T[k], gemm_input(ops[k], sel, k), ops[k].w.t());
   }
   const auto view = row_view<acc_t>(p, sel, T);
+  int64_t total = 0;
+  for (const auto& op : ops) total += op.ncols();
+  const int64_t band = band_rows(total);
   for_each_task(p.B, num_tasks(p.B), [&](int64_t, int64_t r0, int64_t r1) {
-    epilogue(view, r0, r1);
+    for (int64_t b0 = r0; b0 < r1; b0 += band) epilogue(view, b0, std::min(r1, b0 + band));
+    rows::store_fence();
   });
 }
 
@@ -346,51 +415,43 @@ at::Tensor scatter_rows(const at::Tensor& compact, const std::vector<int64_t>& p
   return full;
 }
 
-// grad_x_k (into *grad_x when given) and grad_stack_k in one blocked pass over R_k's rows;
-// grad_stack_k sums the rows where k is present only.
-inline at::Tensor blocked_backward(const Operand& op, const RowSelection& sel, const at::Tensor& R,
-                                   int64_t k, int64_t K, at::Tensor* grad_x, bool need_w,
-                                   int64_t tasks) {
-  const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
-  if (op.x.scalar_type() == at::kBFloat16)
-    return blocked::backward_rows<at::BFloat16>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x,
-                                                need_w, tasks);
-  return blocked::backward_rows<float>(R, op.w, op.x, index, sel.mask_ptr, K, k, grad_x, need_w,
-                                       tasks);
-}
-
 struct BackwardResult {
-  std::vector<at::Tensor> grad_x;      // [B, d_k] in the input dtype (empty when not needed)
-  std::vector<at::Tensor> grad_stack;  // [ncols_k, d_k] in the accumulation dtype
-  std::vector<at::Tensor> grad_rows;   // R_k: [rows_k, ncols_k], absent rows zero or absent
-  at::Tensor grad_colsum;              // [S, width]: column sums of act'(out) * grad_out,
-                                       // undefined unless asked for
+  std::vector<at::Tensor> grad_x;       // [B, d_k] in the input dtype (empty when not needed)
+  std::vector<at::Tensor> grad_stack;   // [ncols_k, d_k] in the accumulation dtype
+  std::vector<at::Tensor> grad_rowsum;  // [ncols_k]: sums of R_k's rows (project_concat's
+                                        // bias), empty unless asked for
+  at::Tensor grad_colsum;               // [S, width]: column sums of act'(out) * grad_out,
+                                        // undefined unless asked for
 };
 
 // The backward of both ops. `grad_out` and `out` are [S, B, width] (S = 1 without subsets);
 // modality k's block j collects, from the columns [col_offset[k], + widths[k]) of every
 // member subset of the block, act'(out) * grad_out on the rows where k is present.
 // With need_colsum (concat_project's bias sees every row and column) the pass computes
-// act'(out) * grad_out over all of grad_out once, into a row buffer; without it (project_concat)
-// it reads only the columns and rows that feed some R_k, and writes them straight into R_k:
-// with subsets, a subset pads its unused modalities' blocks with zero columns, often half of
-// grad_out.
+// act'(out) * grad_out over all of grad_out once, into a row buffer, and stores R_k; without
+// it (project_concat) R_k's rows are built straight from the blocks of grad_out and out that
+// feed them (with subsets, a subset pads its unused modalities' blocks with zero columns, often
+// half of grad_out), and on the blocked path band by band in cache, never stored.
 template <typename scalar_t>
 BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& ops,
                               const c10::optional<at::Tensor>& sample_mask,
                               const at::Tensor& grad_out, const at::Tensor& out, int64_t width,
                               const std::vector<int64_t>& col_offset, bool need_x, bool need_w,
-                              bool need_colsum) {
+                              bool need_colsum, bool need_rowsum) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowSelection sel = select_rows(p, ops, sample_mask);
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto acc_opts = at::TensorOptions().dtype(acc);
   auto& ws = Workspace::local();
   ws.reset();
+  const bool blocked_path = on_blocked<scalar_t>(), stored = !blocked_path || need_colsum;
   std::vector<at::Tensor> R(p.K);
-  for (int64_t k = 0; k < p.K; ++k)
+  for (int64_t k = 0; k < p.K && stored; ++k)
     if (sel.live[k]) R[k] = ws.take({sel.rows(k, p.B), ops[k].ncols()}, acc);
-  const auto view = row_view<acc_t>(p, sel, R);
+  const auto view = stored ? row_view<acc_t>(p, sel, R)
+                           : RowView<acc_t>{p, sel, std::vector<acc_t*>(p.K, nullptr),
+                                            std::vector<int64_t>(p.K, 0),
+                                            std::vector<int64_t>(p.K, 0)};
   const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
   const scalar_t* gptr = g.data_ptr<scalar_t>();
   const scalar_t* optr = o.data_ptr<scalar_t>();
@@ -398,36 +459,39 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   const bool relu = p.relu;
   at::Tensor colsum = need_colsum ? at::zeros({tasks, S * width}, acc_opts) : at::Tensor();
 
-  // Row b of every R_k: zero where k is absent, else block j the sum over its member subsets
-  // (in member order) of what put(dst, s, k, add) stores or adds: act'(out) * grad_out of
-  // subset s's columns of k in row b.
-  auto build_row = [&](int64_t b, auto&& put) {
-    for (int64_t k = 0; k < p.K; ++k) {
-      acc_t* r = view.row(k, b);
-      if (!r) continue;
-      if (!view.present(k, b)) {
-        std::fill(r, r + ops[k].ncols(), acc_t(0));
-        continue;
-      }
-      for (size_t j = 0; j < p.members[k].size(); ++j) {
-        acc_t* dst = r + j * p.widths[k];
-        const auto& subsets = p.members[k][j];
-        if (subsets.empty()) std::fill(dst, dst + p.widths[k], acc_t(0));
-        for (size_t m = 0; m < subsets.size(); ++m) put(dst, subsets[m], k, m > 0);
-      }
+  // Columns [c0, c1) of R_k's row b into dst: zero where k is absent, else in block j the sum
+  // over its member subsets (in member order) of what put(dst, s, b, col, len, add) stores or
+  // adds: act'(out) * grad_out of subset s's output columns [col, col + len) in row b.
+  auto build_cols = [&](int64_t k, int64_t b, int64_t c0, int64_t c1, acc_t* dst, auto&& put) {
+    if (c1 <= c0) return;
+    if (!view.present(k, b)) {
+      std::fill(dst, dst + (c1 - c0), acc_t(0));
+      return;
     }
+    const int64_t Hk = p.widths[k];
+    for (int64_t j = c0 / Hk; j * Hk < c1; ++j) {
+      const int64_t from = std::max(c0, j * Hk), to = std::min(c1, (j + 1) * Hk);
+      acc_t* part = dst + (from - c0);
+      const auto& subsets = p.members[k][j];
+      if (subsets.empty()) std::fill(part, part + (to - from), acc_t(0));
+      for (size_t m = 0; m < subsets.size(); ++m)
+        put(part, subsets[m], b, col_offset[k] + from - j * Hk, to - from, m > 0);
+    }
+  };
+  auto from_grad = [&](acc_t* dst, int64_t s, int64_t b, int64_t col, int64_t len, bool add) {
+    const int64_t off = (s * B + b) * width + col;
+    activation_grad_into(dst, gptr + off, optr + off, len, relu, add);
   };
 
   // With no output columns every R_k has none either: no row to visit (B may be huge).
-  // Without column sums (project_concat), straight from grad_out and out, reading only the
-  // blocks some R_k takes; with them (concat_project), every column once into a row buffer.
-  if (S * width > 0 && !need_colsum) for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t b = r0; b < r1; ++b)
-      build_row(b, [&](acc_t* dst, int64_t s, int64_t k, bool add) {
-        const int64_t off = (s * B + b) * width + col_offset[k];
-        activation_grad_into(dst, gptr + off, optr + off, p.widths[k], relu, add);
-      });
-  });
+  // Stored without column sums (the MKL path of project_concat), straight from grad_out and
+  // out; with them (concat_project), every column once into a row buffer.
+  if (S * width > 0 && stored && !need_colsum)
+    for_each_task(B, tasks, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t b = r0; b < r1; ++b)
+        for (int64_t k = 0; k < p.K; ++k)
+          if (acc_t* r = view.row(k, b)) build_cols(k, b, 0, ops[k].ncols(), r, from_grad);
+    });
   if (S * width > 0 && need_colsum) for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
     std::vector<acc_t> dz(S * width);
     acc_t* cs = colsum[t].data_ptr<acc_t>();
@@ -435,23 +499,44 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
       for (int64_t s = 0; s < S; ++s)
         activation_grad(dz.data() + s * width, cs + s * width, gptr + (s * B + b) * width,
                         optr + (s * B + b) * width, width, relu);
-      build_row(b, [&](acc_t* dst, int64_t s, int64_t k, bool add) {
-        const acc_t* src = dz.data() + s * width + col_offset[k];
-        if (add) add_into(dst, src, p.widths[k]);
-        else std::copy(src, src + p.widths[k], dst);
-      });
+      auto from_dz = [&](acc_t* dst, int64_t s, int64_t, int64_t col, int64_t len, bool add) {
+        const acc_t* src = dz.data() + s * width + col;
+        if (add) add_into(dst, src, len);
+        else std::copy(src, src + len, dst);
+      };
+      for (int64_t k = 0; k < p.K; ++k)
+        if (acc_t* r = view.row(k, b)) build_cols(k, b, 0, ops[k].ncols(), r, from_dz);
     }
   });
 
   BackwardResult res;
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& op = ops[k];
-    if (sel.live[k] && on_blocked(op)) {
-      at::Tensor gx = need_x ? at::empty_like(op.x) : at::Tensor();
-      res.grad_stack.push_back(blocked_backward(op, sel, R[k], k, p.K, need_x ? &gx : nullptr,
-                                                need_w, tasks));
-      if (need_x) res.grad_x.push_back(gx);
-      continue;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (sel.live[k] && blocked_path) {
+        const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+        const int64_t ncols = op.ncols();
+        // R_k's rows [i0, i0 + m), columns [c0, c1): in R_k when stored, else built into buf.
+        auto source = [&, k](int64_t i0, int64_t m, int64_t c0, int64_t c1, acc_t* buf,
+                             int64_t* ld) -> const acc_t* {
+          if (stored) {
+            *ld = ncols;
+            return R[k].data_ptr<acc_t>() + i0 * ncols + c0;
+          }
+          *ld = c1 - c0;
+          for (int64_t i = 0; i < m; ++i)
+            build_cols(k, index ? index[i0 + i] : i0 + i, c0, c1, buf + i * (c1 - c0), from_grad);
+          return buf;
+        };
+        at::Tensor gx = need_x ? at::empty_like(op.x) : at::Tensor();
+        auto parts = blocked::backward_rows<scalar_t>(
+            source, sel.rows(k, B), ncols, op.w, op.x, index, sel.mask_ptr, p.K, k,
+            need_x ? &gx : nullptr, need_w, need_rowsum, tasks);
+        res.grad_stack.push_back(parts.grad_stack);
+        if (need_rowsum) res.grad_rowsum.push_back(parts.row_sum);
+        if (need_x) res.grad_x.push_back(gx);
+        continue;
+      }
     }
     if (need_x) {
       if (!sel.live[k]) {
@@ -470,8 +555,9 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
         need_w && sel.live[k]
             ? at::mm(R[k].t(), weight_grad_input<scalar_t>(op, sel, k, p.K, tasks))
             : at::zeros({op.ncols(), p.dims[k]}, acc_opts));
+    if (need_rowsum)
+      res.grad_rowsum.push_back(sel.live[k] ? R[k].sum(0) : at::zeros({op.ncols()}, acc_opts));
   }
-  res.grad_rows = R;
   if (need_colsum) res.grad_colsum = colsum.sum(0).view({S, width});  // fixed order over tasks
   return res;
 }

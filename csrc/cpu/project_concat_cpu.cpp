@@ -38,10 +38,10 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
     }
   scalar_t* optr = out.data_ptr<scalar_t>();
 
-  forward_gemms<acc_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
-    std::vector<acc_t> z(*std::max_element(p.widths.begin(), p.widths.end()));
-    for (int64_t b = r0; b < r1; ++b)
-      for (int64_t s = 0; s < p.S; ++s)
+  // Subset by subset: each subset's rows of a band are one contiguous run of out.
+  forward_gemms<scalar_t>(p, ops, sample_mask, [&](const RowView<acc_t>& v, int64_t r0, int64_t r1) {
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t b = r0; b < r1; ++b)
         for (int64_t k = 0; k < p.K; ++k) {
           const int64_t Hk = p.widths[k];
           scalar_t* o = optr + (s * B + b) * width + p.offsets[k];
@@ -50,13 +50,8 @@ at::Tensor forward_impl(const FusionPlan& p, at::TensorList xs, at::TensorList w
             continue;
           }
           const int64_t blk = p.block_of[k][s];
-          const acc_t* t = v.row(k, b) + blk * Hk;
-          if (bptr[k]) {
-            std::copy(t, t + Hk, z.data());
-            add_into(z.data(), bptr[k] + blk * Hk, Hk);
-            t = z.data();
-          }
-          store_activated(o, t, Hk, p.relu);
+          store_activated(o, v.row(k, b) + blk * Hk, bptr[k] ? bptr[k] + blk * Hk : nullptr, Hk,
+                          p.relu);
         }
   });
   return out;
@@ -71,17 +66,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   const auto ops = project_operands(p, xs, weights, acc);
   auto res = backward_gemms<scalar_t>(p, ops, sample_mask, grad_out, out, output_width(p, false),
                                       p.offsets, output_mask[0], output_mask[1],
-                                      /*need_colsum=*/false);
+                                      /*need_colsum=*/false, /*need_rowsum=*/output_mask[2]);
   std::vector<at::Tensor> grad_ws, grad_bs;
   for (int64_t k = 0; k < p.K; ++k) {
     if (output_mask[1]) grad_ws.push_back(project_unstack(p, res.grad_stack[k], weights[k], k));
     if (output_mask[2]) {
       // A block's bias sees only the rows where its modality is present: the sums of R_k.
       std::vector<int64_t> bshape(weights[k].sizes().begin(), weights[k].sizes().end() - 1);
-      const at::Tensor& R = res.grad_rows[k];
-      const at::Tensor stacked =
-          R.defined() ? R.sum(0) : at::zeros({ops[k].ncols()}, xs[0].options().dtype(acc));
-      grad_bs.push_back(project_unstack(p, stacked, at::empty(bshape, weights[k].options()), k));
+      grad_bs.push_back(
+          project_unstack(p, res.grad_rowsum[k], at::empty(bshape, weights[k].options()), k));
     }
   }
   return {output_mask[0] ? res.grad_x : std::vector<at::Tensor>{}, grad_ws, grad_bs};

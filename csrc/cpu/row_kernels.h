@@ -57,19 +57,35 @@ MMKERNELS_ROW_AVX512 inline void add_avx512(float* dst, const float* src, int64_
   }
 }
 
-MMKERNELS_ROW_AVX512 inline void store_avx512(float* out, const float* z, int64_t n, bool act) {
+// z + bias (z alone without a bias: adding zeros would turn -0 into +0).
+MMKERNELS_ROW_AVX512 inline __m512 biased(const float* z, const float* bias, __mmask16 m) {
+  const __m512 v = _mm512_maskz_loadu_ps(m, z);
+  return bias ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias)) : v;
+}
+
+MMKERNELS_ROW_AVX512 inline void store_avx512(float* out, const float* z, const float* bias,
+                                              int64_t n, bool act) {
+  // Whole aligned lines bypass the cache: out is not read again by the op, and a plain store
+  // first reads each line it fills from memory. (The engine fences before its result is used.)
+  if (n % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 v = biased(z + i, bias ? bias + i : nullptr, (__mmask16)0xFFFF);
+      _mm512_stream_ps(out + i, act ? relu(v) : v);
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, z + i);
+    const __m512 v = biased(z + i, bias ? bias + i : nullptr, m);
     _mm512_mask_storeu_ps(out + i, m, act ? relu(v) : v);
   }
 }
 
-MMKERNELS_ROW_AVX512_BF16 inline void store_avx512(BFloat16* out, const float* z, int64_t n,
-                                                   bool act) {
+MMKERNELS_ROW_AVX512_BF16 inline void store_avx512(BFloat16* out, const float* z,
+                                                   const float* bias, int64_t n, bool act) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, z + i);
+    const __m512 v = biased(z + i, bias ? bias + i : nullptr, m);
     _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(act ? relu(v) : v));
   }
 }
@@ -126,18 +142,27 @@ inline bool add_into(float* dst, const float* src, int64_t n) {
   return false;
 }
 
-// out = act(z), float32 or rounded to bfloat16.
-inline bool store_activated(float* out, const float* z, int64_t n, bool relu) {
+// out = act(z + bias) (act(z) when bias is null), float32 or rounded to bfloat16.
+inline bool store_activated(float* out, const float* z, const float* bias, int64_t n, bool relu) {
 #if defined(MMKERNELS_ROW_AVX512)
-  if (has_avx512()) return store_avx512(out, z, n, relu), true;
+  if (has_avx512()) return store_avx512(out, z, bias, n, relu), true;
 #endif
   return false;
 }
-inline bool store_activated(BFloat16* out, const float* z, int64_t n, bool relu) {
+inline bool store_activated(BFloat16* out, const float* z, const float* bias, int64_t n,
+                            bool relu) {
 #if defined(MMKERNELS_ROW_AVX512)
-  if (has_avx512_bf16()) return store_avx512(out, z, n, relu), true;
+  if (has_avx512_bf16()) return store_avx512(out, z, bias, n, relu), true;
 #endif
   return false;
+}
+
+// Orders the calling thread's streaming stores (store_activated's) before what follows: a task
+// calls it when its rows are done, before another thread may read them.
+inline void store_fence() {
+#if defined(MMKERNELS_ROW_AVX512)
+  _mm_sfence();
+#endif
 }
 
 // d = act'(out) * grad, colsum += d.

@@ -87,8 +87,9 @@ def extension() -> cpp_extension.CppExtension:
         define_macros=macros,
         # MMKERNELS_NVCC_FLAGS: extra nvcc flags, e.g. "-Xptxas -v" (scripts/cuda_build_check.sh
         # reads the register and spill report of the fused kernels from it).
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                                                 *os.environ.get("MMKERNELS_NVCC_FLAGS", "").split()]},
+        extra_compile_args={"cxx": cxx, "nvcc": [
+            "-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            *os.environ.get("MMKERNELS_NVCC_FLAGS", "").split()]},
         depends=header_dependencies(),
     )
 

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -262,155 +263,178 @@ struct BackwardParts {
   at::Tensor row_sum;     // [ncols] float32: the sums of R's rows, undefined unless asked for
 };
 
-// The backward of one modality in one pass over R's rows (R [n, ncols] float32, row i
-// standing for sample x_i = index[i], or i when index is null). R need not exist in memory:
+// Uninitialised scratch (a std::vector would zero it on every call).
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t n) : data(new T[std::max<int64_t>(n, 1)]) {}
+  T* get() const { return data.get(); }
+  std::unique_ptr<T[]> data;
+};
+
+// The backward of one modality, band of rows by band of rows (R [n, ncols] float32, row i
+// standing for sample x_i = index[i], or i when index is null). The engine runs every
+// modality's pass over the same band of samples before the next, so the band's rows of
+// grad_out and out are read from memory once for all modalities. R need not exist in memory:
 // `source(i0, m, c0, c1, buf, &ld)` returns a pointer to its rows [i0, i0 + m), columns
 // [c0, c1), with leading dimension ld, either into R itself or into buf ([m, c1 - c0], which it
 // then fills), so R can be built band by band in cache.
-// - when grad_x is given ([B, d] in T, contiguous): grad_x[x_i] = R[i] @ w, and zeros in the
-//   rows no R row stands for;
+// - grad_x, when given ([B, d] in T, contiguous): grad_x[x_i] = R[i] @ w, and zeros in the
+//   samples no R row stands for;
 // - grad_stack: the sum over the present rows i of R[i]^T x[x_i] (zeros when need_w is
 //   false), present meaning listed in index, else mask[x_i * K + k] (all when mask is null);
 // - row_sum (need_sum): the sum of R's rows.
-template <typename T, typename Source>
-BackwardParts backward_rows(Source&& source, int64_t n, int64_t ncols, const at::Tensor& w,
-                            const at::Tensor& x, const int64_t* index, const bool* mask,
-                            int64_t K, int64_t k, at::Tensor* grad_x, bool need_w, bool need_sum,
-                            int64_t tasks) {
-  const int64_t d = x.size(1), Bx = x.size(0);
-  tasks = std::max<int64_t>(1, std::min(tasks, n / kMinRows));
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor parts = at::zeros({need_w ? tasks : 1, ncols, d}, f32);
-  at::Tensor sums = at::zeros({need_sum ? tasks : 1, ncols}, f32);
-  auto result = [&] {
-    BackwardParts r{parts[0], need_sum ? sums[0] : at::Tensor()};
-    for (int64_t t = 1; t < parts.size(0); ++t) r.grad_stack.add_(parts[t]);  // in task order
-    for (int64_t t = 1; need_sum && t < tasks; ++t) r.row_sum.add_(sums[t]);
-    return r;
-  };
-  if (ncols == 0 || (d == 0 && !need_sum)) {
-    if (grad_x) grad_x->zero_();
-    return result();
+// Each task sums into its own partials; finish() adds them in task order.
+template <typename T>
+class BackwardPass {
+ public:
+  BackwardPass(int64_t ncols, const at::Tensor& w, const at::Tensor& x, const int64_t* index,
+               const bool* mask, int64_t K, int64_t k, at::Tensor* grad_x, bool need_w,
+               bool need_sum, int64_t tasks)
+      : ncols_(ncols), d_(x.size(1)), K_(K), k_(k), index_(index), mask_(mask),
+        x_(x.data_ptr<T>()), gx_(grad_x && d_ > 0 ? grad_x->template data_ptr<T>() : nullptr),
+        need_w_(need_w && d_ > 0), need_sum_(need_sum), zeros_(d_, T(0.f)) {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    parts_ = at::zeros({need_w_ ? tasks : 1, ncols, d_}, f32);
+    sums_ = at::zeros({need_sum ? tasks : 1, ncols}, f32);
+    if (gx_)
+      for (int64_t g = 0; g < groups(); ++g)
+        W_.emplace_back(w.narrow(0, g * kColGroup, group_cols(g)));
   }
-  const std::vector<T> zeros(d, T(0.f));  // the depth padding of B
-  const T* xp = x.data_ptr<T>();
-  T* gp = grad_x ? grad_x->template data_ptr<T>() : nullptr;
-  const int64_t ngroups = (ncols + kColGroup - 1) / kColGroup;
-  auto group_cols = [&](int64_t g) { return std::min(kColGroup, ncols - g * kColGroup); };
-  std::vector<PackedB<T>> W;  // w's rows of each column group, as B of grad_x = R @ w
-  if (grad_x && d > 0)
-    for (int64_t g = 0; g < ngroups; ++g) W.emplace_back(w.narrow(0, g * kColGroup, group_cols(g)));
-  auto sample = [&](int64_t i) { return index ? index[i] : i; };
-  // grad_x accumulates over the groups in float32: in place when it is float32 and not
-  // scattered, else in a band buffer converted (and scattered) once the band is done.
-  const bool direct_x = !is_bf16<T> && !index;
-  const int64_t ldx = round_up(std::max<int64_t>(d, 1), 16) + kColBlock;  // VNNI blocks of x
 
-  auto task = [&](int64_t t) {
-    TileRelease release;
-    std::vector<float> rbuf(kDepthBlock * kColGroup), cb(direct_x ? 0 : kDepthBlock * d);
-    std::vector<T> a(kRowBlock * padded<T>(kColGroup)), At(kColGroup * kDepthBlock);
-    std::vector<T> Bx_packed(kDepthBlock * ldx);
-    std::vector<const float*> r_rows(kDepthBlock);
-    std::vector<const T*> x_rows(kDepthBlock);
-    std::vector<int64_t> present(kDepthBlock);
-    float* C = parts[need_w ? t : 0].data_ptr<float>();
-    float* sum = sums[need_sum ? t : 0].data_ptr<float>();
-    const int64_t i_begin = t * n / tasks, i_end = (t + 1) * n / tasks;
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kDepthBlock) {
-      const int64_t nrows = std::min(kDepthBlock, i_end - i0);
-      if (gp && index) {  // zeros in the samples between the listed ones (and after the last)
-        for (int64_t i = i0; i < i0 + nrows; ++i) {
-          const int64_t from = i == 0 ? 0 : index[i - 1] + 1;
-          std::fill(gp + from * d, gp + index[i] * d, T(0.f));
-        }
-        if (i0 + nrows == n) std::fill(gp + (index[n - 1] + 1) * d, gp + Bx * d, T(0.f));
-      }
-      // The band's present rows of x, packed once as B of every group's weight gradient.
-      int64_t count = 0, depth = 0;
-      if (need_w && d > 0) {
-        for (int64_t i = 0; i < nrows; ++i) {
-          const int64_t b = sample(i0 + i);
-          if (index || !mask || mask[b * K + k]) {
-            present[count] = i;
-            x_rows[count++] = xp + b * d;
-          }
-        }
-        depth = round_up(count, kDepthStep);
-        for (int64_t i = count; i < depth; ++i) x_rows[i] = zeros.data();
-        if constexpr (is_bf16<T>) {
-          for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-            const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
-            std::vector<const T*> cols(depth);
-            for (int64_t i = 0; i < depth; ++i) cols[i] = x_rows[i] + (i < count ? n0 : 0);
-            pack_vnni(cols.data(), depth, width, ld, Bx_packed.data() + n0 * depth);
-          }
-        } else {
-          for (int64_t i = 0; i < depth; ++i)
-            std::memcpy(Bx_packed.data() + i * d, x_rows[i], d * sizeof(T));
-        }
-      }
-      for (int64_t g = 0; g < ngroups; ++g) {
-        const int64_t c0 = g * kColGroup, gc = group_cols(g);
-        int64_t ld = gc;
-        const float* Rg = source(i0, nrows, c0, c0 + gc, rbuf.data(), &ld);
-        if (need_sum)
-          for (int64_t i = 0; i < nrows; ++i) {
-            const float* r = Rg + i * ld;
-            if (!rows::add_into(sum + c0, r, gc))
-              for (int64_t c = 0; c < gc; ++c) sum[c0 + c] += r[c];
-          }
-        if (gp && d > 0) {
-          const int64_t Kw = padded<T>(gc);  // grad_x's depth
-          for (int64_t s0 = 0; s0 < nrows; s0 += kRowBlock) {
-            const int64_t m = std::min(kRowBlock, nrows - s0);
-            const T* A;
-            int64_t lda = ld;
-            if constexpr (is_bf16<T>) {
-              for (int64_t i = 0; i < m; ++i) {
-                from_float(Rg + (s0 + i) * ld, a.data() + i * Kw, gc);
-                if (Kw > gc) a[i * Kw + gc] = T(0.f);
-              }
-              A = a.data();
-              lda = Kw;
-            } else {
-              A = Rg + s0 * ld;
-            }
-            float* dst = direct_x ? reinterpret_cast<float*>(gp) + (i0 + s0) * d : cb.data() + s0 * d;
-            multiply(m, A, lda, W[g], dst, d, /*add=*/g > 0);
-          }
-        }
-        if (count == 0) continue;
-        // A = the group's present rows of R transposed, [gc, depth], zero in the padding.
-        for (int64_t i = 0; i < count; ++i) r_rows[i] = Rg + present[i] * ld;
-        transpose(r_rows.data(), count, gc, At.data(), depth);
-        for (int64_t c = 0; c < gc; ++c)
-          std::fill(At.data() + c * depth + count, At.data() + (c + 1) * depth, T(0.f));
-        for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-          const int64_t width = std::min(kColBlock, d - n0);
-          if constexpr (is_bf16<T>)
-            at::native::cpublas::brgemm(gc, width, depth, depth, round_up(width, 16), d, true,
-                                        At.data(), Bx_packed.data() + n0 * depth, C + c0 * d + n0,
-                                        true);
-          else
-            at::native::cpublas::brgemm(gc, width, depth, depth, d, d, true, At.data(),
-                                        Bx_packed.data() + n0, C + c0 * d + n0, false);
-        }
-      }
-      if (gp && !direct_x && d > 0)
-        for (int64_t i = 0; i < nrows; ++i)
-          from_float(cb.data() + i * d, gp + sample(i0 + i) * d, d);
-    }
+  // Scratch one task needs for this pass.
+  struct Buffers {
+    Buffers(int64_t gc, int64_t d)
+        : r(kDepthBlock * gc), cb(kDepthBlock * d), a(kRowBlock * padded<T>(gc)),
+          At(gc * kDepthBlock), Bx(kDepthBlock * (round_up(d, 16) + kColBlock)) {}
+    Scratch<float> r, cb;
+    Scratch<T> a, At, Bx;
+    std::vector<const float*> r_rows = std::vector<const float*>(kDepthBlock);
+    std::vector<const T*> x_rows = std::vector<const T*>(kDepthBlock);
+    std::vector<int64_t> present = std::vector<int64_t>(kDepthBlock);
   };
-  if (tasks == 1) {
-    task(0);
-  } else {
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) task(t);
-    });
+  Buffers buffers() const { return Buffers(std::min(kColGroup, ncols_), d_); }
+
+  // R's rows [i0, i1) (at most kDepthBlock), standing for the samples in [b0, b1), in task t.
+  template <typename Source>
+  void band(Source&& source, int64_t t, int64_t i0, int64_t i1, int64_t b0, int64_t b1,
+            Buffers& buf) const {
+    const int64_t nrows = i1 - i0, d = d_;
+    if (nrows == 0 || ncols_ == 0) {  // no R row, or rows without columns: zero gradients
+      if (gx_) std::fill(gx_ + b0 * d, gx_ + b1 * d, T(0.f));
+      return;
+    }
+    if (gx_ && index_) {  // zeros in the band's samples that no R row stands for
+      int64_t next = b0;
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(gx_ + next * d, gx_ + index_[i] * d, T(0.f));
+        next = index_[i] + 1;
+      }
+      std::fill(gx_ + next * d, gx_ + b1 * d, T(0.f));
+    }
+    // The band's present rows of x, packed once as B of every group's weight gradient.
+    int64_t count = 0, depth = 0;
+    if (need_w_) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t b = sample(i0 + i);
+        if (index_ || !mask_ || mask_[b * K_ + k_]) {
+          buf.present[count] = i;
+          buf.x_rows[count++] = x_ + b * d;
+        }
+      }
+      depth = round_up(count, kDepthStep);
+      for (int64_t i = count; i < depth; ++i) buf.x_rows[i] = zeros_.data();
+      if constexpr (is_bf16<T>) {
+        for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
+          const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
+          std::vector<const T*> cols(depth);
+          for (int64_t i = 0; i < depth; ++i) cols[i] = buf.x_rows[i] + (i < count ? n0 : 0);
+          pack_vnni(cols.data(), depth, width, ld, buf.Bx.get() + n0 * depth);
+        }
+      } else {
+        for (int64_t i = 0; i < depth; ++i)
+          std::memcpy(buf.Bx.get() + i * d, buf.x_rows[i], d * sizeof(T));
+      }
+    }
+    // grad_x accumulates over the groups in float32: in place when it is float32 and not
+    // scattered, else in a band buffer converted (and scattered) once the band is done.
+    const bool direct_x = !is_bf16<T> && !index_;
+    float* C = parts_[need_w_ ? t : 0].template data_ptr<float>();
+    float* sum = sums_[need_sum_ ? t : 0].template data_ptr<float>();
+    for (int64_t g = 0; g < groups(); ++g) {
+      const int64_t c0 = g * kColGroup, gc = group_cols(g);
+      int64_t ld = gc;
+      const float* Rg = source(i0, nrows, c0, c0 + gc, buf.r.get(), &ld);
+      if (need_sum_)
+        for (int64_t i = 0; i < nrows; ++i) {
+          const float* r = Rg + i * ld;
+          if (!rows::add_into(sum + c0, r, gc))
+            for (int64_t c = 0; c < gc; ++c) sum[c0 + c] += r[c];
+        }
+      if (gx_) {
+        const int64_t Kw = padded<T>(gc);  // grad_x's depth
+        for (int64_t s0 = 0; s0 < nrows; s0 += kRowBlock) {
+          const int64_t m = std::min(kRowBlock, nrows - s0);
+          const T* A;
+          int64_t lda = ld;
+          if constexpr (is_bf16<T>) {
+            for (int64_t i = 0; i < m; ++i) {
+              from_float(Rg + (s0 + i) * ld, buf.a.get() + i * Kw, gc);
+              if (Kw > gc) buf.a.get()[i * Kw + gc] = T(0.f);
+            }
+            A = buf.a.get();
+            lda = Kw;
+          } else {
+            A = Rg + s0 * ld;
+          }
+          float* dst = direct_x ? reinterpret_cast<float*>(gx_) + (i0 + s0) * d
+                                : buf.cb.get() + s0 * d;
+          multiply(m, A, lda, W_[g], dst, d, /*add=*/g > 0);
+        }
+      }
+      if (count == 0) continue;
+      // A = the group's present rows of R transposed, [gc, depth], zero in the padding.
+      for (int64_t i = 0; i < count; ++i) buf.r_rows[i] = Rg + buf.present[i] * ld;
+      transpose(buf.r_rows.data(), count, gc, buf.At.get(), depth);
+      for (int64_t c = 0; c < gc; ++c)
+        std::fill(buf.At.get() + c * depth + count, buf.At.get() + (c + 1) * depth, T(0.f));
+      for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
+        const int64_t width = std::min(kColBlock, d - n0);
+        if constexpr (is_bf16<T>)
+          at::native::cpublas::brgemm(gc, width, depth, depth, round_up(width, 16), d, true,
+                                      buf.At.get(), buf.Bx.get() + n0 * depth, C + c0 * d + n0,
+                                      true);
+        else
+          at::native::cpublas::brgemm(gc, width, depth, depth, d, d, true, buf.At.get(),
+                                      buf.Bx.get() + n0, C + c0 * d + n0, false);
+      }
+    }
+    if (gx_ && !direct_x)
+      for (int64_t i = 0; i < nrows; ++i)
+        from_float(buf.cb.get() + i * d, gx_ + sample(i0 + i) * d, d);
   }
-  if (grad_x && n == 0) grad_x->zero_();
-  return result();
-}
+
+  // The partials of every task added in task order.
+  BackwardParts finish() const {
+    BackwardParts r{parts_[0], need_sum_ ? sums_[0] : at::Tensor()};
+    for (int64_t t = 1; t < parts_.size(0); ++t) r.grad_stack.add_(parts_[t]);
+    for (int64_t t = 1; need_sum_ && t < sums_.size(0); ++t) r.row_sum.add_(sums_[t]);
+    return r;
+  }
+
+ private:
+  int64_t groups() const { return (ncols_ + kColGroup - 1) / kColGroup; }
+  int64_t group_cols(int64_t g) const { return std::min(kColGroup, ncols_ - g * kColGroup); }
+  int64_t sample(int64_t i) const { return index_ ? index_[i] : i; }
+
+  int64_t ncols_, d_, K_, k_;
+  const int64_t* index_;
+  const bool* mask_;
+  const T* x_;
+  T* gx_;
+  bool need_w_, need_sum_;
+  std::vector<T> zeros_;  // the depth padding of B
+  at::Tensor parts_, sums_;
+  std::vector<PackedB<T>> W_;  // w's rows of each column group, as B of grad_x = R @ w
+};
 
 }  // namespace mmkernels::cpu::blocked

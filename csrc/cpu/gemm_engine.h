@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -424,6 +425,85 @@ struct BackwardResult {
                                         // undefined unless asked for
 };
 
+// The blocked backward of every modality: per band of kDepthBlock samples, each modality's pass
+// over its rows of the band (blocked::BackwardPass), so the band's grad_out and out serve every
+// modality from cache. R_k's rows come from R[k] when stored, else from build_cols(k, b, c0,
+// c1, dst, from_grad) into the pass's buffer.
+template <typename scalar_t, typename BuildCols, typename FromGrad>
+void blocked_backward(const FusionPlan& p, const std::vector<Operand>& ops,
+                      const RowSelection& sel, const std::vector<at::Tensor>& R, bool stored,
+                      BuildCols& build_cols, FromGrad& from_grad, bool need_x, bool need_w,
+                      bool need_rowsum, BackwardResult& res) {
+  const int64_t B = p.B, tasks = num_tasks(B);
+  std::vector<at::Tensor> gx(p.K);
+  std::vector<std::optional<blocked::BackwardPass<scalar_t>>> pass(p.K);
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (need_x) gx[k] = sel.live[k] ? at::empty_like(ops[k].x) : at::zeros_like(ops[k].x);
+    if (!sel.live[k]) continue;
+    const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+    pass[k].emplace(ops[k].ncols(), ops[k].w, ops[k].x, index, sel.mask_ptr, p.K, k,
+                    need_x ? &gx[k] : nullptr, need_w, need_rowsum, tasks);
+  }
+  // Without a stored R_k, a band's rows of every R_k are built row by row into band buffers
+  // when those fit in cache (reading each row of grad_out and out once, contiguously); wider
+  // R_k are built by each pass, a column group at a time.
+  int64_t total = 0;
+  for (int64_t k = 0; k < p.K; ++k) total += pass[k] ? ops[k].ncols() : 0;
+  const bool prebuilt = !stored && total * blocked::kDepthBlock * 4 <= (int64_t(1) << 20);
+  for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
+    blocked::TileRelease release;
+    std::vector<std::optional<typename blocked::BackwardPass<scalar_t>::Buffers>> buf(p.K);
+    std::vector<std::optional<blocked::Scratch<float>>> band_rows(p.K);
+    for (int64_t k = 0; k < p.K; ++k)
+      if (pass[k]) {
+        buf[k].emplace(pass[k]->buffers());
+        if (prebuilt) band_rows[k].emplace(blocked::kDepthBlock * ops[k].ncols());
+      }
+    std::vector<int64_t> lo(p.K), hi(p.K);
+    for (int64_t b0 = r0; b0 < r1; b0 += blocked::kDepthBlock) {
+      const int64_t b1 = std::min(r1, b0 + blocked::kDepthBlock);
+      for (int64_t k = 0; k < p.K; ++k) std::tie(lo[k], hi[k]) = sel.stored_rows(k, b0, b1);
+      if (prebuilt)
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t k = 0; k < p.K; ++k) {
+            if (!pass[k]) continue;
+            const int64_t i = sel.index[k].defined() ? sel.pos[k][b] : b;
+            if (i >= 0)
+              build_cols(k, b, 0, ops[k].ncols(),
+                         band_rows[k]->get() + (i - lo[k]) * ops[k].ncols(), from_grad);
+          }
+      for (int64_t k = 0; k < p.K; ++k) {
+        if (!pass[k]) continue;
+        const int64_t ncols = ops[k].ncols();
+        const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
+        // R_k's rows [i0, i0 + m), columns [c0, c1): stored, prebuilt, or built into out.
+        auto source = [&](int64_t i0, int64_t m, int64_t c0, int64_t c1, float* out,
+                          int64_t* ld) -> const float* {
+          if (stored || prebuilt) {
+            *ld = ncols;
+            return (stored ? R[k].data_ptr<float>() + i0 * ncols
+                           : band_rows[k]->get() + (i0 - lo[k]) * ncols) + c0;
+          }
+          *ld = c1 - c0;
+          for (int64_t i = 0; i < m; ++i)
+            build_cols(k, index ? index[i0 + i] : i0 + i, c0, c1, out + i * (c1 - c0), from_grad);
+          return out;
+        };
+        pass[k]->band(source, t, lo[k], hi[k], b0, b1, *buf[k]);
+      }
+    }
+  });
+  for (int64_t k = 0; k < p.K; ++k) {
+    const int64_t ncols = ops[k].ncols(), d = p.dims[k];
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    blocked::BackwardParts parts = pass[k] ? pass[k]->finish() : blocked::BackwardParts{};
+    res.grad_stack.push_back(pass[k] && need_w ? parts.grad_stack : at::zeros({ncols, d}, f32));
+    if (need_rowsum)
+      res.grad_rowsum.push_back(pass[k] ? parts.row_sum : at::zeros({ncols}, f32));
+    if (need_x) res.grad_x.push_back(gx[k]);
+  }
+}
+
 // The backward of both ops. `grad_out` and `out` are [S, B, width] (S = 1 without subsets);
 // modality k's block j collects, from the columns [col_offset[k], + widths[k]) of every
 // member subset of the block, act'(out) * grad_out on the rows where k is present.
@@ -510,34 +590,16 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
   });
 
   BackwardResult res;
+  if (need_colsum) res.grad_colsum = colsum.sum(0).view({S, width});  // fixed order over tasks
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (blocked_path) {
+      blocked_backward<scalar_t>(p, ops, sel, R, stored, build_cols, from_grad, need_x, need_w,
+                                 need_rowsum, res);
+      return res;
+    }
+  }
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& op = ops[k];
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (sel.live[k] && blocked_path) {
-        const int64_t* index = sel.index[k].defined() ? sel.index[k].data_ptr<int64_t>() : nullptr;
-        const int64_t ncols = op.ncols();
-        // R_k's rows [i0, i0 + m), columns [c0, c1): in R_k when stored, else built into buf.
-        auto source = [&, k](int64_t i0, int64_t m, int64_t c0, int64_t c1, acc_t* buf,
-                             int64_t* ld) -> const acc_t* {
-          if (stored) {
-            *ld = ncols;
-            return R[k].data_ptr<acc_t>() + i0 * ncols + c0;
-          }
-          *ld = c1 - c0;
-          for (int64_t i = 0; i < m; ++i)
-            build_cols(k, index ? index[i0 + i] : i0 + i, c0, c1, buf + i * (c1 - c0), from_grad);
-          return buf;
-        };
-        at::Tensor gx = need_x ? at::empty_like(op.x) : at::Tensor();
-        auto parts = blocked::backward_rows<scalar_t>(
-            source, sel.rows(k, B), ncols, op.w, op.x, index, sel.mask_ptr, p.K, k,
-            need_x ? &gx : nullptr, need_w, need_rowsum, tasks);
-        res.grad_stack.push_back(parts.grad_stack);
-        if (need_rowsum) res.grad_rowsum.push_back(parts.row_sum);
-        if (need_x) res.grad_x.push_back(gx);
-        continue;
-      }
-    }
     if (need_x) {
       if (!sel.live[k]) {
         res.grad_x.push_back(at::zeros_like(op.x));
@@ -558,7 +620,6 @@ BackwardResult backward_gemms(const FusionPlan& p, const std::vector<Operand>& o
     if (need_rowsum)
       res.grad_rowsum.push_back(sel.live[k] ? R[k].sum(0) : at::zeros({op.ncols()}, acc_opts));
   }
-  if (need_colsum) res.grad_colsum = colsum.sum(0).view({S, width});  // fixed order over tasks
   return res;
 }
 

@@ -51,15 +51,16 @@ def test_blocked_path_follows_the_cpu_and_the_onednn_switch() -> None:
 
 def big(
     op: str, present: float | None, per_subset: bool, dims: list[int], seed: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16, widths: list[int] | None = None, num_subsets: int = 3,
 ) -> Problem:
-    widths = [70] if op == "concat_project" else [70, 33, 130][: len(dims)]
+    if widths is None:
+        widths = [70] if op == "concat_project" else [70, 33, 130][: len(dims)]
     return Problem(
         op=op,
         dims=dims,
         batch=1100,
         widths=widths,
-        num_subsets=3 if per_subset else None,
+        num_subsets=num_subsets if per_subset else None,
         per_subset=per_subset,
         sample_present=present,
         bias=True,
@@ -86,6 +87,37 @@ def test_large_problems_match_the_reference(op, present, per_subset, dims, block
     seed = len(dims) + int(10 * (present or 0))
     with onednn(blocked):
         check(big(op, present, per_subset, dims, seed, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("present", [0.5, 0.9, None])
+def test_wide_project_concat_builds_r_by_column_groups(present, dtype) -> None:
+    """R_k too wide for the backward's band buffers (8 subsets of widths 200 / 150 / 170: about
+    1,000 columns a modality, past the 512-column groups and the 1 MiB of rows built ahead) is
+    built from grad_out and out a column group at a time by each modality's pass."""
+    problem = big("project_concat", present, True, [3, 67, 130], seed=8, dtype=dtype,
+                  widths=[200, 150, 170], num_subsets=8)
+    xs, weights, biases, subset_mask, sample_mask = problem.tensors()
+    used = subset_mask.sum(0).tolist()
+    assert all(n * w > 512 for n, w in zip(used, problem.widths)), used
+    check(problem)
+    # Normwise too: at this size the elementwise bound above allows errors of the order of the
+    # results in bfloat16 (8 eps sqrt(8,800)). Inputs are exact in the dtype and sums run in
+    # float32, so each result is off by its final rounding: relative 2^-9 in bfloat16.
+    leaves = [t.detach().requires_grad_(True) for t in (*xs, *weights, *biases)]
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    K = len(xs)
+    out = mmkernels.project_concat(leaves[:K], leaves[K:2 * K], leaves[2 * K:],
+                                   subset_mask=subset_mask, sample_mask=sample_mask)
+    out64 = reference.project_concat(leaves64[:K], leaves64[K:2 * K], leaves64[2 * K:],
+                                     subset_mask=subset_mask, sample_mask=sample_mask)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = grad_out * (out > 0)  # the same ReLU pattern for both
+    ours = [out, *torch.autograd.grad(out, leaves, grad_out)]
+    exact = [out64, *torch.autograd.grad(out64, leaves64, grad_out.double() * (out64 > 0))]
+    for i, (a, e) in enumerate(zip(ours, exact)):
+        rel = ((a.double() - e).norm() / e.norm().clamp_min(1e-300)).item()
+        assert rel <= 4 * torch.finfo(dtype).eps, f"result {i}: normwise relative error {rel:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -282,6 +282,7 @@ struct Scratch {
 //   samples no R row stands for;
 // - grad_stack: the sum over the present rows i of R[i]^T x[x_i] (zeros when need_w is
 //   false), present meaning listed in index, else mask[x_i * K + k] (all when mask is null);
+//   in float32 a transposed view of a [d, ncols] sum;
 // - row_sum (need_sum): the sum of R's rows.
 // Each task sums into its own partials; finish() adds them in task order.
 template <typename T>
@@ -294,7 +295,9 @@ class BackwardPass {
         x_(x.data_ptr<T>()), gx_(grad_x && d_ > 0 ? grad_x->template data_ptr<T>() : nullptr),
         need_w_(need_w && d_ > 0), need_sum_(need_sum), zeros_(d_, T(0.f)) {
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    parts_ = at::zeros({need_w_ ? tasks : 1, ncols, d_}, f32);
+    // float32 sums grad_stack^T ([d, ncols]; see band()), bfloat16 grad_stack itself.
+    parts_ = is_bf16<T> ? at::zeros({need_w_ ? tasks : 1, ncols, d_}, f32)
+                        : at::zeros({need_w_ ? tasks : 1, d_, ncols}, f32);
     sums_ = at::zeros({need_sum ? tasks : 1, ncols}, f32);
     if (gx_)
       for (int64_t g = 0; g < groups(); ++g)
@@ -331,9 +334,25 @@ class BackwardPass {
       }
       std::fill(gx_ + next * d, gx_ + b1 * d, T(0.f));
     }
-    // The band's present rows of x, packed once as B of every group's weight gradient.
+    // float32: the weight gradient as grad_stack^T += x^T R, A = the band's rows of x
+    // transposed ([d, nrows], zero where k is absent) and B = R's rows as they are, so R is
+    // never transposed and the ukernel's rows are x's few columns.
+    // bfloat16: grad_stack += R^T x, B = the band's present rows of x in the VNNI layout, packed
+    // once for every group, and A = each group's present rows of R transposed.
     int64_t count = 0, depth = 0;
-    if (need_w_) {
+    if constexpr (!is_bf16<T>) {
+      if (need_w_) {
+        for (int64_t i = 0; i < nrows; ++i) buf.x_rows[i] = x_ + sample(i0 + i) * d;
+        transpose(buf.x_rows.data(), nrows, d, buf.Bx.get(), nrows);
+        for (int64_t i = 0; i < nrows; ++i) {
+          if (index_ || !mask_ || mask_[sample(i0 + i) * K_ + k_]) {
+            ++count;
+            continue;
+          }
+          for (int64_t c = 0; c < d; ++c) buf.Bx.get()[c * nrows + i] = 0.f;
+        }
+      }
+    } else if (need_w_) {
       for (int64_t i = 0; i < nrows; ++i) {
         const int64_t b = sample(i0 + i);
         if (index_ || !mask_ || mask_[b * K_ + k_]) {
@@ -343,16 +362,11 @@ class BackwardPass {
       }
       depth = round_up(count, kDepthStep);
       for (int64_t i = count; i < depth; ++i) buf.x_rows[i] = zeros_.data();
-      if constexpr (is_bf16<T>) {
-        for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-          const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
-          std::vector<const T*> cols(depth);
-          for (int64_t i = 0; i < depth; ++i) cols[i] = buf.x_rows[i] + (i < count ? n0 : 0);
-          pack_vnni(cols.data(), depth, width, ld, buf.Bx.get() + n0 * depth);
-        }
-      } else {
-        for (int64_t i = 0; i < depth; ++i)
-          std::memcpy(buf.Bx.get() + i * d, buf.x_rows[i], d * sizeof(T));
+      for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
+        const int64_t width = std::min(kColBlock, d - n0), ld = round_up(width, 16);
+        std::vector<const T*> cols(depth);
+        for (int64_t i = 0; i < depth; ++i) cols[i] = buf.x_rows[i] + (i < count ? n0 : 0);
+        pack_vnni(cols.data(), depth, width, ld, buf.Bx.get() + n0 * depth);
       }
     }
     // grad_x accumulates over the groups in float32: in place when it is float32 and not
@@ -392,21 +406,22 @@ class BackwardPass {
         }
       }
       if (count == 0) continue;
+      if constexpr (!is_bf16<T>) {
+        for (int64_t n0 = 0; n0 < gc; n0 += kColBlock)
+          at::native::cpublas::brgemm(d, std::min(kColBlock, gc - n0), nrows, nrows, ld, ncols_,
+                                      true, buf.Bx.get(), Rg + n0, C + c0 + n0, false);
+        continue;
+      }
       // A = the group's present rows of R transposed, [gc, depth], zero in the padding.
       for (int64_t i = 0; i < count; ++i) buf.r_rows[i] = Rg + buf.present[i] * ld;
       transpose(buf.r_rows.data(), count, gc, buf.At.get(), depth);
       for (int64_t c = 0; c < gc; ++c)
         std::fill(buf.At.get() + c * depth + count, buf.At.get() + (c + 1) * depth, T(0.f));
-      for (int64_t n0 = 0; n0 < d; n0 += kColBlock) {
-        const int64_t width = std::min(kColBlock, d - n0);
-        if constexpr (is_bf16<T>)
-          at::native::cpublas::brgemm(gc, width, depth, depth, round_up(width, 16), d, true,
-                                      buf.At.get(), buf.Bx.get() + n0 * depth, C + c0 * d + n0,
-                                      true);
-        else
-          at::native::cpublas::brgemm(gc, width, depth, depth, d, d, true, buf.At.get(),
-                                      buf.Bx.get() + n0, C + c0 * d + n0, false);
-      }
+      for (int64_t n0 = 0; n0 < d; n0 += kColBlock)
+        at::native::cpublas::brgemm(gc, std::min(kColBlock, d - n0), depth, depth,
+                                    round_up(std::min(kColBlock, d - n0), 16), d, true,
+                                    buf.At.get(), buf.Bx.get() + n0 * depth, C + c0 * d + n0,
+                                    true);
     }
     if (gx_ && !direct_x)
       for (int64_t i = 0; i < nrows; ++i)
@@ -418,6 +433,7 @@ class BackwardPass {
     BackwardParts r{parts_[0], need_sum_ ? sums_[0] : at::Tensor()};
     for (int64_t t = 1; t < parts_.size(0); ++t) r.grad_stack.add_(parts_[t]);
     for (int64_t t = 1; need_sum_ && t < sums_.size(0); ++t) r.row_sum.add_(sums_[t]);
+    if (!is_bf16<T>) r.grad_stack = r.grad_stack.t();  // [ncols, d], strided
     return r;
   }
 

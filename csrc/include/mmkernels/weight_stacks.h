@@ -55,7 +55,12 @@ inline at::Tensor project_unstack(const FusionPlan& p, const at::Tensor& stacked
                                   const at::Tensor& like, int64_t k) {
   if (!p.modality_used(k)) return at::zeros(like.sizes(), like.options());
   // copy=true: bias gradients are slices of one buffer and must not alias each other.
-  if (!p.per_subset) return stacked.reshape(like.sizes()).to(like.scalar_type(), false, true);
+  if (!p.per_subset) {
+    // A strided stack (the CPU engine's float32 weight gradients) is copied contiguous.
+    const at::Tensor s = stacked.reshape(like.sizes());
+    return s.is_contiguous() ? s.to(like.scalar_type(), false, true)
+                             : s.contiguous().to(like.scalar_type());
+  }
   at::Tensor full = at::zeros(like.sizes(), stacked.options());
   const int64_t Hk = p.widths[k];
   for (int64_t j = 0; j < p.nblocks(k); ++j)

@@ -425,7 +425,7 @@ struct BackwardResult {
                                         // undefined unless asked for
 };
 
-// The blocked backward of every modality: per band of kDepthBlock samples, each modality's pass
+// The blocked backward of every modality: per band of samples, each modality's pass
 // over its rows of the band (blocked::BackwardPass), so the band's grad_out and out serve every
 // modality from cache. R_k's rows come from R[k] when stored, else from build_cols(k, b, c0,
 // c1, dst, from_grad) into the pass's buffer.
@@ -445,11 +445,15 @@ void blocked_backward(const FusionPlan& p, const std::vector<Operand>& ops,
                     need_x ? &gx[k] : nullptr, need_w, need_rowsum, tasks);
   }
   // Without a stored R_k, a band's rows of every R_k are built row by row into band buffers
-  // when those fit in cache (reading each row of grad_out and out once, contiguously); wider
-  // R_k are built by each pass, a column group at a time.
+  // when at least 128 rows of them fit in 1 MiB (reading each row of grad_out and out once,
+  // contiguously); wider R_k are built by each pass, a column group at a time (fewer rows a
+  // band would mean more passes over each weight gradient's accumulator).
   int64_t total = 0;
   for (int64_t k = 0; k < p.K; ++k) total += pass[k] ? ops[k].ncols() : 0;
-  const bool prebuilt = !stored && total * blocked::kDepthBlock * 4 <= (int64_t(1) << 20);
+  const int64_t fit_rows = std::min<int64_t>(
+      blocked::kDepthBlock, (int64_t(1) << 20) / (4 * std::max<int64_t>(total, 1)) / 32 * 32);
+  const bool prebuilt = !stored && fit_rows >= 128;
+  const int64_t band = prebuilt ? fit_rows : blocked::kDepthBlock;
   for_each_task(B, tasks, [&](int64_t t, int64_t r0, int64_t r1) {
     blocked::TileRelease release;
     std::vector<std::optional<typename blocked::BackwardPass<scalar_t>::Buffers>> buf(p.K);
@@ -457,11 +461,11 @@ void blocked_backward(const FusionPlan& p, const std::vector<Operand>& ops,
     for (int64_t k = 0; k < p.K; ++k)
       if (pass[k]) {
         buf[k].emplace(pass[k]->buffers());
-        if (prebuilt) band_rows[k].emplace(blocked::kDepthBlock * ops[k].ncols());
+        if (prebuilt) band_rows[k].emplace(band * ops[k].ncols());
       }
     std::vector<int64_t> lo(p.K), hi(p.K);
-    for (int64_t b0 = r0; b0 < r1; b0 += blocked::kDepthBlock) {
-      const int64_t b1 = std::min(r1, b0 + blocked::kDepthBlock);
+    for (int64_t b0 = r0; b0 < r1; b0 += band) {
+      const int64_t b1 = std::min(r1, b0 + band);
       for (int64_t k = 0; k < p.K; ++k) std::tie(lo[k], hi[k]) = sel.stored_rows(k, b0, b1);
       if (prebuilt)
         for (int64_t b = b0; b < b1; ++b)

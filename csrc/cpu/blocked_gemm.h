@@ -10,8 +10,9 @@
 // - both: a GEMM over a modality's present rows needs them gathered, and a gradient over them
 //   scattered back; as passes over whole tensors those copies go through memory twice.
 //   Here each block of rows is gathered into, converted in, and scattered from cache.
-// - backward: one pass over R_k's rows computes both grad_x_k and grad_stack_k, so R_k is read
-//   from memory once.
+// - bands: the forward's T_k and the backward's R_k are made and used band of rows by band of
+//   rows in cache (RowProjector, BackwardPass); the backward computes grad_x_k and
+//   grad_stack_k in the same pass over a band.
 //
 // Only the present rows enter a weight gradient, whatever the absent rows of x hold (NaN).
 // Sums over rows run in fixed tasks whose partial sums are added in task order.

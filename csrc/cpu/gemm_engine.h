@@ -1,16 +1,19 @@
 // The CPU engine behind both fused ops.
 //
 // Forward: per modality k, one GEMM T_k = x_k @ stack_k^T over all of k's weight blocks, on
-// every core. Where the CPU has AMX, bfloat16 and float32 GEMMs run in blocks of rows on
-// oneDNN's brgemm ukernel (blocked_gemm.h: bfloat16 on AMX with float32 results, so the
-// modalities are summed in float32); elsewhere, and for float64, on MKL (bfloat16 converted to
-// float32 first). A GEMM is skipped when no subset or no sample uses k, and when a
-// modality is missing from enough samples its present rows are gathered first, so absent rows
-// cost no GEMM work. Then one parallel pass over rows (the op's epilogue) combines the T_k with
-// the masks, the bias and the activation: no [B, D] concatenation is ever built.
-// Backward: one parallel pass turns grad_out into R_k, the gradient w.r.t. T_k, writing every
-// row of R_k exactly once; then grad_x_k = R_k @ stack_k and grad_stack_k = R_k^T @ x_k (on
-// the blocked path both in one pass over R_k's rows).
+// every core. Where the CPU has AMX, bfloat16 and float32 GEMMs run on oneDNN's brgemm ukernel
+// (blocked_gemm.h: bfloat16 on AMX with float32 results, so the modalities are summed in
+// float32) band of rows by band of rows, each band's T_k read by the epilogue while in cache;
+// elsewhere, and for float64, on MKL over whole tensors (bfloat16 converted to float32
+// first). A GEMM is skipped when no subset or no sample uses k, and when a modality is missing
+// from enough samples its present rows are gathered first, so absent rows cost no GEMM work.
+// The epilogue combines the T_k with the masks, the bias and the activation: no [B, D]
+// concatenation is ever built.
+// Backward: grad_out becomes R_k, the gradient w.r.t. T_k; then grad_x_k = R_k @ stack_k and
+// grad_stack_k = R_k^T @ x_k. On the blocked path both run band by band over every modality
+// (blocked::BackwardPass), and project_concat's R_k is built band by band in cache, never
+// stored; on the MKL path, and for concat_project (whose bias needs every column's sums), one
+// parallel pass writes every row of R_k once.
 //
 // Absent rows are selected out, never multiplied by zero (0 * NaN is NaN, and real missing
 // data is often NaN): the epilogues never read their rows of T_k, R_k is written zero there,

@@ -108,7 +108,8 @@ def test_wide_project_concat_builds_r_by_column_groups(widths, present, dtype) -
     check(problem)
     # Normwise too: at this size the elementwise bound above allows errors of the order of the
     # results in bfloat16 (8 eps sqrt(8,800)). Inputs are exact in the dtype and sums run in
-    # float32, so each result is off by its final rounding: relative 2^-9 in bfloat16.
+    # float32, so each result is off by its final rounding (relative 2^-9 in bfloat16) plus the
+    # float32 rounding of sums of up to 1,100 terms (random: ~eps_32 sqrt(n)).
     leaves = [t.detach().requires_grad_(True) for t in (*xs, *weights, *biases)]
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
     K = len(xs)
@@ -122,7 +123,8 @@ def test_wide_project_concat_builds_r_by_column_groups(widths, present, dtype) -
     exact = [out64, *torch.autograd.grad(out64, leaves64, grad_out.double() * (out64 > 0))]
     for i, (a, e) in enumerate(zip(ours, exact)):
         rel = ((a.double() - e).norm() / e.norm().clamp_min(1e-300)).item()
-        assert rel <= 4 * torch.finfo(dtype).eps, f"result {i}: normwise relative error {rel:.3g}"
+        bound = 4 * torch.finfo(dtype).eps + 4 * torch.finfo(torch.float32).eps * 1100 ** 0.5
+        assert rel <= bound, f"result {i}: normwise relative error {rel:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -51,7 +51,6 @@ constexpr int64_t kRowBlock = 64;     // rows of A (and C) per ukernel call
 constexpr int64_t kColBlock = 64;     // columns of B per block: the widest bfloat16 packing
 constexpr int64_t kDepthBlock = 256;  // rows of R_k and x_k per block of the backward pass
 constexpr int64_t kDepthStep = 32;    // a weight-gradient block's depth is padded to this
-constexpr int64_t kMinRows = 512;     // rows per task, as in the engine (num_tasks)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "isa.h"
+#include "softmax_kernels.h"
 #include "softmax_generic.h"
 #include "softmax_lanes.h"
 #include "softmax_padded.h"
@@ -15,19 +16,6 @@
 #include <cstdint>
 
 namespace mmkernels::cpu {
-
-// Lanes of the padded layout for C classes; 0 = the [C, H] layout (the rows-in-lanes kernel,
-// or the generic body above 32). The op lays the weights out by it. With AVX-512 the padded
-// kernel at 9..16 classes (16 lanes) wasted up to 7/16 of each vector and ran a scalar exp
-// per class and row: at C = 10 it took 1.8x the rows-in-lanes kernel's time per class at C = 8,
-// so rows-in-lanes takes up to 16 classes there. Without AVX-512 (16 vector registers, not
-// 32) its 9..16-class accumulators would spill, and that case has not been measured: those
-// CPUs keep the padded kernel.
-inline int64_t padded_lanes(int64_t C) {
-  if (C <= 8) return 0;
-  if (C <= 16) return cpu_has_avx512() ? 0 : 16;
-  return C <= 32 ? 32 : 0;
-}
 
 template <typename T>
 MMK_INLINE void softmax_subset_lanes_any(const T* z, int64_t ld, int64_t n, int64_t H,

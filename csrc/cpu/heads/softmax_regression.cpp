@@ -4,8 +4,8 @@
 // Z [S, n, H] is read in (subset, row block) tasks (task_pool.h); within one task the logits
 // and the gradient touch the same rows back to back, so the second read of Z hits the cache:
 // Z is read from memory once per evaluation instead of twice. The per-subset kernels are
-// picked in softmax_dispatch.h.
-#include "softmax_dispatch.h"
+// picked in softmax_dispatch.h, compiled in softmax_kernels.cpp.
+#include "softmax_kernels.h"
 #include "task_pool.h"
 
 #include <mmkernels/heads_plan.h>
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace mmkernels::cpu {
@@ -50,14 +51,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   // the conversion, so a solver that skips converged subsets does not convert all S each call.
   const bool convert = z.scalar_type() != acc || z.stride(2) != 1;
   const bool select_first = convert && index.defined() && K < S;
-  // Tasks are (subset, row block) pairs, at least ~4 per thread for balance; each has its own
+  // Problems next to each other that read the same subset (a cross-validation's folds over
+  // the same rows) form one group, solved at once where the grouped kernel runs
+  // (softmax_grouped.h); otherwise each problem is its own group.
+  const bool grouping = acc == at::kFloat && H > 0 && softmax_grouped_available(C);
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (first problem, problems)
+  {
+    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+    const int64_t most = grouping ? kGroupWidth / C : 1;
+    for (int64_t p = 0; p < K; ++p) {
+      if (ip && !groups.empty() && groups.back().second < most &&
+          ip[p] == ip[groups.back().first])
+        ++groups.back().second;
+      else
+        groups.emplace_back(p, 1);
+    }
+  }
+  const int64_t G = static_cast<int64_t>(groups.size());
+  int64_t widest = 0;  // the most logits per row of a group solved at once (g C, g >= 2)
+  for (const auto& grp : groups)
+    if (grp.second > 1) widest = std::max(widest, grp.second * C);
+  // Tasks are (group, row block) pairs, at least ~4 per thread for balance; each has its own
   // partial sums, added in task order, so a given thread count (and K) gives fixed results.
   // One thread below ~1M elements of Z per call (~0.3 ms of work): handing tasks to the
   // inter-op pool costs microseconds per helper on a quiet machine, and a helper that claims a
   // task and then waits for a CPU (a busy, shared machine) holds up the caller for that task.
   const int64_t threads =
       K * n * H < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  const int64_t want = (4 * threads + K - 1) / std::max<int64_t>(K, 1);
+  const int64_t want = (4 * threads + G - 1) / std::max<int64_t>(G, 1);
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (n + 1023) / 1024));
   const int64_t CP = padded_lanes(C);
   const int64_t wsize = H * (CP ? CP : C);
@@ -73,7 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
         zcopy + Kd * (double)wsize * (a + 8 + 8 * sp)  // weight layout, gw_l, part_w
         + Kd * Hd * Cd * (3 * 8 + 2 * a)  // w in float64, its square, gw; gw out, contiguous
         + Kd * (Cd + 1) * (8 + 8 * sp + a)  // gb, loss, their partials and outputs
-        + (double)n * (a + 8);              // sample weights, labels
+        + (double)n * (a + 8)               // sample weights, labels
+        + (double)threads * 4 *  // per thread, the grouped kernel's buffers (softmax_grouped.h)
+              (2.0 * kGroupRows * widest + 2.0 * widest * Hd);
     check_memory_budget(op, need, z.device(),
                         "z " + shape_str(z.sizes()) + " and w " + shape_str(w.sizes()));
   }
@@ -88,16 +111,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   at::Tensor zc = select_first ? z.index_select(0, index).to(acc) : z.to(acc);
   if (zc.stride(2) != 1) zc = zc.contiguous();
   // Weights in the kernel's layout: [K, H, CP] zero-padded (17..32 classes), or [K, C, H].
+  // (Only the per-problem kernels read it.)
+  const bool any_single = std::any_of(groups.begin(), groups.end(),
+                                      [](const auto& grp) { return grp.second == 1; });
   at::Tensor wl;
-  if (CP) {
+  if (!any_single) {
+  } else if (CP) {
     wl = at::zeros({K, H, CP}, w.options());
     wl.narrow(2, 0, C).copy_(w);
   } else {
     wl = w.transpose(1, 2).contiguous();
   }
   const at::Tensor bc = b.contiguous();
+  const at::Tensor wc = w.contiguous();
   at::Tensor loss = at::zeros({K}, w.options().dtype(at::kDouble));
-  at::Tensor gw_l = at::zeros(wl.sizes(), w.options().dtype(at::kDouble));
+  // The gradients in float64, in the kernels' layout: [K, H, CP] padded, or [K, C, H] (W
+  // transposed), or [K, H, C] (the output's) when every group is solved by the grouped kernel.
+  const bool h_major = !any_single;
+  at::Tensor gw_l = at::zeros(CP || h_major ? at::IntArrayRef{K, H, CP ? CP : C}
+                                            : at::IntArrayRef{K, C, H},
+                              w.options().dtype(at::kDouble));
   at::Tensor gb = at::zeros({K, C}, w.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "softmax_regression_loss_grad", [&] {
     const scalar_t* zp = zc.data_ptr<scalar_t>();
@@ -105,37 +138,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
     const scalar_t* swp = sw.defined() ? sw.data_ptr<scalar_t>() : nullptr;
     // With select_first, zc holds the picked subsets in order.
     const int64_t* pick = index.defined() && !select_first ? index.data_ptr<int64_t>() : nullptr;
-    std::vector<double> part_loss(K * splits, 0.0), part_w(K * splits * wsize, 0.0),
-        part_b(K * splits * C, 0.0);
-    const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
-    run_tasks(K * splits, threads, [&](int64_t t) {
-      {  // one (subset, row block) task
-        const int64_t s = t / splits, part = t % splits;
-        const int64_t r0 = std::min(n, part * per), r1 = std::min(n, r0 + per);
-        if (r1 <= r0) return;
-        const scalar_t* swr = swp ? swp + r0 : nullptr;
-        const int64_t zs = pick ? pick[s] : s;
-        softmax_subset<scalar_t>(zp + zs * ss + r0 * ld, ld, r1 - r0, H, C,
-                                 wl.data_ptr<scalar_t>() + s * wsize,
-                                 bc.data_ptr<scalar_t>() + s * C, yc.data_ptr<int64_t>() + r0,
-                                 swr, &part_loss[t], part_w.data() + t * wsize,
-                                 part_b.data() + t * C);
-      }
-    });
+    // With one row block per problem, its sums go straight into the outputs.
+    std::vector<double> part_loss, part_w, part_b;
+    if (splits > 1) {
+      part_loss.assign(K * splits, 0.0);
+      part_w.assign(K * splits * wsize, 0.0);
+      part_b.assign(K * splits * C, 0.0);
+    }
     double* lp = loss.data_ptr<double>();
     double* gwp = gw_l.data_ptr<double>();
     double* gbp = gb.data_ptr<double>();
-    for (int64_t t = 0; t < K * splits; ++t) {
+    double* const loss_slots = splits > 1 ? part_loss.data() : lp;
+    double* const w_slots = splits > 1 ? part_w.data() : gwp;
+    double* const b_slots = splits > 1 ? part_b.data() : gbp;
+    const int64_t per = splits > 1 ? (n + splits - 1) / splits : n;
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    run_tasks(G * splits, threads, [&](int64_t t) {
+      // one (group, row block) task; problem p's partial sums are in slot p * splits + part
+      const auto [s, g] = groups[t / splits];
+      const int64_t part = t % splits;
+      const int64_t r0 = std::min(n, part * per), r1 = std::min(n, r0 + per);
+      if (r1 <= r0) return;
+      const scalar_t* swr = swp ? swp + r0 : nullptr;
+      const scalar_t* zr = zp + (pick ? pick[s] : s) * ss + r0 * ld;
+      const int64_t slot = s * splits + part;
+      if (g == 1) {
+        softmax_subset<scalar_t>(zr, ld, r1 - r0, H, C, wl.data_ptr<scalar_t>() + s * wsize,
+                                 bc.data_ptr<scalar_t>() + s * C, yc.data_ptr<int64_t>() + r0,
+                                 swr, loss_slots + slot, w_slots + slot * wsize,
+                                 b_slots + slot * C);
+      } else {
+        softmax_group(zr, ld, r1 - r0, H, C, g, wp + s * H * C, bc.data_ptr<scalar_t>() + s * C,
+                      yc.data_ptr<int64_t>() + r0, swr, loss_slots + slot,
+                      w_slots + slot * wsize, b_slots + slot * C, splits, h_major);
+      }
+    });
+    for (int64_t t = 0; splits > 1 && t < K * splits; ++t) {
       const int64_t s = t / splits;
       lp[s] += part_loss[t];
       for (int64_t j = 0; j < wsize; ++j) gwp[s * wsize + j] += part_w[t * wsize + j];
       for (int64_t c = 0; c < C; ++c) gbp[s * C + c] += part_b[t * C + c];
     }
   });
-  const at::Tensor wd = w.to(at::kDouble);
-  loss.add_(wd.square().sum({1, 2}), 0.5 * l2);
-  at::Tensor gw = (CP ? gw_l.narrow(2, 0, C) : gw_l.transpose(1, 2)).add(wd, l2);
-  return {loss.to(acc), gw.to(acc).contiguous(), gb.to(acc)};
+  at::Tensor gw = CP ? gw_l.narrow(2, 0, C) : h_major ? gw_l : gw_l.transpose(1, 2);
+  if (l2 != 0) {  // the solvers add their penalties themselves and pass 0
+    const at::Tensor wd = w.to(at::kDouble);
+    loss.add_(wd.square().sum({1, 2}), 0.5 * l2);
+    gw = gw.add(wd, l2);
+  }
+  return {loss.to(acc), at::empty({K, H, C}, w.options().dtype(acc)).copy_(gw), gb.to(acc)};
 }
 
 }  // namespace

@@ -107,14 +107,17 @@ def _softmax_bytes(S: int, H: int, C: int, history: int, rows: int, z_itemsize: 
     history 2 * m * group * P float64 (P = (H+1) C) plus ~12 [group, P] vectors (parameters,
     gradients, trials, direction), and the fitted parameters of all S (each group's, then
     their concatenation); per op call (on a group) the per-task partial sums and gradient
-    buffers (padded to at most 32 lanes), and a float32 copy of the picked subsets' Z rows of
-    a call when Z is bfloat16 (with the bfloat16 gather it is made from)."""
+    buffers (padded to at most 32 lanes), the grouped kernel's chunk buffers per thread (when
+    problems of one subset are solved at once: a cross-validation's folds), and a float32
+    copy of the picked subsets' Z rows of a call when Z is bfloat16 (with the bfloat16 gather
+    it is made from)."""
     P = (H + 1) * C
     g = S if group is None else max(1, min(S, group))
     state = 8 * g * P * (2 * history + 12) + 8 * g * history + 2 * 8 * S * P
     lanes = C if C <= 8 else 16 if C <= 16 else 32 if C <= 32 else C
     tasks = g + 4 * max(1, torch.get_num_threads())
     op = 8 * (tasks + 3 * g) * (H * lanes + C + 1)
+    op += 4 * max(1, torch.get_num_threads()) * (2 * 256 * 64 + 2 * 64 * H)
     convert = g * rows * H * (4 + z_itemsize) if z_itemsize == 2 else 0
     return state + op + convert
 
@@ -955,7 +958,16 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     if any(w <= 0 for w in rows_weight):
         raise ValueError("a fold leaves no training rows (or only rows of weight 0)")
     scale = torch.tensor(rows_weight, dtype=torch.float64, device=dev)[fold]  # [k]
-    single = len(pieces) == 1
+    # The row ranges the op is called on: the pieces cut at every piece's ends, each with the
+    # folds whose pieces cover it. A cross-validation's folds overlap (every block of rows
+    # trains all folds but its own), so one call per block covers all the problems that read
+    # it, each subset's problems side by side: the op solves those at once, reading the rows
+    # once (softmax_grouped.h).
+    cuts = sorted({0, n, *(r for ps in pieces for piece in ps for r in piece)})
+    atoms = [(a0, a1, [f for f, ps in enumerate(pieces) if any(r0 <= a0 and a1 <= r1
+                                                              for r0, r1 in ps)])
+             for a0, a1 in zip(cuts, cuts[1:]) if a1 > a0]
+    atoms = [atom for atom in atoms if atom[2]]
     # L-BFGS's initial inverse Hessian: the inverse of the Hessian's diagonal at W = 0 in the
     # centred coordinates (each class at probability 1/C): p (1 - p) var(z_h) + l2 / n for
     # W[h, c] and p (1 - p) for c. The columns of trained latents differ in scale by 10-100x;
@@ -967,19 +979,31 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
     hess[:, HC:] = pc
     diag = 1.0 / hess.clamp_min(1e-10 * hess.amax(1, keepdim=True))
 
-    cached: list = [None, None]  # (pid, its fold parts): pid changes only when problems finish
+    cached: list = [object(), None]  # (pid, its row ranges' problems)
 
-    def fold_parts(pid: Tensor | None) -> list[tuple[Tensor | None, Sequence[tuple[int, int]]]]:
-        """The problems of pid (None: all) grouped by fold, with the fold's row pieces. The
-        grouping reads the fold ids on the host, so it is cached per pid: the solver asks
-        again with the same tensor until some problem finishes."""
-        if cached[0] is not None and cached[0] is pid:
+    def atom_problems(pid: Tensor | None) -> list[tuple[int, int, Tensor | None]]:
+        """Per row range (r0, r1), the positions in pid (None: all k) of the problems that
+        read it, ordered by subset (None: all, in order). Read on the host, so cached per pid:
+        the solver asks again with the same tensor until some problem finishes."""
+        if cached[0] is pid:
             return cached[1]
         fp = fold if pid is None else fold.index_select(0, pid)
-        parts = [(sel, pieces[f]) for f in range(len(pieces))
-                 if len(sel := (fp == f).nonzero().flatten())]
-        cached[0], cached[1] = pid, parts
-        return parts
+        zs = zid if pid is None else (pid if zid is None else zid.index_select(0, pid))
+        if zs is not None and (len(zs) < 2 or bool((zs[1:] >= zs[:-1]).all())):
+            zs = None  # already in subset order
+        out: list[tuple[int, int, Tensor | None]] = []
+        for a0, a1, folds_in in atoms:
+            if len(folds_in) == len(pieces):
+                sel = None if zs is None else torch.argsort(zs, stable=True)
+            else:
+                sel = torch.isin(fp, torch.tensor(folds_in, device=dev)).nonzero().flatten()
+                if zs is not None:
+                    sel = sel.index_select(0, torch.argsort(zs.index_select(0, sel),
+                                                            stable=True))
+            if sel is None or len(sel):
+                out.append((a0, a1, sel))
+        cached[0], cached[1] = pid, out
+        return out
 
     def evaluate(theta: Tensor, pid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean-scaled objective [m] and gradient [m, P] (float64) of problems pid (None: all
@@ -990,37 +1014,28 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
         W = W64.to(dt)
         b = (theta[:, HC:] - (mu_p.unsqueeze(1) @ W64).squeeze(1)).to(dt)
         zsel = pid if zid is None else (zid if pid is None else zid.index_select(0, pid))
-        loss = grad = None
-        if single:
-            parts: list[tuple[Tensor | None, Sequence[tuple[int, int]]]] = [(None, pieces[0])]
-        else:
-            parts = fold_parts(pid)
-        for sel, ps in parts:
+        m = theta.shape[0]
+        loss = torch.zeros(m, dtype=torch.float64, device=dev)
+        # The row ranges' gradients are summed in the op's dtype: in float32 the rounding of
+        # up to F - 1 sums is of the order of the op's own rounding of each (~1e-7 relative),
+        # far below the solver's tolerance, and it saves a float64 copy of each.
+        grad = torch.zeros(m, P, dtype=dt, device=dev)
+        for r0, r1, sel in atom_problems(pid):
             Ws, bs = (W, b) if sel is None else (W.index_select(0, sel), b.index_select(0, sel))
             idx = zsel if sel is None else (sel if zsel is None else zsel.index_select(0, sel))
-            lo_s = g_s = None
-            for r0, r1 in ps:
-                # subset_index lets the op read only the picked subsets of Z in place (a
-                # gather would copy as many bytes as the op reads).
-                lo, gwc, gbc = _ops.softmax_regression_loss_grad(
-                    z[:, r0:r1], y[r0:r1], Ws, bs, None if sw_c is None else sw_c[r0:r1], 0.0,
-                    idx)
-                gc = torch.cat([gwc.flatten(1), gbc], 1)
-                if lo_s is None:
-                    lo_s, g_s = lo.double(), gc.double()
-                else:
-                    lo_s += lo
-                    g_s += gc
-            assert lo_s is not None and g_s is not None
+            # subset_index lets the op read only the picked subsets of Z in place (a gather
+            # would copy as many bytes as the op reads).
+            lo, gwc, gbc = _ops.softmax_regression_loss_grad(
+                z[:, r0:r1], y[r0:r1], Ws, bs, None if sw_c is None else sw_c[r0:r1], 0.0, idx)
             if sel is None:
-                loss, grad = lo_s, g_s
+                loss += lo
+                grad[:, :HC] += gwc.flatten(1)
+                grad[:, HC:] += gbc
             else:
-                if loss is None:
-                    loss = torch.zeros(theta.shape[0], dtype=torch.float64, device=dev)
-                    grad = torch.zeros(theta.shape[0], P, dtype=torch.float64, device=dev)
-                loss.index_copy_(0, sel, lo_s)
-                grad.index_copy_(0, sel, g_s)
-        assert loss is not None and grad is not None
+                loss.index_add_(0, sel, lo.double())
+                grad[:, :HC].index_add_(0, sel, gwc.flatten(1))
+                grad[:, HC:].index_add_(0, sel, gbc)
+        grad = grad.double()
         lam = l2 if pid is None else l2.index_select(0, pid)
         sc = scale if pid is None else scale.index_select(0, pid)
         # d/dW at fixed c: the op's gradient in W minus mu (outer) its gradient in b.

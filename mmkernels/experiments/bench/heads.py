@@ -8,6 +8,10 @@ Cases (float32 Z unless stated; the data are synthetic with a subset-dependent s
   b. softmax S=7,   n=13200, H=128, C=6  ; agreement: test accuracy (points) and objective
                                             (relative, both solutions scored by the same op)
   c. ridge and softmax at S=255, n=2000, H=64 (C=6): time and peak memory
+  d. the softmax op alone on a cross-validation's calls (softmax_group_rates): 20 problems on
+     1,120 rows, C = 10, H = 128 and 512, on 20 different subsets (the per-problem kernel)
+     against 4 problems on each of 5 subsets side by side (the grouped kernel), in GFLOP/s
+     (4 n H C per problem) against MKL's sgemm with N = 10 and N = 40 columns (torch.mm)
 Ridge is bound by its Gram matrices, so the ridge cases also state the Gram op's rate as a
 fraction of the machine's GEMM rate, both measured in the same run: the op's GEMM flops
 (2 S n H (H + T)) over its time, against MKL's float32 sgemm (torch.mm) of two square matrices
@@ -167,6 +171,41 @@ def gemm_rates(z: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float
     return rates
 
 
+def softmax_group_rates(H: int, rounds: int, n: int = 1120, C: int = 10, problems: int = 20,
+                        per_subset: int = 4) -> dict[str, float]:
+    """GFLOP/s of the softmax op on `problems` problems over n rows (4 n H C flops each: the
+    logits and the gradient): each on its own subset, and per_subset of them on each subset
+    next to each other (as the CV's calls are); and of torch.mm of [n, H] x [H, N] for
+    N = C and N = per_subset C. Medians of `rounds` rounds, the runners interleaved."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(problems, n, H, generator=g).relu_()
+    y = torch.randint(0, C, (n,), generator=g)
+    w = 0.01 * torch.randn(problems, H, C, generator=g)
+    b = torch.zeros(problems, C)
+    op = torch.ops.mmkernels.softmax_regression_loss_grad
+    distinct = torch.arange(problems)
+    grouped = torch.arange(problems // per_subset).repeat_interleave(per_subset)
+    x = z[0]
+    w10, w40 = torch.randn(H, C, generator=g), torch.randn(H, per_subset * C, generator=g)
+    flops = 4.0 * n * H * C * problems
+    runners = {
+        "op_distinct_subsets": (flops, lambda: op(z, y, w, b, None, 0.0, distinct)),
+        "op_side_by_side": (flops, lambda: op(z, y, w, b, None, 0.0, grouped)),
+        f"mm_N{C}": (2.0 * n * H * C, lambda: torch.mm(x, w10)),
+        f"mm_N{per_subset * C}": (2.0 * n * H * per_subset * C, lambda: torch.mm(x, w40)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _, fn in runners.values():
+        fn()
+    for _ in range(rounds):
+        for name, (_, fn) in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_gflops": work / statistics.median(times[name]) / 1e9
+            for name, (work, _) in runners.items()}
+
+
 def _softmax_case(name: str, S: int, n: int, H: int, C: int, check: bool) -> HeadsCase:
     ztr, ytr, zte, yte = _classification_data(S, n, H, C, 1, torch.float32)
 
@@ -265,6 +304,14 @@ def run_heads(scale: float = 1.0, repeats: int = 1, only: list[str] | None = Non
         results["cases"].append({"name": case.name, "shapes": case.shapes, "runners": rows,
                                  "agreement": agreement, "gemm_rate": gemm})
         sys.stdout.flush()
+    if not only or any(o in "d_softmax_groups" for o in only):
+        results["softmax_groups"] = {}
+        for H in (128, 512):
+            time.sleep(SETTLE_S)
+            rates = softmax_group_rates(H, rounds=max(9, 3 * repeats))
+            results["softmax_groups"][f"H{H}"] = rates
+            print(f"d_softmax_groups H={H:<4} GFLOP/s: " + ", ".join(
+                f"{k.removesuffix('_gflops')} {v:.0f}" for k, v in rates.items()))
     return results
 
 

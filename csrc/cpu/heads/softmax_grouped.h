@@ -2,8 +2,9 @@
 // subset of Z at once: a cross-validation's folds, whose training rows overlap. Their
 // weights side by side make the logits and the gradient two GEMMs of g C columns, on oneDNN's
 // brgemm ukernel (ATen's cpublas::brgemm, float32), where the per-problem kernels
-// (softmax_lanes.h) run GEMMs with N = C = 10 columns: ~30-40 GFLOP/s on one Sapphire
-// Rapids core, against ~100 for N = 40.
+// (softmax_lanes.h) work on N = C columns. On one Sapphire Rapids core MKL's GEMM of a
+// CV's shapes runs at 20-27 GFLOP/s with N = 10 and 59-81 with N = 40 (`mmkernels bench
+// heads`, case d).
 //
 // Per chunk of kGroupRows rows (in L2): logits [rows, g C] = z W_cat; transposed, so that the
 // softmax runs on vectors of 16 rows (the rows-in-lanes kernel's arithmetic); the gradient
@@ -19,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace mmkernels::cpu {

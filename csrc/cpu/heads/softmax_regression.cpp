@@ -115,11 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cpu(
   const bool any_single = std::any_of(groups.begin(), groups.end(),
                                       [](const auto& grp) { return grp.second == 1; });
   at::Tensor wl;
-  if (!any_single) {
-  } else if (CP) {
+  if (any_single && CP) {
     wl = at::zeros({K, H, CP}, w.options());
     wl.narrow(2, 0, C).copy_(w);
-  } else {
+  } else if (any_single) {
     wl = w.transpose(1, 2).contiguous();
   }
   const at::Tensor bc = b.contiguous();

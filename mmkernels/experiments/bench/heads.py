@@ -156,16 +156,7 @@ def gemm_rates(z: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float
         "aten_same_gemms": (flops, lambda: (torch.bmm(zt, z), torch.matmul(zt, y2))),
         "sgemm_square": (2.0 * side**3, lambda: torch.mm(a, b)),
     }
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _, fn in runners.values():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, (_, fn) in runners.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    rates = {f"{name}_gflops": work / statistics.median(times[name]) / 1e9
-             for name, (work, _) in runners.items()}
+    rates = _interleaved_rates(runners, rounds)
     rates["gram_gflop"] = flops / 1e9
     rates["sgemm_side"] = float(side)
     return rates
@@ -194,6 +185,13 @@ def softmax_group_rates(H: int, rounds: int, n: int = 1120, C: int = 10, problem
         f"mm_N{C}": (2.0 * n * H * C, lambda: torch.mm(x, w10)),
         f"mm_N{per_subset * C}": (2.0 * n * H * per_subset * C, lambda: torch.mm(x, w40)),
     }
+    return _interleaved_rates(runners, rounds)
+
+
+def _interleaved_rates(runners: dict[str, tuple[float, Callable[[], object]]],
+                       rounds: int) -> dict[str, float]:
+    """{name}_gflops of each runner (flops, fn): the median of `rounds` timed calls, the
+    runners interleaved call by call, after one warm-up call each."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _, fn in runners.values():
         fn()

@@ -37,6 +37,10 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def(
       "softmax_regression_loss_grad(Tensor z, Tensor y, Tensor w, Tensor b, "
       "Tensor? sample_weight, float l2, Tensor? subset_index=None) -> (Tensor, Tensor, Tensor)");
+  // The solvers' L-BFGS two-loop recursion (pairs newest first); see lbfgs_plan.h.
+  m.def(
+      "lbfgs_direction(Tensor grad, Tensor[] s, Tensor[] y, Tensor[] rho, Tensor gamma, "
+      "Tensor? diag) -> Tensor");
 }
 
 #ifndef MMKERNELS_NO_PYTHON

@@ -141,6 +141,28 @@ def softmax_regression_loss_grad(
         grad_w, grad_b = torch.autograd.grad(loss.sum(), [w, b])
     return loss.detach(), grad_w, grad_b
 
+def lbfgs_direction(grad: Tensor, s: Sequence[Tensor], y: Sequence[Tensor],
+                    rho: Sequence[Tensor], gamma: Tensor, diag: Tensor | None = None) -> Tensor:
+    """mmkernels::lbfgs_direction: the L-BFGS two-loop recursion, row by row of grad [k, P]
+    (k independent problems), over the stored pairs s[j], y[j] [k, P] with rho[j] [k] (newest
+    first; rho = 0 marks an empty pair); the initial inverse Hessian is gamma [k] times diag
+    [k, P] (None: the identity). Returns the direction d = -H grad."""
+    q = grad.clone()
+    alphas = []
+    for sj, yj, rj in zip(s, y, rho, strict=True):
+        a = torch.linalg.vecdot(sj, q) * rj
+        q = q - a.unsqueeze(1) * yj
+        alphas.append(a)
+    r = q * gamma.unsqueeze(1)
+    if diag is not None:
+        r = r * diag
+    for sj, yj, rj, a in zip(reversed(s), reversed(y), reversed(rho), reversed(alphas),
+                             strict=True):
+        beta = torch.linalg.vecdot(yj, r) * rj
+        r = r + (a - beta).unsqueeze(1) * sj
+    return -r
+
+
 # ---- the plain-PyTorch per-subset model (SubsetEnsemble.subset_model; the equivalence oracle)
 
 

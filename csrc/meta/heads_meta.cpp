@@ -1,7 +1,9 @@
-// Meta kernels of the head-refit ops: the CPU kernels' shape, dtype and device checks
-// (mmkernels/heads_plan.h) and empty outputs, for meta tensors and torch.compile's fake tensors.
-// Nothing here reads data: the range checks of y and subset_index stay in the CPU kernel.
+// Meta kernels of the head-refit ops and of the solvers' L-BFGS direction: the CPU kernels'
+// shape, dtype and device checks (mmkernels/heads_plan.h, lbfgs_plan.h) and empty outputs, for
+// meta tensors and torch.compile's fake tensors. Nothing here reads data: the range checks of y
+// and subset_index stay in the CPU kernel.
 #include <mmkernels/heads_plan.h>
+#include <mmkernels/lbfgs_plan.h>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -29,11 +31,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_meta
           at::empty_symint(plan.grad_b_shape(), options)};
 }
 
+at::Tensor lbfgs_direction_meta(const at::Tensor& grad, at::TensorList s, at::TensorList y,
+                                at::TensorList rho, const at::Tensor& gamma,
+                                const c10::optional<at::Tensor>& diag) {
+  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag);
+  return at::empty_symint({plan.k, plan.P}, grad.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmkernels, Meta, m) {
   m.impl("gram", &gram_meta);
   m.impl("softmax_regression_loss_grad", &softmax_regression_loss_grad_meta);
+  m.impl("lbfgs_direction", &lbfgs_direction_meta);
 }
 
 }  // namespace mmkernels::meta

@@ -1019,7 +1019,10 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
         # The row ranges' gradients are summed in the op's dtype: in float32 the rounding of
         # up to F - 1 sums is of the order of the op's own rounding of each (~1e-7 relative),
         # far below the solver's tolerance, and it saves a float64 copy of each.
-        grad = torch.zeros(m, P, dtype=dt, device=dev)
+        # W's and b's gradients apart: index_add_ into a column slice of [m, P] takes a
+        # scatter path ~7x slower than into a whole contiguous tensor.
+        gW = torch.zeros(m, HC, dtype=dt, device=dev)
+        gB = torch.zeros(m, C, dtype=dt, device=dev)
         for r0, r1, sel in atom_problems(pid):
             Ws, bs = (W, b) if sel is None else (W.index_select(0, sel), b.index_select(0, sel))
             idx = zsel if sel is None else (sel if zsel is None else zsel.index_select(0, sel))
@@ -1029,19 +1032,22 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
                 z[:, r0:r1], y[r0:r1], Ws, bs, None if sw_c is None else sw_c[r0:r1], 0.0, idx)
             if sel is None:
                 loss += lo
-                grad[:, :HC] += gwc.flatten(1)
-                grad[:, HC:] += gbc
+                gW += gwc.flatten(1)
+                gB += gbc
             else:
                 loss.index_add_(0, sel, lo.double())
-                grad[:, :HC].index_add_(0, sel, gwc.flatten(1))
-                grad[:, HC:].index_add_(0, sel, gbc)
-        grad = grad.double()
+                gW.index_add_(0, sel, gwc.flatten(1))
+                gB.index_add_(0, sel, gbc)
         lam = l2 if pid is None else l2.index_select(0, pid)
         sc = scale if pid is None else scale.index_select(0, pid)
-        # d/dW at fixed c: the op's gradient in W minus mu (outer) its gradient in b.
-        grad[:, :HC] -= (mu_p.unsqueeze(2) * grad[:, HC:].unsqueeze(1)).flatten(1)
+        grad = torch.empty(m, P, dtype=torch.float64, device=dev)
+        grad[:, HC:] = gB
+        # d/dW at fixed c: the op's gradient in W minus mu (outer) its gradient in b, in
+        # float64 as it is converted.
+        torch.addcmul(gW.view(m, H, C), mu_p.unsqueeze(2), gB.unsqueeze(1), value=-1.0,
+                      out=grad[:, :HC].view(m, H, C))
         loss += (0.5 * lam) * Wd.square().sum(1)
-        grad[:, :HC] += lam.unsqueeze(1) * Wd
+        grad[:, :HC].addcmul_(lam.unsqueeze(1), Wd)
         return loss.div_(sc), grad.div_(sc.unsqueeze(1))
 
     def subsets_of(bad: list[int]) -> list[int]:
@@ -1082,6 +1088,12 @@ def _solve_softmax(z: Tensor, y: Tensor, sw: Tensor | None, C: int, l2: Tensor, 
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run serially
 
 
+def _reads_are_free(device: torch.device | str) -> bool:
+    """Whether reading a flag from `device` costs nothing (the CPU: no queue to drain); the
+    solver then tests for its rare branches instead of computing them for every problem."""
+    return torch.device(device).type == "cpu"
+
+
 def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S: int, P: int,
            tol: float, max_iter: int, history: int, theta0: Tensor | None = None,
            subsets_of: Callable[[list[int]], list[int]] = lambda bad: bad,
@@ -1094,7 +1106,8 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     Host syncs: one per iteration when the unit step is accepted for every problem (the
     common case): the line search's acceptance and the convergence test are read together.
     A backtracking step reads its acceptance once more, and problems finishing are compacted
-    (reads of which finished); nothing else waits for the device.
+    (reads of which finished); nothing else waits for the device. On the CPU, where a read
+    costs nothing, two more flags skip work that is rarely needed.
 
     diag [S, P] > 0: an estimate of the inverse Hessian's diagonal, the initial matrix of
     every two-loop recursion (times the usual scalar s'y / y'Dy); None: the identity.
@@ -1134,35 +1147,27 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     gamma = (1.0 / g.norm(dim=1).clamp_min(1e-12) if dg is None
              else torch.ones(k, dtype=torch.float64, device=device))
     its = torch.zeros(k, dtype=torch.int64, device=device)
+    on_gpu = not _reads_are_free(device)
     pos = filled = 0
     for _ in range(max_iter):
         if k == 0:
             break
-        # Two-loop recursion over the filled slots, newest pair first (a rejected pair is
-        # stored with rho = 0 and does nothing).
-        q = g.clone()
+        # The two-loop recursion over the filled slots, newest pair first (a rejected pair is
+        # stored with rho = 0 and does nothing), problem by problem in one op: each problem's
+        # history is read from memory once (see csrc/cpu/heads/lbfgs_direction.cpp).
         order = [(pos - 1 - j) % history for j in range(min(filled, history))]
-        sv_, yv_, rv_ = s_hist, y_hist, rho
-        alphas = []
-        for j in order:
-            a = torch.linalg.vecdot(sv_[j], q).mul_(rv_[j])
-            q.addcmul_(a.unsqueeze(1), yv_[j], value=-1.0)
-            alphas.append(a)
-        r = q.mul_(gamma.unsqueeze(1))
-        if dg is not None:
-            r.mul_(dg)
-        for j, a in zip(reversed(order), reversed(alphas), strict=True):
-            beta = torch.linalg.vecdot(yv_[j], r).mul_(rv_[j])
-            r.addcmul_(a.sub_(beta).unsqueeze(1), sv_[j])
-        d = r.neg_()
+        d = _ops.lbfgs_direction(g, [s_hist[j] for j in order], [y_hist[j] for j in order],
+                                 [rho[j] for j in order], gamma, dg)
         gd = torch.linalg.vecdot(g, d)
         # A stale history points uphill: restart those problems on steepest descent (selected
-        # on the device, no host read).
+        # on the device, no host read; on the CPU a read is free and saves the rare case's
+        # four passes over [k, P]).
         uphill = gd >= 0
-        sd = g if dg is None else g * dg
-        sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        d = torch.where(uphill.unsqueeze(1), -sd, d)
-        gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
+        if on_gpu or bool(uphill.any()):
+            sd = g if dg is None else g * dg
+            sd = sd / sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            d = torch.where(uphill.unsqueeze(1), -sd, d)
+            gd = torch.where(uphill, torch.linalg.vecdot(g, d), gd)
         # Backtracking Armijo line search, per subset; only pending subsets are evaluated.
         gmax0 = gmax
         step = torch.ones(k, dtype=torch.float64, device=device)
@@ -1213,8 +1218,10 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         sv, yv = new_th - th, new_g - g
         sy = torch.linalg.vecdot(sv, yv)
         good = ~failed & (sy > 1e-10 * sv.norm(dim=1) * yv.norm(dim=1))
-        slot = (sv.mul_(good.unsqueeze(1)), yv.mul_(good.unsqueeze(1)),
-                torch.where(good, 1.0 / sy.where(good, 1.0), 0.0))
+        if on_gpu or not bool(good.all()):
+            sv.mul_(good.unsqueeze(1))
+            yv.mul_(good.unsqueeze(1))
+        slot = (sv, yv, torch.where(good, 1.0 / sy.where(good, 1.0), 0.0))
         for hist, value in zip((s_hist, y_hist, rho), slot, strict=True):
             if len(hist) < history:
                 hist.append(value)

@@ -12,6 +12,9 @@ Cases (float32 Z unless stated; the data are synthetic with a subset-dependent s
      1,120 rows, C = 10, H = 128 and 512, on 20 different subsets (the per-problem kernel)
      against 4 problems on each of 5 subsets side by side (the grouped kernel), in GFLOP/s
      (4 n H C per problem) against MKL's sgemm with N = 10 and N = 40 columns (torch.mm)
+  e. the solvers' L-BFGS direction alone at the CV's largest group (100 problems of
+     P = 5130 float64, 10 pairs): mmkernels::lbfgs_direction against the same recursion as
+     in-place tensor ops, in GB/s of the history, with one torch.sum pass over it as the floor
 Ridge is bound by its Gram matrices, so the ridge cases also state the Gram op's rate as a
 fraction of the machine's GEMM rate, both measured in the same run: the op's GEMM flops
 (2 S n H (H + T)) over its time, against MKL's float32 sgemm (torch.mm) of two square matrices
@@ -188,6 +191,44 @@ def softmax_group_rates(H: int, rounds: int, n: int = 1120, C: int = 10, problem
     return _interleaved_rates(runners, rounds)
 
 
+def _two_loop_tensor_ops(g: torch.Tensor, s: list, y: list, rho: list, gamma: torch.Tensor,
+                         diag: torch.Tensor) -> torch.Tensor:
+    """The two-loop recursion as in-place tensor ops, slot by slot over all problems (the
+    solver's code before mmkernels::lbfgs_direction): the plain-PyTorch baseline."""
+    q, alphas = g.clone(), []
+    for sj, yj, rj in zip(s, y, rho, strict=True):
+        a = torch.linalg.vecdot(sj, q).mul_(rj)
+        q.addcmul_(a.unsqueeze(1), yj, value=-1.0)
+        alphas.append(a)
+    r = q.mul_(gamma.unsqueeze(1)).mul_(diag)
+    for sj, yj, rj, a in zip(reversed(s), reversed(y), reversed(rho), reversed(alphas),
+                             strict=True):
+        r.addcmul_(a.sub_(torch.linalg.vecdot(yj, r).mul_(rj)).unsqueeze(1), sj)
+    return r.neg_()
+
+
+def lbfgs_direction_rates(k: int, P: int, m: int, rounds: int) -> dict[str, float]:
+    """GB/s of the L-BFGS history (2 m k P float64) through mmkernels::lbfgs_direction and
+    through the same recursion as tensor ops, and of one torch.sum pass over the history (a
+    memory-speed floor: what reading it once takes). Medians of `rounds` interleaved rounds."""
+    g = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    grad = torch.randn(k, P, generator=g, dtype=f64)
+    s = [torch.randn(k, P, generator=g, dtype=f64) for _ in range(m)]
+    y = [sj * (0.5 + torch.rand(k, P, generator=g, dtype=f64)) for sj in s]
+    rho = [1.0 / torch.linalg.vecdot(sj, yj) for sj, yj in zip(s, y, strict=True)]
+    gamma, diag = torch.ones(k, dtype=f64), torch.rand(k, P, generator=g, dtype=f64) + 0.1
+    history = 2.0 * m * k * P * 8
+    op = torch.ops.mmkernels.lbfgs_direction
+    runners = {
+        "op": (history, lambda: op(grad, s, y, rho, gamma, diag)),
+        "tensor_ops": (history, lambda: _two_loop_tensor_ops(grad, s, y, rho, gamma, diag)),
+        "sum_once": (history, lambda: [t.sum() for t in (*s, *y)]),
+    }
+    return {name.replace("_gflops", "_gb_per_s"): v
+            for name, v in _interleaved_rates(runners, rounds).items()}
+
+
 def _interleaved_rates(runners: dict[str, tuple[float, Callable[[], object]]],
                        rounds: int) -> dict[str, float]:
     """{name}_gflops of each runner (flops, fn): the median of `rounds` timed calls, the
@@ -310,6 +351,13 @@ def run_heads(scale: float = 1.0, repeats: int = 1, only: list[str] | None = Non
             results["softmax_groups"][f"H{H}"] = rates
             print(f"d_softmax_groups H={H:<4} GFLOP/s: " + ", ".join(
                 f"{k.removesuffix('_gflops')} {v:.0f}" for k, v in rates.items()))
+    if not only or any(o in "e_lbfgs_direction" for o in only):
+        time.sleep(SETTLE_S)
+        k, P, m = 100, 5130, 10
+        rates = lbfgs_direction_rates(k, P, m, rounds=max(9, 3 * repeats))
+        results["lbfgs_direction"] = {"k": k, "P": P, "m": m, **rates}
+        print(f"e_lbfgs_direction k={k} P={P} m={m} float64, history GB/s: " + ", ".join(
+            f"{name.removesuffix('_gb_per_s')} {v:.1f}" for name, v in rates.items()))
     return results
 
 

@@ -103,12 +103,14 @@ class _Clock:
 
 
 class _TimedOps:
-    """heads' native ops with their calls timed (phase "op")."""
+    """heads' native ops with their calls timed: the head ops (phase "op") and the solver's
+    L-BFGS directions (phase "direction")."""
 
     def __init__(self, clock: _Clock) -> None:
         ops = torch.ops.mmkernels
         self.softmax_regression_loss_grad = clock.wrap(ops.softmax_regression_loss_grad, "op")
         self.gram = clock.wrap(ops.gram, "op")
+        self.lbfgs_direction = clock.wrap(ops.lbfgs_direction, "direction")
 
 
 @contextmanager
@@ -155,7 +157,7 @@ def _cell(data, cfg) -> tuple[dict, _Clock, float, float, Any]:
         w, c = time.perf_counter(), time.process_time()
         sweep.run_cell(data, 0, 1.0, cfg)
         wall, cpu = time.perf_counter() - w, time.process_time() - c
-    phases = {k: clock.wall[k] for k in ("train", "refit", "probe", "op")}
+    phases = {k: clock.wall[k] for k in ("train", "refit", "probe", "op", "direction")}
     return phases, clock, wall, cpu, models[0]
 
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" CPU), refits {phases['refit']:.1f} s ({c['refit']:.1f} CPU), probe "
                   f"{phases['probe']:.1f} s ({c['probe']:.1f} CPU); refit / training "
                   f"{res['cell']['refit_over_train']:.2f}; native op "
-                  f"{100 * res['cell']['op_share_of_refit_and_probe']:.0f} % of refits + probe")
+                  f"{100 * res['cell']['op_share_of_refit_and_probe']:.0f} % of refits + probe"
+                  f", L-BFGS directions {phases['direction']:.1f} s")
         if "baselines" not in args.skip and "cell" not in args.skip:
             base = _baselines(six, cfg, model)
             res["baselines"] = base
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"K": K, "S": 2 ** K - 1, "pairs": pairs, "wall_s": wall, "cpu_s": cpu,
                        "train_s": phases["train"], "refit_s": phases["refit"],
                        "probe_s": phases["probe"], "op_s": phases["op"],
-                       "cpu": dict(clock.cpu),
+                       "direction_s": phases["direction"], "cpu": dict(clock.cpu),
                        "refit_ms_per_pair": 1e3 * phases["refit"] / pairs,
                        "train_ms_per_pair": 1e3 * phases["train"] / pairs,
                        "op_share_of_refit_and_probe":
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             res["scaling"] = rows
             if len(rows) >= 2:
-                a, b = rows[len(rows) // 2], rows[-1]
+                a, b = rows[min(len(rows) // 2, len(rows) - 2)], rows[-1]
                 res["refit_loglog_slope"] = float(np.log(b["refit_s"] / a["refit_s"])
                                                   / np.log(b["pairs"] / a["pairs"]))
                 print(f"refit time ~ pairs^{res['refit_loglog_slope']:.2f} from K={a['K']} to "

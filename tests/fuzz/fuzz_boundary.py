@@ -721,6 +721,66 @@ def refit_quality_case(draw) -> dict:
     return case
 
 
+@st.composite
+def lbfgs_case(draw) -> dict:
+    """mmkernels::lbfgs_direction: k problems of P parameters, m stored pairs, any layout."""
+    k = draw(st.integers(0, 4))
+    P = draw(st.one_of(st.integers(0, 40), st.sampled_from([129, 1030])))
+    m = draw(st.integers(0, 5))
+    dt = draw(st.sampled_from(["float32", "float64"]))
+    fills = ("randn", "randn", "zero")
+
+    def vec(shape):
+        return draw_tensor(draw, shape, dt, fills)
+
+    a = {"grad": vec([k, P]), "s": {"L": [vec([k, P]) for _ in range(m)]},
+         "y": {"L": [vec([k, P]) for _ in range(m)]},
+         "rho": {"L": [vec([k]) for _ in range(m)]}, "gamma": vec([k]),
+         "diag": vec([k, P]) if draw(st.booleans()) else None}
+    case = {"op": "lbfgs", "seed": draw(st.integers(0, 2**31 - 1)), "args": a, "expect": "ok",
+            "why": "valid"}
+    mut = draw(st.sampled_from(["none"] * 3 + [
+        "grad_rank", "grad_dtype", "pairs", "s_shape", "y_dtype", "rho_shape", "gamma_shape",
+        "diag_shape", "meta_s", "meta_grad"]))
+    j = draw(st.integers(0, max(0, m - 1)))
+    names = {"grad_rank": ["grad"], "grad_dtype": ["grad"], "pairs": ["rho"],
+             "s_shape": [f"s[{j}]"], "y_dtype": [f"y[{j}]"], "rho_shape": [f"rho[{j}]"],
+             "gamma_shape": ["gamma"], "diag_shape": ["diag"], "meta_s": [f"s[{j}]"],
+             "meta_grad": ["s[0]", "gamma"]}
+    applies = True
+    if mut == "grad_rank":
+        a["grad"]["T"], a["grad"]["lay"] = [k * P], "contig"
+    elif mut == "grad_dtype":
+        a["grad"]["dtype"] = draw(st.sampled_from(["bfloat16", "int64", "float16"]))
+    elif mut == "pairs":
+        applies = m > 0
+        a["rho"]["L"] = a["rho"]["L"][:-1]
+    elif mut in ("s_shape", "y_dtype", "rho_shape", "meta_s"):
+        applies = m > 0
+        if applies:
+            key = {"s_shape": "s", "y_dtype": "y", "rho_shape": "rho", "meta_s": "s"}[mut]
+            t = a[key]["L"][j]
+            if mut == "y_dtype":
+                t["dtype"] = "float64" if dt == "float32" else "float32"
+            elif mut == "meta_s":
+                t["dev"] = "meta"
+            else:
+                t["T"][-1] += 1
+                t["lay"] = "contig"
+    elif mut == "gamma_shape":
+        a["gamma"]["T"], a["gamma"]["lay"] = [k, 1], "contig"
+    elif mut == "diag_shape":
+        applies = a["diag"] is not None
+        if applies:
+            a["diag"]["T"], a["diag"]["lay"] = [k, P + 1], "contig"
+    elif mut == "meta_grad":
+        a["grad"]["dev"] = "meta"
+    if mut != "none" and applies:
+        case["expect"], case["why"] = names[mut], mut
+    case["expect_ok"] = case["expect"] == "ok"
+    return case
+
+
 TARGETS = {
     # name: (strategy, examples in the CI budget)
     "fused_public": (fused_case(api="public"), 2400),
@@ -730,6 +790,7 @@ TARGETS = {
     "softmax": (softmax_case(), 1000),
     "heads": (heads_case(), 500),
     "refit_quality": (refit_quality_case(), 200),
+    "lbfgs": (lbfgs_case(), 400),
 }
 
 

@@ -361,6 +361,23 @@ def run_softmax(case: dict, a: dict, gen: torch.Generator) -> None:
         compare((loss, gw, gb)[i], refs["same"][i], refs["64"][i], f"softmax {what}", n)
 
 
+def run_lbfgs(case: dict, a: dict, gen: torch.Generator) -> None:
+    args = [a[k] for k in ("grad", "s", "y", "rho", "gamma", "diag")]
+    d = torch.ops.mmkernels.lbfgs_direction(*args)
+    if not case.get("expect_ok"):
+        return
+
+    def f64(t):
+        if t is None or isinstance(t, torch.Tensor):
+            return None if t is None else t.double()
+        return [x.double() for x in t]
+
+    oracle = reference.lbfgs_direction(*[f64(t) for t in args])
+    # each entry is the end of 2 m + 1 dot products of length P, one after another
+    compare(d, reference.lbfgs_direction(*args), oracle, "lbfgs_direction",
+            int(a["grad"].shape[1]) * (2 * len(a["s"]) + 1))
+
+
 def run_heads(case: dict, a: dict, gen: torch.Generator) -> None:
     from mmkernels import heads
 
@@ -428,7 +445,7 @@ RUNNERS = {"_selftest": run_selftest, "concat_project": run_fused, "project_conc
            "concat_project_backward_op": run_backward_op,
            "project_concat_backward_op": run_backward_op,
            "gram": run_gram, "softmax": run_softmax, "heads": run_heads,
-           "refit_quality": run_refit_quality}
+           "refit_quality": run_refit_quality, "lbfgs": run_lbfgs}
 
 
 def run_case(case: dict) -> dict:

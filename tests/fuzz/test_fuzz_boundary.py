@@ -50,6 +50,7 @@ test_fuzz_gram = _fuzz_test("gram")
 test_fuzz_softmax = _fuzz_test("softmax")
 test_fuzz_heads = _fuzz_test("heads")
 test_fuzz_refit_quality = _fuzz_test("refit_quality")
+test_fuzz_lbfgs = _fuzz_test("lbfgs")
 
 
 def test_worker_attributes_crashes_and_hangs_to_their_case():

@@ -4,8 +4,9 @@
 # a smoke test of it (a CUDA kernel for every op, registration, opcheck, Meta kernels: what the
 # CUDA build adds; the CPU suite runs on the CPU build). The CUDA venv is cached outside the
 # clone.
-#   * ptxas's resource report (-Xptxas -v) of every fused and head-refit kernel, for sm_80 and
-#     sm_90: no spill stores or loads and no stack frame (local memory) in any of them;
+#   * ptxas's resource report (-Xptxas -v) of every fused and head-refit kernel and of the
+#     L-BFGS direction kernel, for sm_80 and sm_90: no spill stores or loads and no stack frame
+#     (local memory) in any of them;
 #   * cuobjdump --list-elf: the extension carries sm_80 and sm_90 machine code.
 # MMKERNELS_CUDA_BUILD_DIR=DIR builds in DIR instead (kept: a second run recompiles only what
 # changed) -- for iterating on the kernels.
@@ -38,7 +39,7 @@ echo "cuda_build_check: built in $(( $(date +%s) - start )) s"
 
 # ptxas reports, per kernel and arch: "Compiling entry function 'NAME' for 'sm_XX'", then
 # "N bytes stack frame, N bytes spill stores, N bytes spill loads". Every fused kernel
-# (fused_*_kernel) and head-refit kernel (gram_*, softmax_*) must show zeros.
+# (fused_*_kernel), head-refit kernel (gram_*, softmax_*) and lbfgs_kernel must show zeros.
 "$CU_VENV/bin/python" - cuda-build.log <<'EOF'
 import re
 import sys
@@ -50,7 +51,8 @@ entries = re.findall(
     text,
     flags=re.S,
 )
-fused = [e for e in entries if any(k in e[0] for k in ("fused_", "gram_", "softmax_"))]
+fused = [e for e in entries
+         if any(k in e[0] for k in ("fused_", "gram_", "softmax_", "lbfgs_"))]
 bad = [e for e in fused if any(int(v) for v in e[2:])]
 archs = sorted({e[1] for e in fused})
 print(f"cuda_build_check: {len(fused)} fused and head kernel builds ({', '.join(archs)}), "
@@ -91,11 +93,12 @@ start=$(date +%s)
 import torch
 import mmkernels  # loads the extension
 for op in ('concat_project', 'concat_project_backward', 'project_concat',
-           'project_concat_backward', 'gram', 'softmax_regression_loss_grad'):
+           'project_concat_backward', 'gram', 'softmax_regression_loss_grad', 'lbfgs_direction'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key('mmkernels::' + op, 'CUDA'), op
 print('cuda_build_check: every op has a CUDA kernel')
 "
 "$CU_VENV/bin/python" -m pytest -q -p no:cacheprovider -x tests/test_package.py \
   tests/ops/test_fused_ops_registration.py tests/csrc/test_build.py tests/csrc/test_cuda_lint.py \
-  tests/heads/test_heads.py -k "opcheck or registration or build or lint or package or meta"
+  tests/heads/test_heads.py tests/heads/test_lbfgs_direction.py \
+  -k "opcheck or registration or build or lint or package or meta"
 echo "cuda_build_check: smoke tests in $(( $(date +%s) - start )) s"

@@ -3,8 +3,9 @@ a second build compiles nothing) and drives it through ctypes.
 
 The library is the kernels' own source (csrc/cuda/*.cuh) compiled as host C++ against the
 emulator's shim; `run_forward` / `run_backward` take torch CPU tensors and fill the same
-FusedProblem the CUDA op files fill from CUDA tensors; `run_gram` / `run_softmax` do the same
-for the head-refit kernels (GramProblem, SoftmaxProblem).
+FusedProblem the CUDA op files fill from CUDA tensors; `run_gram` / `run_softmax` /
+`run_lbfgs_direction` do the same for the head-refit kernels (GramProblem, SoftmaxProblem) and
+the solvers' L-BFGS direction (LbfgsProblem).
 
     python tests/cuda_emulator.py            # build (scripts/setup_env.sh runs this)
     MMKERNELS_EMULATOR_SANITIZE=1 ...        # the AddressSanitizer + UBSan build instead
@@ -163,6 +164,26 @@ class SoftmaxProblem(ctypes.Structure):
     ]
 
 
+class LbfgsProblem(ctypes.Structure):
+    """Mirror of mmkernels::cuda::LbfgsProblem (csrc/cuda/heads_params.h)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("k", ctypes.c_int64),
+        ("P", ctypes.c_int64),
+        ("m", ctypes.c_int64),
+        ("grad", ctypes.c_void_p),
+        ("s", ctypes.POINTER(ctypes.c_void_p)),
+        ("y", ctypes.POINTER(ctypes.c_void_p)),
+        ("rho", ctypes.POINTER(ctypes.c_void_p)),
+        ("gamma", ctypes.c_void_p),
+        ("diag", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("num_sms", ctypes.c_int32),
+    ]
+
+
 _LIB = None
 
 
@@ -181,6 +202,10 @@ def lib() -> ctypes.CDLL:
         assert handle.mmk_emu_softmax_problem_bytes() == ctypes.sizeof(SoftmaxProblem)
         assert (handle.mmk_emu_softmax_problem_offset_workspace()
                 == SoftmaxProblem.workspace.offset)
+        assert handle.mmk_emu_lbfgs_problem_bytes() == ctypes.sizeof(LbfgsProblem)
+        assert (handle.mmk_emu_lbfgs_problem_offset_workspace()
+                == LbfgsProblem.workspace.offset)
+        handle.mmk_emu_lbfgs_workspace_elems.restype = ctypes.c_int64
         handle.mmk_emu_gram_workspace_elems.restype = ctypes.c_int64
         handle.mmk_emu_softmax_workspace_elems.restype = ctypes.c_int64
         _LIB = handle
@@ -320,6 +345,31 @@ def run_softmax(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tens
     f.workspace = ws.data_ptr()
     check(lib().mmk_emu_softmax(ctypes.byref(f), err, len(err)), err)
     return loss, gw, gb
+
+
+def run_lbfgs_direction(grad: torch.Tensor, s: list[torch.Tensor], y: list[torch.Tensor],
+                        rho: list[torch.Tensor], gamma: torch.Tensor,
+                        diag: torch.Tensor | None = None, num_sms: int = 4) -> torch.Tensor:
+    """mmkernels::lbfgs_direction's CUDA kernel on CPU tensors (made contiguous, as the op
+    does); the output and the alpha workspace are poisoned (NaN) before the kernel runs.
+    num_sms bounds the grid (32 blocks each), as the SM count does on a GPU."""
+    grad, gamma = grad.contiguous(), gamma.contiguous()
+    s, y, rho = ([t.contiguous() for t in ts] for ts in (s, y, rho))
+    diag = None if diag is None else diag.contiguous()
+    k, P = grad.shape
+    m = len(s)
+    out = torch.full((k, P), float("nan"), dtype=grad.dtype)
+    arrays = [(ctypes.c_void_p * max(m, 1))(*[t.data_ptr() for t in ts]) for ts in (s, y, rho)]
+    as_ptr = [ctypes.cast(a, ctypes.POINTER(ctypes.c_void_p)) for a in arrays]
+    f = LbfgsProblem(dtype=DTYPE_CODES[grad.dtype], k=k, P=P, m=m, grad=grad.data_ptr(),
+                     s=as_ptr[0], y=as_ptr[1], rho=as_ptr[2], gamma=gamma.data_ptr(),
+                     diag=_ptr(diag), out=out.data_ptr(), num_sms=num_sms)
+    ws = torch.full((max(int(lib().mmk_emu_lbfgs_workspace_elems(ctypes.byref(f))), 1),),
+                    float("nan"), dtype=grad.dtype)
+    f.workspace = ws.data_ptr()
+    err = ctypes.create_string_buffer(4096)
+    check(lib().mmk_emu_lbfgs(ctypes.byref(f), err, len(err)), err)
+    return out
 
 
 def stats() -> dict:

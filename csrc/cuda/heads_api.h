@@ -16,4 +16,7 @@ int64_t softmax_kernels_workspace_elems(const SoftmaxProblem& f);
 // in shared memory).
 int64_t softmax_kernels_max_classes(DType acc);
 
+void launch_lbfgs_kernels(const LbfgsProblem& f, void* stream);
+int64_t lbfgs_kernels_workspace_elems(const LbfgsProblem& f);
+
 }  // namespace mmkernels::cuda

@@ -1,23 +1,27 @@
-// mmkernels::gram and mmkernels::softmax_regression_loss_grad on CUDA: the argument checks of
-// the shared plan (csrc/include/mmkernels/heads_plan.h, also run by the CPU and Meta kernels),
-// then the kernels of csrc/cuda/gram.cuh and softmax_regression.cuh. No host sync: every
-// conversion is a device op, the kernels read subset_index and the labels on the device.
+// mmkernels::gram, mmkernels::softmax_regression_loss_grad and mmkernels::lbfgs_direction on
+// CUDA: the argument checks of the shared plans (csrc/include/mmkernels/heads_plan.h and
+// lbfgs_plan.h, also run by the CPU and Meta kernels), then the kernels of csrc/cuda/gram.cuh,
+// softmax_regression.cuh and lbfgs.cuh. No host sync: every conversion is a device op, the
+// kernels read subset_index, the labels and every scalar of the recursion on the device.
 #include "fused_op_common.h"
 #include "heads_api.h"
 
 #include <mmkernels/heads_plan.h>
+#include <mmkernels/lbfgs_plan.h>
 #include <mmkernels/memory_budget.h>
 
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace mmkernels::cuda {
 namespace {
 
-void check_cuda(const char* op, const at::Tensor& z) {
-  MMK_CHECK(z.device().is_cuda(), op, ": z must be a CUDA tensor, got ", z.device());
+void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  MMK_CHECK(t.device().is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 // z with unit stride along H (the kernels' one layout requirement; any other strides are fine).
@@ -28,7 +32,7 @@ at::Tensor unit_rows(const at::Tensor& z) {
 std::tuple<at::Tensor, at::Tensor> gram_cuda(const at::Tensor& z_in, const at::Tensor& y) {
   const char* op = "mmkernels::gram";
   const GramPlan plan = gram_plan(z_in, y);
-  check_cuda(op, z_in);
+  check_cuda(op, "z", z_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = unit_rows(z_in);
   const auto acc = plan.acc;
@@ -71,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cuda
     const c10::optional<at::Tensor>& subset_index) {
   const char* op = "mmkernels::softmax_regression_loss_grad";
   const SoftmaxPlan plan = softmax_plan(z_in, y, w, b, sample_weight, l2, subset_index);
-  check_cuda(op, z_in);
+  check_cuda(op, "z", z_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const auto acc = plan.compute;
   const int64_t C = w.size(2), K = w.size(0);
@@ -139,11 +143,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cuda
   return {loss, gw, gb};
 }
 
+at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, at::TensorList s, at::TensorList y,
+                                at::TensorList rho, const at::Tensor& gamma,
+                                const c10::optional<at::Tensor>& diag) {
+  const char* op = "mmkernels::lbfgs_direction";
+  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag);
+  check_cuda(op, "grad", grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t k = grad.size(0), P = grad.size(1), m = plan.m;
+  LbfgsProblem f;
+  f.dtype = (int32_t)dtype_code(grad.scalar_type());
+  f.k = k;
+  f.P = P;
+  f.m = m;
+  f.num_sms = device_attribute(cudaDevAttrMultiProcessorCount, grad);
+  const int64_t ws_elems = lbfgs_kernels_workspace_elems(f);
+  {
+    // What the call allocates, checked before any of it: the output, the alphas' workspace
+    // and contiguous copies of the inputs that are not.
+    double copies = 0;
+    auto count = [&](const at::Tensor& t) {
+      if (!t.is_contiguous()) copies += (double)t.nbytes();
+    };
+    count(grad);
+    count(gamma);
+    if (diag.has_value()) count(*diag);
+    for (int64_t j = 0; j < m; ++j) {
+      count(s[j]);
+      count(y[j]);
+      count(rho[j]);
+    }
+    check_memory_budget(op, copies + (double)grad.element_size() * ((double)k * P + ws_elems),
+                        grad.device(), "the direction " + shape_str(grad.sizes()) + " from " +
+                                           std::to_string(m) + " pairs");
+  }
+  at::Tensor out = at::empty({k, P}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  Keep keep;
+  std::vector<const void*> sp(m), yp(m), rp(m);
+  for (int64_t j = 0; j < m; ++j) {
+    sp[j] = keep.dense(s[j]).data_ptr();
+    yp[j] = keep.dense(y[j]).data_ptr();
+    rp[j] = keep.dense(rho[j]).data_ptr();
+  }
+  f.grad = keep.dense(grad).data_ptr();
+  f.s = sp.data();
+  f.y = yp.data();
+  f.rho = rp.data();
+  f.gamma = keep.dense(gamma).data_ptr();
+  f.diag = diag.has_value() ? keep.dense(*diag).data_ptr() : nullptr;
+  f.out = out.data_ptr();
+  at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, out.options());
+  f.workspace = ws.data_ptr();
+  launch_lbfgs_kernels(f, stream_of(out));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("gram", &gram_cuda);
   m.impl("softmax_regression_loss_grad", &softmax_regression_loss_grad_cuda);
+  m.impl("lbfgs_direction", &lbfgs_direction_cuda);
 }
 
 }  // namespace mmkernels::cuda

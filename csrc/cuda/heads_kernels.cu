@@ -1,4 +1,5 @@
-// nvcc translation unit of the head-refit kernels (gram, softmax regression): no torch header.
+// nvcc translation unit of the head-refit kernels (gram, softmax regression) and the solvers'
+// L-BFGS direction: no torch header.
 #include "heads_api.h"
 #include "heads_launch.cuh"
 
@@ -15,5 +16,9 @@ int64_t softmax_kernels_workspace_elems(const SoftmaxProblem& f) {
 }
 
 int64_t softmax_kernels_max_classes(DType acc) { return softmax_max_classes(acc); }
+
+void launch_lbfgs_kernels(const LbfgsProblem& f, void* stream) { launch_lbfgs(f, stream); }
+
+int64_t lbfgs_kernels_workspace_elems(const LbfgsProblem& f) { return lbfgs_workspace_elems(f); }
 
 }  // namespace mmkernels::cuda

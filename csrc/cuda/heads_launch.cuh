@@ -1,12 +1,13 @@
-// From GramProblem / SoftmaxProblem (heads_params.h) to kernel launches: the batch split, the
-// parameter blocks, the element-type dispatch. Compiled by nvcc in heads_kernels.cu and as
-// host C++ in the emulator's driver (csrc/emulator/driver.cpp), so the emulated tests run this
-// code too.
+// From GramProblem / SoftmaxProblem / LbfgsProblem (heads_params.h) to kernel launches: the
+// batch split, the parameter blocks, the element-type dispatch. Compiled by nvcc in
+// heads_kernels.cu and as host C++ in the emulator's driver (csrc/emulator/driver.cpp), so the
+// emulated tests run this code too.
 #pragma once
 
 #include "gram.cuh"
 #include "heads_params.h"
 #include "launch.cuh"
+#include "lbfgs.cuh"
 #include "softmax_regression.cuh"
 
 #include <algorithm>
@@ -159,6 +160,61 @@ inline void launch_softmax(const SoftmaxProblem& f, void* stream) {
     throw std::invalid_argument(
         "mmkernels::softmax_regression_loss_grad: the CUDA kernel takes z in the compute dtype "
         "(or bfloat16 z with float32 w)");
+}
+
+// ---- lbfgs_direction -----------------------------------------------------------------------------
+
+// The alphas cross launches only when the history spans more than one launch.
+inline int64_t lbfgs_workspace_elems(const LbfgsProblem& f) {
+  return f.m > kLbfgsPairs ? f.m * f.k : 0;
+}
+
+// The launch of pairs [first, first + kLbfgsPairs) (fewer at the oldest end) in `stage`.
+template <typename T>
+void launch_lbfgs_stage(const LbfgsProblem& f, int32_t stage, int64_t first, void* stream) {
+  LbfgsParams p{};
+  p.k = f.k;
+  p.P = f.P;
+  // The very first launch reads grad; every later one continues from the output.
+  p.src = stage != kLbfgsBackward && first == 0 ? f.grad : f.out;
+  p.out = f.out;
+  p.gamma = f.gamma;
+  p.diag = f.diag;
+  p.alpha = f.workspace;
+  p.stage = stage;
+  p.pairs = (int32_t)std::min<int64_t>(kLbfgsPairs, f.m - first);
+  p.first = first;
+  for (int32_t t = 0; t < p.pairs; ++t) {
+    p.s[t] = f.s[first + t];
+    p.y[t] = f.y[first + t];
+    p.rho[t] = f.rho[first + t];
+  }
+  // As many blocks as can be resident (blocks loop over the rows beyond the grid).
+  const int64_t blocks =
+      std::min<int64_t>(f.k, (int64_t)kLbfgsBlocksPerSm * std::max(1, f.num_sms));
+  MMK_LAUNCH(lbfgs_kernel<T>, blocks, lbfgs_threads(f.P), (size_t)lbfgs_smem_bytes<T>(), stream,
+             p);
+}
+
+template <typename T>
+void launch_lbfgs_as(const LbfgsProblem& f, void* stream) {
+  if (f.k == 0 || f.P == 0) return;
+  // The oldest chunk's first pair: its launch turns from the first loop to the second.
+  const int64_t turn = f.m == 0 ? 0 : (f.m - 1) / kLbfgsPairs * kLbfgsPairs;
+  for (int64_t first = 0; first < turn; first += kLbfgsPairs)
+    launch_lbfgs_stage<T>(f, kLbfgsForward, first, stream);
+  launch_lbfgs_stage<T>(f, kLbfgsTurn, turn, stream);
+  for (int64_t first = turn - kLbfgsPairs; first >= 0; first -= kLbfgsPairs)
+    launch_lbfgs_stage<T>(f, kLbfgsBackward, first, stream);
+}
+
+inline void launch_lbfgs(const LbfgsProblem& f, void* stream) {
+  switch ((DType)f.dtype) {
+    case DType::f32: launch_lbfgs_as<float>(f, stream); break;
+    case DType::f64: launch_lbfgs_as<double>(f, stream); break;
+    default:
+      throw std::invalid_argument("mmkernels::lbfgs_direction: grad must be float32 or float64");
+  }
 }
 
 }  // namespace mmkernels::cuda

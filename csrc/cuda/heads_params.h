@@ -1,6 +1,7 @@
-// What the head-refit kernels (csrc/cuda/gram.cuh, softmax_regression.cuh) are told, as plain
-// C++ (no torch, no CUDA header): filled from CUDA tensors by csrc/cuda/heads_cuda.cpp and from
-// host tensors by the emulator's driver (csrc/emulator/driver.cpp), then passed by value.
+// What the head-refit kernels (csrc/cuda/gram.cuh, softmax_regression.cuh, lbfgs.cuh) are
+// told, as plain C++ (no torch, no CUDA header): filled from CUDA tensors by
+// csrc/cuda/heads_cuda.cpp and from host tensors by the emulator's driver
+// (csrc/emulator/driver.cpp), then passed by value.
 //
 // Accumulation follows csrc/include/mmkernels/accumulation.h: "acc" is float64 for float64
 // inputs and float32 otherwise. Nothing here is read back on the host: no op call
@@ -46,6 +47,23 @@ struct SoftmaxProblem {
   void* grad_b = nullptr;     // [K, C] acc
   void* workspace = nullptr;  // softmax_workspace_elems() acc elements
   int32_t num_sms = 1;
+};
+
+// mmkernels::lbfgs_direction: d[i] = -H_i grad[i] for each of k problems, the two-loop
+// recursion over m pairs (newest first). Every tensor contiguous, in dtype (f32 or f64, also
+// the accumulation dtype). s, y and rho are host arrays of m device pointers each.
+struct LbfgsProblem {
+  int32_t dtype = 0;                  // DType of every tensor
+  int64_t k = 0, P = 0, m = 0;
+  const void* grad = nullptr;         // [k, P]
+  const void* const* s = nullptr;     // m pointers to [k, P]
+  const void* const* y = nullptr;     // m pointers to [k, P]
+  const void* const* rho = nullptr;   // m pointers to [k]
+  const void* gamma = nullptr;        // [k]
+  const void* diag = nullptr;         // [k, P], or null (the identity)
+  void* out = nullptr;                // [k, P]
+  void* workspace = nullptr;          // lbfgs_workspace_elems() elements
+  int32_t num_sms = 1;                // bounds the grid (the rows beyond it are looped over)
 };
 
 }  // namespace mmkernels::cuda

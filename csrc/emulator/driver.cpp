@@ -1,6 +1,7 @@
 // The emulator's C interface, loaded by the tests through ctypes (tests/csrc/emulator.py):
-// runs the fused kernels and the head-refit kernels of csrc/cuda on host memory, and small
-// self-test kernels for the emulator's own instructions. Every function returns 0, or 1 with the error in `err`.
+// runs the fused kernels, the head-refit kernels and the L-BFGS direction kernel of csrc/cuda on
+// host memory, and small self-test kernels for the emulator's own instructions. Every function
+// returns 0, or 1 with the error in `err`.
 #define MMKERNELS_EMULATOR 1
 
 #include "../cuda/fused_launch.cuh"
@@ -125,6 +126,15 @@ int64_t mmk_emu_softmax_workspace_elems(const SoftmaxProblem* f, char* err, int 
 
 int mmk_emu_softmax(const SoftmaxProblem* f, char* err, int errlen) {
   return guarded(err, errlen, [&] { launch_softmax(*f, nullptr); });
+}
+
+int mmk_emu_lbfgs_problem_bytes() { return (int)sizeof(LbfgsProblem); }
+int mmk_emu_lbfgs_problem_offset_workspace() { return (int)offsetof(LbfgsProblem, workspace); }
+
+int64_t mmk_emu_lbfgs_workspace_elems(const LbfgsProblem* f) { return lbfgs_workspace_elems(*f); }
+
+int mmk_emu_lbfgs(const LbfgsProblem* f, char* err, int errlen) {
+  return guarded(err, errlen, [&] { launch_lbfgs(*f, nullptr); });
 }
 
 // kind: 0 bf16, 1 f16 (m16n8k16), 2 tf32 (m16n8k8).

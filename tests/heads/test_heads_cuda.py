@@ -1,17 +1,24 @@
 """The head-refit ops and the refits themselves on a GPU (skipped without one; run by
-scripts/gpu_check.sh): the CUDA kernels of mmkernels::gram and
-mmkernels::softmax_regression_loss_grad against float64 plain PyTorch (tests/oracle.py's rule)
-with outputs poisoned beforehand, opcheck, run-to-run determinism, CUDA graph capture (no host
-sync in an op call); heads.fit, heads.fit_cv, eta.refit_quality and a sweep cell with every
-tensor on the GPU, against the same on the CPU. Without a GPU the kernels run through the
-host emulator in tests/heads/test_heads_cuda_emulated.py."""
+scripts/gpu_check.sh): the CUDA kernels of mmkernels::gram,
+mmkernels::softmax_regression_loss_grad and mmkernels::lbfgs_direction against float64 plain
+PyTorch (tests/oracle.py's rule; the direction within its dtype's tolerance) with outputs
+poisoned beforehand, opcheck, run-to-run determinism, CUDA graph capture (no host sync in an op
+call); heads.fit, heads.fit_cv, eta.refit_quality and a sweep cell with every tensor on the
+GPU, against the same on the CPU. Without a GPU the kernels run through the host emulator in
+tests/heads/test_heads_cuda_emulated.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from oracle import assert_matches_oracle
-from test_heads_cuda_emulated import ACC, _gram_reference, _softmax_reference
+from test_heads_cuda_emulated import (
+    ACC,
+    _gram_reference,
+    _lbfgs_inputs,
+    _softmax_reference,
+    assert_lbfgs_matches_reference,
+)
 
 from mmkernels import eta, heads
 
@@ -107,6 +114,50 @@ def test_head_ops_are_deterministic_and_capture_in_a_cuda_graph() -> None:
     fresh = step()
     torch.cuda.synchronize()
     assert all(torch.equal(a, c) for a, c in zip(captured, fresh, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("k, P, m, with_diag", [
+    (1, 1, 0, False), (0, 5, 3, True), (7, 774, 10, True),
+    (100, 5130, 10, False),   # the softmax CV's size
+    (2, 100_003, 40, True),   # long rows, two launches each way
+    (3000, 9, 70, False),     # many short problems, three chunks
+])
+def test_lbfgs_direction_on_cuda_matches_reference(dtype, k, P, m, with_diag) -> None:
+    args = _lbfgs_inputs(k + P + m, k, P, m, dtype, with_diag, device="cuda")
+    poison_allocator()
+    got = ops.lbfgs_direction(*args)
+    assert got.device.type == "cuda" and got.is_contiguous()
+    assert_lbfgs_matches_reference(got, args, f"lbfgs_direction k={k} P={P} m={m} (cuda)")
+
+
+def test_lbfgs_direction_on_cuda_reads_strided_inputs() -> None:
+    grad, s, y, rho, gamma, diag = _lbfgs_inputs(1, 5, 300, 35, torch.float64, True, "cuda")
+    wide = torch.full((5, 303), float("nan"), dtype=grad.dtype, device="cuda")
+    wide[:, 1:301] = grad
+    s_t = [sj.t().contiguous().t() for sj in s]  # P-major storage
+    rho_s = [torch.stack([r, torch.full_like(r, float("nan"))], 1)[:, 0] for r in rho]
+    gamma_s = torch.stack([gamma, gamma], 1)[:, 1]
+    got = ops.lbfgs_direction(wide[:, 1:301], s_t, y, rho_s, gamma_s, diag.t().contiguous().t())
+    assert torch.equal(got, ops.lbfgs_direction(grad, s, y, rho, gamma, diag))
+    assert_lbfgs_matches_reference(got, (grad, s, y, rho, gamma, diag), "strided (cuda)")
+
+
+def test_lbfgs_direction_is_deterministic_and_captures_in_a_cuda_graph() -> None:
+    args = _lbfgs_inputs(2, 6, 2000, 40, torch.float32, True, "cuda")
+    grad = args[0]
+    torch.library.opcheck(ops.lbfgs_direction, args)
+    torch.library.opcheck(ops.lbfgs_direction, (grad, [], [], [], args[4], None))
+    first = ops.lbfgs_direction(*args)
+    assert torch.equal(first, ops.lbfgs_direction(*args))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.lbfgs_direction(*args)
+    grad.normal_()
+    graph.replay()
+    fresh = ops.lbfgs_direction(*args)
+    torch.cuda.synchronize()
+    assert torch.equal(captured, fresh)
 
 
 def test_too_many_classes_is_a_clear_error_on_cuda() -> None:

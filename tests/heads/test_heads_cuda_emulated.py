@@ -182,3 +182,96 @@ def test_softmax_is_deterministic() -> None:
     first = emu.run_softmax(z, y, w, b, sw, 0.5, index, num_sms=8)
     again = emu.run_softmax(z, y, w, b, sw, 0.5, index, num_sms=8)
     assert all(torch.equal(a, c) for a, c in zip(first, again, strict=True))
+
+
+# ---- lbfgs_direction -----------------------------------------------------------------------------
+
+LBFGS_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _lbfgs_inputs(seed: int, k: int, P: int, m: int, dtype: torch.dtype, with_diag: bool,
+                  device: str = "cpu"):
+    """grad, s, y, rho, gamma, diag as an L-BFGS solver holds them: y = A s with a positive
+    diagonal A per pair (so s'y > 0) and rho = 1 / s'y; pair 1 of problem 0 is a rejected
+    one (rho = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    s = [randn(k, P) for _ in range(m)]
+    y = [(0.5 + 1.5 * rand(k, P)) * sj for sj in s]
+    rho = [1 / torch.linalg.vecdot(sj, yj).clamp_min(1e-12) for sj, yj in zip(s, y, strict=True)]
+    if m > 1 and k > 0:
+        rho[1][0] = 0.0
+    gamma = 0.5 + rand(k)
+    diag = 0.5 + rand(k, P) if with_diag else None
+    args = (randn(k, P), s, y, rho, gamma, diag)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return tuple([cast(t) for t in a] if isinstance(a, list) else cast(a) for a in args)
+
+
+def assert_lbfgs_matches_reference(got: torch.Tensor, args, what: str) -> None:
+    """Against the float64 reference, within the dtype's tolerance at the result's scale."""
+    grad = args[0]
+    assert got.shape == grad.shape and got.dtype == grad.dtype, what
+    oracle = reference.lbfgs_direction(*(
+        [t.cpu().double() for t in a] if isinstance(a, list)
+        else None if a is None else a.cpu().double() for a in args))
+    if oracle.numel() == 0:
+        return
+    scale = max(oracle.abs().max().item(), 1.0)
+    err = (got.cpu().double() - oracle).abs().max().item()
+    assert err <= LBFGS_RTOL[grad.dtype] * scale, (
+        f"{what}: max error {err:.3g} against float64 at scale {scale:.3g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("with_diag", [False, True], ids=["identity", "diag"])
+@pytest.mark.parametrize("k, P, m", [
+    (1, 1, 0), (3, 70, 0), (1, 1, 3), (1, 300, 1), (3, 300, 3),
+    (2, 1100, 3),  # past one batch of 4 x 256 elements
+    (2, 70, 32),   # one launch, every pair
+    (2, 70, 33),   # two: the first loop's newest 32, then the oldest pair's turn
+    (3, 1, 40), (3, 257, 40),
+    (2, 33, 70),   # three chunks: a forward and a backward stage that hold no end of grad/d
+])
+def test_lbfgs_direction_kernel_matches_reference(dtype, with_diag, k, P, m) -> None:
+    args = _lbfgs_inputs(100 * k + P + m, k, P, m, dtype, with_diag)
+    got = emu.run_lbfgs_direction(*args)
+    assert_lbfgs_matches_reference(got, args, f"lbfgs_direction k={k} P={P} m={m} (emulated)")
+
+
+def test_lbfgs_direction_rows_beyond_the_grid() -> None:
+    """num_sms = 1: 32 blocks for 40 problems, the blocks loop over the rest."""
+    args = _lbfgs_inputs(7, 40, 45, 5, torch.float64, True)
+    got = emu.run_lbfgs_direction(*args, num_sms=1)
+    assert_lbfgs_matches_reference(got, args, "lbfgs_direction, 40 rows on 32 blocks")
+    assert torch.equal(got, emu.run_lbfgs_direction(*args, num_sms=8))
+
+
+def test_lbfgs_direction_rejected_pairs_do_nothing() -> None:
+    """rho = 0 on every pair (across launches too): exactly the scaled steepest descent."""
+    for dtype in (torch.float32, torch.float64):
+        grad, s, y, rho, gamma, diag = _lbfgs_inputs(8, 3, 50, 40, dtype, True)
+        rho = [torch.zeros_like(r) for r in rho]
+        got = emu.run_lbfgs_direction(grad, s, y, rho, gamma, diag)
+        assert torch.equal(got, -(grad * gamma.unsqueeze(1) * diag))
+
+
+@pytest.mark.parametrize("k, P", [(0, 5), (3, 0), (0, 0)])
+def test_lbfgs_direction_empty(k, P) -> None:
+    args = _lbfgs_inputs(9, k, P, 3, torch.float32, True)
+    got = emu.run_lbfgs_direction(*args)
+    assert got.shape == (k, P) and got.dtype == torch.float32
+
+
+def test_lbfgs_direction_is_deterministic() -> None:
+    args = _lbfgs_inputs(10, 3, 1000, 40, torch.float32, False)
+    assert torch.equal(emu.run_lbfgs_direction(*args), emu.run_lbfgs_direction(*args))

@@ -3,10 +3,11 @@
 # -fsanitize=address in a copy of the sources (the in-place build stays untouched), then runs a
 # small corpus with gcc's libasan preloaded (python and torch are not instrumented):
 #   * a fixed, derandomised slice of the op-boundary fuzzer (every op, forward and backward,
-#     gram and softmax_regression_loss_grad, the head refits; valid and invalid arguments),
+#     gram, softmax_regression_loss_grad and lbfgs_direction, the head refits; valid and
+#     invalid arguments),
 #   * the fuzzer's regression tests, the parity tests' representative shapes, the error tests
 #     the blocked (AMX / brgemm) GEMM paths, and the head-refit tests (gram,
-#     softmax_regression_loss_grad).
+#     softmax_regression_loss_grad, lbfgs_direction).
 # Fails on any ASan report (reports go to files, so one in a fuzz worker counts too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ status=0
   || status=1
 "$PY" -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz_boundary.py \
   tests/ops/test_fused_ops_parity.py tests/ops/test_fused_ops_errors.py tests/ops/test_blocked_gemms.py \
-  tests/heads/test_heads.py || status=1
+  tests/heads/test_heads.py tests/heads/test_lbfgs_direction.py || status=1
 unset LD_PRELOAD
 if ls asan/report* > /dev/null 2>&1; then
   echo "sanitize_check: AddressSanitizer reports:" >&2

@@ -40,7 +40,7 @@ TORCH_LIBRARY(mmkernels, m) {
   // The solvers' L-BFGS two-loop recursion (pairs newest first); see lbfgs_plan.h.
   m.def(
       "lbfgs_direction(Tensor grad, Tensor[] s, Tensor[] y, Tensor[] rho, Tensor gamma, "
-      "Tensor? diag) -> Tensor");
+      "Tensor? diag, Tensor? rows=None) -> Tensor");
 }
 
 #ifndef MMKERNELS_NO_PYTHON

@@ -1113,9 +1113,11 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     every two-loop recursion (times the usual scalar s'y / y'Dy); None: the identity.
 
     The state is kept for the still-active problems only, compacted when some finish, so an
-    iteration runs on views (no gathers) and evaluates exactly the problems that need it.
-    Every tensor op here is on [k, P] or [k] (the history is a list of slots), so it runs
-    serially below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6;
+    iteration runs on views (no gathers) and evaluates exactly the problems that need it. The
+    history is the exception: its slots are never compacted (that was 20 copies of [k, P] each
+    time a problem finished), the direction op reads each problem's row of each slot. Every
+    tensor op here is on [k, P] or [k] (the history is a list of slots), so it runs serially
+    below PyTorch's intra-op grain (k * P < 32768, e.g. 7 subsets at H = 128, C = 6;
     with several threads the caller splits larger S into groups) without touching the global
     thread count; gathers use index_select / index_copy_ (serial when small) rather than
     advanced indexing (aten::index opens an OpenMP region). subsets_of maps problems to the
@@ -1138,11 +1140,13 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
     th, f, g = theta_out.index_select(0, ids), f.index_select(0, ids), g.index_select(0, ids)
     gmax = gmax.index_select(0, ids)
     k = len(ids)
-    # History slot by slot ([k, P] each, filled in turn): a slot-major list keeps every gather
-    # and write on one slot, below the intra-op grain for moderate S * P.
+    # History slot by slot, filled in turn: each slot is [k, P] for the k problems active when
+    # it was written and is never compacted; slot_rows[j] maps today's problems to its rows
+    # (None: row i), which lbfgs_direction reads through.
     s_hist: list[Tensor] = []
     y_hist: list[Tensor] = []
     rho: list[Tensor] = []
+    slot_rows: list[Tensor | None] = []
     dg = None if diag is None else diag.index_select(0, ids)
     gamma = (1.0 / g.norm(dim=1).clamp_min(1e-12) if dg is None
              else torch.ones(k, dtype=torch.float64, device=device))
@@ -1156,8 +1160,12 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
         # stored with rho = 0 and does nothing), problem by problem in one op: each problem's
         # history is read from memory once (see csrc/cpu/heads/lbfgs_direction.cpp).
         order = [(pos - 1 - j) % history for j in range(min(filled, history))]
+        rows = None
+        if any(slot_rows[j] is not None for j in order):
+            every = torch.arange(k, device=device)
+            rows = torch.stack([every if slot_rows[j] is None else slot_rows[j] for j in order])
         d = _ops.lbfgs_direction(g, [s_hist[j] for j in order], [y_hist[j] for j in order],
-                                 [rho[j] for j in order], gamma, dg)
+                                 [rho[j] for j in order], gamma, dg, rows)
         gd = torch.linalg.vecdot(g, d)
         # A stale history points uphill: restart those problems on steepest descent (selected
         # on the device, no host read; on the CPU a read is free and saves the rare case's
@@ -1222,7 +1230,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             sv.mul_(good.unsqueeze(1))
             yv.mul_(good.unsqueeze(1))
         slot = (sv, yv, torch.where(good, 1.0 / sy.where(good, 1.0), 0.0))
-        for hist, value in zip((s_hist, y_hist, rho), slot, strict=True):
+        for hist, value in zip((s_hist, y_hist, rho, slot_rows), (*slot, None), strict=True):
             if len(hist) < history:
                 hist.append(value)
             else:
@@ -1245,8 +1253,7 @@ def _lbfgs(evaluate: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], S
             ids, th, f, g, gmax, gamma, its = (
                 t.index_select(0, keep) for t in (ids, th, f, g, gmax, gamma, its))
             dg = None if dg is None else dg.index_select(0, keep)
-            s_hist, y_hist, rho = ([t.index_select(0, keep) for t in hist]
-                                   for hist in (s_hist, y_hist, rho))
+            slot_rows = [keep if r is None else r.index_select(0, keep) for r in slot_rows]
             k = len(ids)
     if k:  # max_iter reached
         theta_out.index_copy_(0, ids, th)

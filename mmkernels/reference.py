@@ -142,11 +142,16 @@ def softmax_regression_loss_grad(
     return loss.detach(), grad_w, grad_b
 
 def lbfgs_direction(grad: Tensor, s: Sequence[Tensor], y: Sequence[Tensor],
-                    rho: Sequence[Tensor], gamma: Tensor, diag: Tensor | None = None) -> Tensor:
+                    rho: Sequence[Tensor], gamma: Tensor, diag: Tensor | None = None,
+                    rows: Tensor | None = None) -> Tensor:
     """mmkernels::lbfgs_direction: the L-BFGS two-loop recursion, row by row of grad [k, P]
-    (k independent problems), over the stored pairs s[j], y[j] [k, P] with rho[j] [k] (newest
-    first; rho = 0 marks an empty pair); the initial inverse Hessian is gamma [k] times diag
+    (k independent problems), over the stored pairs s[j], y[j] [n_j, P] with rho[j] [n_j]
+    (newest first; rho = 0 marks an empty pair); problem i's pair j is row rows[j, i] of them
+    (rows [m, k]; None: row i, n_j = k). The initial inverse Hessian is gamma [k] times diag
     [k, P] (None: the identity). Returns the direction d = -H grad."""
+    if rows is not None:
+        s, y, rho = ([t.index_select(0, r) for t, r in zip(ts, rows, strict=True)]
+                     for ts in (s, y, rho))
     q = grad.clone()
     alphas = []
     for sj, yj, rj in zip(s, y, rho, strict=True):

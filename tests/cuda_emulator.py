@@ -181,6 +181,8 @@ class LbfgsProblem(ctypes.Structure):
         ("out", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
         ("num_sms", ctypes.c_int32),
+        ("rows", ctypes.c_void_p),
+        ("rows_n", ctypes.POINTER(ctypes.c_int64)),
     ]
 
 
@@ -349,10 +351,12 @@ def run_softmax(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tens
 
 def run_lbfgs_direction(grad: torch.Tensor, s: list[torch.Tensor], y: list[torch.Tensor],
                         rho: list[torch.Tensor], gamma: torch.Tensor,
-                        diag: torch.Tensor | None = None, num_sms: int = 4) -> torch.Tensor:
+                        diag: torch.Tensor | None = None, num_sms: int = 4,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
     """mmkernels::lbfgs_direction's CUDA kernel on CPU tensors (made contiguous, as the op
     does); the output and the alpha workspace are poisoned (NaN) before the kernel runs.
-    num_sms bounds the grid (32 blocks each), as the SM count does on a GPU."""
+    num_sms bounds the grid (32 blocks each), as the SM count does on a GPU; rows as the op's
+    (pair j of problem i is row rows[j, i] of s[j], y[j], rho[j])."""
     grad, gamma = grad.contiguous(), gamma.contiguous()
     s, y, rho = ([t.contiguous() for t in ts] for ts in (s, y, rho))
     diag = None if diag is None else diag.contiguous()
@@ -364,6 +368,11 @@ def run_lbfgs_direction(grad: torch.Tensor, s: list[torch.Tensor], y: list[torch
     f = LbfgsProblem(dtype=DTYPE_CODES[grad.dtype], k=k, P=P, m=m, grad=grad.data_ptr(),
                      s=as_ptr[0], y=as_ptr[1], rho=as_ptr[2], gamma=gamma.data_ptr(),
                      diag=_ptr(diag), out=out.data_ptr(), num_sms=num_sms)
+    rows_n = (ctypes.c_int64 * max(m, 1))(*[t.shape[0] for t in s])
+    if rows is not None:
+        rows = rows.contiguous()
+        f.rows = rows.data_ptr()
+        f.rows_n = ctypes.cast(rows_n, ctypes.POINTER(ctypes.c_int64))
     ws = torch.full((max(int(lib().mmk_emu_lbfgs_workspace_elems(ctypes.byref(f))), 1),),
                     float("nan"), dtype=grad.dtype)
     f.workspace = ws.data_ptr()

@@ -145,9 +145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_cuda
 
 at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, at::TensorList s, at::TensorList y,
                                 at::TensorList rho, const at::Tensor& gamma,
-                                const c10::optional<at::Tensor>& diag) {
+                                const c10::optional<at::Tensor>& diag,
+                                const c10::optional<at::Tensor>& rows) {
   const char* op = "mmkernels::lbfgs_direction";
-  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag);
+  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag, rows);
   check_cuda(op, "grad", grad);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t k = grad.size(0), P = grad.size(1), m = plan.m;
@@ -168,6 +169,7 @@ at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, at::TensorList s, at::Te
     count(grad);
     count(gamma);
     if (diag.has_value()) count(*diag);
+    if (rows.has_value()) count(*rows);
     for (int64_t j = 0; j < m; ++j) {
       count(s[j]);
       count(y[j]);
@@ -181,10 +183,16 @@ at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, at::TensorList s, at::Te
   if (out.numel() == 0) return out;
   Keep keep;
   std::vector<const void*> sp(m), yp(m), rp(m);
+  std::vector<int64_t> rows_n(m);
   for (int64_t j = 0; j < m; ++j) {
     sp[j] = keep.dense(s[j]).data_ptr();
     yp[j] = keep.dense(y[j]).data_ptr();
     rp[j] = keep.dense(rho[j]).data_ptr();
+    rows_n[j] = s[j].size(0);
+  }
+  if (rows.has_value()) {
+    f.rows = keep.dense(*rows).data_ptr<int64_t>();
+    f.rows_n = rows_n.data();
   }
   f.grad = keep.dense(grad).data_ptr();
   f.s = sp.data();

@@ -184,10 +184,12 @@ void launch_lbfgs_stage(const LbfgsProblem& f, int32_t stage, int64_t first, voi
   p.stage = stage;
   p.pairs = (int32_t)std::min<int64_t>(kLbfgsPairs, f.m - first);
   p.first = first;
+  p.rows = f.rows;
   for (int32_t t = 0; t < p.pairs; ++t) {
     p.s[t] = f.s[first + t];
     p.y[t] = f.y[first + t];
     p.rho[t] = f.rho[first + t];
+    p.n[t] = f.rows ? f.rows_n[first + t] : f.k;
   }
   // As many blocks as can be resident (blocks loop over the rows beyond the grid).
   const int64_t blocks =

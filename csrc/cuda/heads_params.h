@@ -51,7 +51,8 @@ struct SoftmaxProblem {
 
 // mmkernels::lbfgs_direction: d[i] = -H_i grad[i] for each of k problems, the two-loop
 // recursion over m pairs (newest first). Every tensor contiguous, in dtype (f32 or f64, also
-// the accumulation dtype). s, y and rho are host arrays of m device pointers each.
+// the accumulation dtype). s, y and rho are host arrays of m device pointers each; pair j of
+// problem i is row rows[j][i] of them (row i without rows).
 struct LbfgsProblem {
   int32_t dtype = 0;                  // DType of every tensor
   int64_t k = 0, P = 0, m = 0;
@@ -64,6 +65,8 @@ struct LbfgsProblem {
   void* out = nullptr;                // [k, P]
   void* workspace = nullptr;          // lbfgs_workspace_elems() elements
   int32_t num_sms = 1;                // bounds the grid (the rows beyond it are looped over)
+  const int64_t* rows = nullptr;      // [m, k] device: problem i's row of pair j; null: row i
+  const int64_t* rows_n = nullptr;    // m host values: the rows of pair j (s[j] is [n_j, P])
 };
 
 }  // namespace mmkernels::cuda

@@ -20,6 +20,7 @@
 #include "device.cuh"
 
 #include <cstdint>
+#include <limits>
 
 namespace mmkernels::cuda {
 
@@ -43,8 +44,18 @@ struct LbfgsParams {
   int64_t first;      // the index (newest first) of its pair 0
   const void* s[kLbfgsPairs];    // pair first + t at t
   const void* y[kLbfgsPairs];
-  const void* rho[kLbfgsPairs];  // [k] each
+  const void* rho[kLbfgsPairs];  // [n_t] each
+  const int64_t* rows;           // [m, k]: problem i's row of pair j; null: row i
+  int64_t n[kLbfgsPairs];        // rows of pair t (for the range test)
 };
+
+// Problem i's row of pair t of the launch; -1 when it is out of range (the problem's direction
+// is then NaN: a kernel cannot raise, and reading the row would be out of bounds).
+MMK_DEVICE int64_t lbfgs_pair_row(const LbfgsParams& p, int t, int64_t i) {
+  if (!p.rows) return i;
+  const int64_t r = p.rows[(p.first + t) * p.k + i];
+  return r >= 0 && r < p.n[t] ? r : -1;
+}
 
 // Shared memory: the turn's alphas and two sets of warp sums (lbfgs_block_sum).
 template <typename T>
@@ -144,18 +155,29 @@ lbfgs_kernel(LbfgsParams p) {
     LbfgsRow<T> row{static_cast<const T*>(p.src) + at, static_cast<T*>(p.out) + at,
                     p.diag ? static_cast<const T*>(p.diag) + at : nullptr,
                     static_cast<const T*>(p.gamma)[i], p.P};
+    // A pair's row out of range poisons the direction (the later launches then carry the
+    // NaN through). The rows are read again where they are used: an array of them indexed by
+    // a run-time t would live in local memory.
+    bool bad = false;
+    for (int t = 0; t < n; ++t) bad = bad || lbfgs_pair_row(p, t, i) < 0;
+    if (bad) {
+      for (int64_t e = threadIdx.x; e < p.P; e += blockDim.x)
+        row.dst[e] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
     LbfgsPass<T> pass;  // carries each pair's update into the pass of the next
     if (p.stage != kLbfgsBackward) {
       // The first loop, newest pair first: a_t = rho_t s_t.q, then q -= a_t y_t.
       for (int t = 0; t < n; ++t) {
-        pass.dot = static_cast<const T*>(p.s[t]) + at;
-        const T a = static_cast<const T*>(p.rho[t])[i] * lbfgs_pass(row, pass, red, slot);
+        const int64_t r = lbfgs_pair_row(p, t, i);
+        pass.dot = static_cast<const T*>(p.s[t]) + r * p.P;
+        const T a = static_cast<const T*>(p.rho[t])[r] * lbfgs_pass(row, pass, red, slot);
         if (threadIdx.x == 0) {
           if (p.stage == kLbfgsTurn) sstore(&alphas[t], a);
           else alpha_ws[(p.first + t) * p.k + i] = a;
         }
         pass = LbfgsPass<T>{};
-        pass.upd = static_cast<const T*>(p.y[t]) + at;
+        pass.upd = static_cast<const T*>(p.y[t]) + r * p.P;
         pass.coef = -a;
       }
       if (p.stage == kLbfgsForward) {
@@ -166,11 +188,12 @@ lbfgs_kernel(LbfgsParams p) {
     }
     // The second loop, oldest pair first: beta_t = rho_t y_t.r, then r += (a_t - beta_t) s_t.
     for (int t = n - 1; t >= 0; --t) {
-      pass.dot = static_cast<const T*>(p.y[t]) + at;
-      const T beta = static_cast<const T*>(p.rho[t])[i] * lbfgs_pass(row, pass, red, slot);
+      const int64_t r = lbfgs_pair_row(p, t, i);
+      pass.dot = static_cast<const T*>(p.y[t]) + r * p.P;
+      const T beta = static_cast<const T*>(p.rho[t])[r] * lbfgs_pass(row, pass, red, slot);
       const T a = p.stage == kLbfgsTurn ? sload(&alphas[t]) : alpha_ws[(p.first + t) * p.k + i];
       pass = LbfgsPass<T>{};
-      pass.upd = static_cast<const T*>(p.s[t]) + at;
+      pass.upd = static_cast<const T*>(p.s[t]) + r * p.P;
       pass.coef = a - beta;
     }
     pass.negate = p.first == 0;

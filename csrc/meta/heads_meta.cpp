@@ -33,8 +33,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_regression_loss_grad_meta
 
 at::Tensor lbfgs_direction_meta(const at::Tensor& grad, at::TensorList s, at::TensorList y,
                                 at::TensorList rho, const at::Tensor& gamma,
-                                const c10::optional<at::Tensor>& diag) {
-  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag);
+                                const c10::optional<at::Tensor>& diag,
+                                const c10::optional<at::Tensor>& rows) {
+  const LbfgsPlan plan = lbfgs_direction_plan(grad, s, y, rho, gamma, diag, rows);
   return at::empty_symint({plan.k, plan.P}, grad.options());
 }
 

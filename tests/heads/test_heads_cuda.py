@@ -143,6 +143,19 @@ def test_lbfgs_direction_on_cuda_reads_strided_inputs() -> None:
     assert_lbfgs_matches_reference(got, (grad, s, y, rho, gamma, diag), "strided (cuda)")
 
 
+@pytest.mark.parametrize("m", [3, 40])
+def test_lbfgs_direction_on_cuda_reads_rows(m) -> None:
+    grad, s, y, rho, gamma, diag = _lbfgs_inputs(3, 9, 700, m, torch.float64, True, "cuda")
+    gen = torch.Generator().manual_seed(m)
+    rows = torch.stack([torch.randperm(9, generator=gen)[:5] for _ in range(m)]).cuda()
+    got = ops.lbfgs_direction(grad[:5], s, y, rho, gamma[:5], diag[:5], rows)
+    picked = [[t.index_select(0, r) for t, r in zip(ts, rows, strict=True)] for ts in (s, y, rho)]
+    assert_lbfgs_matches_reference(got, (grad[:5], *picked, gamma[:5], diag[:5]), "rows (cuda)")
+    rows[0, 1] = -1  # out of range: a NaN direction for that problem, no error, no sync
+    got = ops.lbfgs_direction(grad[:5], s, y, rho, gamma[:5], diag[:5], rows)
+    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2, 3, 4]]).all()
+
+
 def test_lbfgs_direction_is_deterministic_and_captures_in_a_cuda_graph() -> None:
     args = _lbfgs_inputs(2, 6, 2000, 40, torch.float32, True, "cuda")
     grad = args[0]

@@ -256,6 +256,22 @@ def test_lbfgs_direction_rows_beyond_the_grid() -> None:
     assert torch.equal(got, emu.run_lbfgs_direction(*args, num_sms=8))
 
 
+@pytest.mark.parametrize("m", [3, 40])  # one launch; several, the rows read in each
+def test_lbfgs_direction_reads_each_problems_row_through_rows(m) -> None:
+    """A history that kept the rows of problems since finished (7 rows, 4 problems left)."""
+    grad, s, y, rho, gamma, diag = _lbfgs_inputs(11, 7, 70, m, torch.float64, True)
+    gen = torch.Generator().manual_seed(m)
+    rows = torch.stack([torch.randperm(7, generator=gen)[:4] for _ in range(m)])
+    got = emu.run_lbfgs_direction(grad[:4], s, y, rho, gamma[:4], diag[:4], rows=rows)
+    picked = [[t.index_select(0, r) for t, r in zip(ts, rows, strict=True)] for ts in (s, y, rho)]
+    args = (grad[:4], *picked, gamma[:4], diag[:4])
+    assert_lbfgs_matches_reference(got, args, f"lbfgs_direction with rows, m={m} (emulated)")
+    # A row out of range cannot raise on the device: that problem's direction is NaN.
+    rows[m - 1, 2] = 7
+    got = emu.run_lbfgs_direction(grad[:4], s, y, rho, gamma[:4], diag[:4], rows=rows)
+    assert torch.isnan(got[2]).all() and torch.isfinite(got[[0, 1, 3]]).all()
+
+
 def test_lbfgs_direction_rejected_pairs_do_nothing() -> None:
     """rho = 0 on every pair (across launches too): exactly the scaled steepest descent."""
     for dtype in (torch.float32, torch.float64):

@@ -57,6 +57,23 @@ def test_matches_the_recursion_in_float64(k, P, m, dtype, with_diag, empty, seed
     _close(got, want, m, P)
 
 
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(0, 5), P=st.integers(1, 40), m=st.integers(0, 6),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_rows_pick_each_problems_row_of_each_pair(k, P, m, dtype, seed):
+    """A history that kept rows of problems since finished: pair j holds n_j >= k rows."""
+    g = torch.Generator().manual_seed(seed)
+    grad, s, y, rho, gamma, diag = _history(k + 3, P, m, dtype, seed)
+    rows = torch.stack([torch.randperm(k + 3, generator=g)[:k] for _ in range(m)]) if m else \
+        torch.zeros(0, k, dtype=torch.int64)
+    got = ops.lbfgs_direction(grad[:k], s, y, rho, gamma[:k], diag[:k], rows)
+    picked = [[t.index_select(0, r) for t, r in zip(ts, rows, strict=True)] for ts in (s, y, rho)]
+    assert torch.equal(got, ops.lbfgs_direction(grad[:k], *picked, gamma[:k], diag[:k]))
+    f64 = [[t.double() for t in ts] for ts in picked]
+    _close(got, reference.lbfgs_direction(grad[:k].double(), *f64, gamma[:k].double(),
+                                          diag[:k].double()), m, P)
+
+
 def test_a_long_row_uses_every_vector_lane_and_the_tail():
     # P = 5130 (H = 512, C = 10): the vector loops and a tail of 2 in float64, 10 in float32.
     for dtype in (torch.float32, torch.float64):
@@ -107,6 +124,7 @@ def test_bad_arguments_name_the_argument(device):
     grad, s, y, rho, gamma, diag = (x.to(device) if isinstance(x, torch.Tensor)
                                     else [t.to(device) for t in x]
                                     for x in _history(3, 5, 2, torch.float64, 1))
+    rows = torch.tensor([[0, 1, 2], [2, 1, 0]], device=device)
     cases = [
         ((grad[0], s, y, rho, gamma, diag), "grad must be 2-d"),
         ((grad.long(), s, y, rho, gamma, diag), "grad must be float32 or float64"),
@@ -116,7 +134,12 @@ def test_bad_arguments_name_the_argument(device):
         ((grad, s, y, [rho[0], rho[1][:2]], gamma, diag), r"rho\[1\] must have shape \[3\]"),
         ((grad, s, y, rho, gamma[:, None], diag), "gamma must have shape"),
         ((grad, s, y, rho, gamma, diag[:2]), "diag must have shape"),
+        ((grad, s, y, rho, gamma, diag, rows.int()), "rows must be int64"),
+        ((grad, s, y, rho, gamma, diag, rows[:1]), r"rows must have shape \[2, 3\]"),
+        ((grad, [s[0][:2], s[1]], y, rho, gamma, diag, rows), r"y\[0\] must have shape \[2, 5\]"),
     ]
+    if device == "cpu":  # the range is the CPU kernel's check: it reads the rows
+        cases.append(((grad, s, y, rho, gamma, diag, rows + 1), r"rows\[0\] must hold rows of s"))
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             ops.lbfgs_direction(*args)

@@ -88,36 +88,39 @@ MMK_INLINE void axpy_negate(T* v, T alpha, const T* x, int64_t n) {
   for (; i < n; ++i) v[i] = -(v[i] + alpha * x[i]);
 }
 
-struct Rows {
+struct Problems {
   int64_t k, P, m;
   const void* grad;
   const void* gamma;
-  const void* diag;                 // nullptr: the identity
-  std::vector<const void*> s, y, rho;  // newest first, contiguous [k, P] / [k]
+  const void* diag;                    // nullptr: the identity
+  std::vector<const void*> s, y, rho;  // newest first, contiguous [n_j, P] / [n_j]
+  const int64_t* rows;                 // [m, k]: problem i's row of pair j; nullptr: row i
   void* out;
 };
 
 // Problems [i0, i1): the direction of each into its row of out (the running vector, q and then
 // r, lives there).
 template <typename T, int B>
-MMK_INLINE void directions(const Rows& a, int64_t i0, int64_t i1) {
+MMK_INLINE void directions(const Problems& a, int64_t i0, int64_t i1) {
   const int64_t P = a.P, m = a.m;
   std::vector<T> alpha(std::max<int64_t>(m, 1));
-  const auto row = [&](const void* base, int64_t i) { return static_cast<const T*>(base) + i * P; };
-  const auto rho = [&](int64_t j, int64_t i) { return static_cast<const T*>(a.rho[j])[i]; };
+  std::vector<int64_t> at_row(std::max<int64_t>(m, 1));
   for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = 0; j < m; ++j) at_row[j] = a.rows ? a.rows[j * a.k + i] : i;
+    const auto s = [&](int64_t j) { return static_cast<const T*>(a.s[j]) + at_row[j] * P; };
+    const auto y = [&](int64_t j) { return static_cast<const T*>(a.y[j]) + at_row[j] * P; };
+    const auto rho = [&](int64_t j) { return static_cast<const T*>(a.rho[j])[at_row[j]]; };
     T* v = static_cast<T*>(a.out) + i * P;
-    const T* g = row(a.grad, i);
+    const T* g = static_cast<const T*>(a.grad) + i * P;
     const T gamma = static_cast<const T*>(a.gamma)[i];
-    const T* diag = a.diag ? row(a.diag, i) : nullptr;
+    const T* diag = a.diag ? static_cast<const T*>(a.diag) + i * P : nullptr;
     for (int64_t c = 0; c < P; ++c) v[c] = g[c];
-    if (m > 0) alpha[0] = rho(0, i) * dot<T, B>(row(a.s[0], i), v, P);
+    if (m > 0) alpha[0] = rho(0) * dot<T, B>(s(0), v, P);
     for (int64_t j = 0; j < m; ++j) {
       if (j + 1 < m) {
-        alpha[j + 1] = rho(j + 1, i) * axpy_dot<T, B>(v, -alpha[j], row(a.y[j], i),
-                                                      row(a.s[j + 1], i), P);
+        alpha[j + 1] = rho(j + 1) * axpy_dot<T, B>(v, -alpha[j], y(j), s(j + 1), P);
       } else {
-        const T* yj = row(a.y[j], i);
+        const T* yj = y(j);
         for (int64_t c = 0; c < P; ++c) v[c] -= alpha[j] * yj[c];
       }
     }
@@ -126,37 +129,46 @@ MMK_INLINE void directions(const Rows& a, int64_t i0, int64_t i1) {
       for (int64_t c = 0; c < P; ++c) v[c] = -v[c];
       continue;
     }
-    T beta = rho(m - 1, i) * dot<T, B>(row(a.y[m - 1], i), v, P);
+    T beta = rho(m - 1) * dot<T, B>(y(m - 1), v, P);
     for (int64_t j = m - 1; j > 0; --j)
-      beta = rho(j - 1, i) * axpy_dot<T, B>(v, alpha[j] - beta, row(a.s[j], i),
-                                            row(a.y[j - 1], i), P);
-    axpy_negate<T, B>(v, alpha[0] - beta, row(a.s[0], i), P);
+      beta = rho(j - 1) * axpy_dot<T, B>(v, alpha[j] - beta, s(j), y(j - 1), P);
+    axpy_negate<T, B>(v, alpha[0] - beta, s(0), P);
   }
 }
 
 template <typename T>
-MMK_AVX512 void directions_avx512(const Rows& a, int64_t i0, int64_t i1) {
+MMK_AVX512 void directions_avx512(const Problems& a, int64_t i0, int64_t i1) {
   directions<T, 64>(a, i0, i1);
 }
 template <typename T>
-MMK_AVX2 void directions_avx2(const Rows& a, int64_t i0, int64_t i1) {
+MMK_AVX2 void directions_avx2(const Problems& a, int64_t i0, int64_t i1) {
   directions<T, 32>(a, i0, i1);
 }
 template <typename T>
-void directions_sse2(const Rows& a, int64_t i0, int64_t i1) {
+void directions_sse2(const Problems& a, int64_t i0, int64_t i1) {
   directions<T, 16>(a, i0, i1);
 }
 
 at::Tensor lbfgs_direction_cpu(const at::Tensor& grad_in, at::TensorList s_in,
                                at::TensorList y_in, at::TensorList rho_in,
                                const at::Tensor& gamma_in,
-                               const c10::optional<at::Tensor>& diag_in) {
-  const LbfgsPlan plan = lbfgs_direction_plan(grad_in, s_in, y_in, rho_in, gamma_in, diag_in);
-  MMK_CHECK(grad_in.device().is_cpu(), "mmkernels::lbfgs_direction: grad must be a CPU tensor "
-            "for the CPU kernel, got ", grad_in.device());
+                               const c10::optional<at::Tensor>& diag_in,
+                               const c10::optional<at::Tensor>& rows_in) {
+  const char* op = "mmkernels::lbfgs_direction";
+  const LbfgsPlan plan =
+      lbfgs_direction_plan(grad_in, s_in, y_in, rho_in, gamma_in, diag_in, rows_in);
+  MMK_CHECK(grad_in.device().is_cpu(), op, ": grad must be a CPU tensor for the CPU kernel, "
+            "got ", grad_in.device());
   const int64_t k = grad_in.size(0), P = grad_in.size(1), m = plan.m;
   const at::Tensor grad = grad_in.contiguous(), gamma = gamma_in.contiguous();
   const at::Tensor diag = diag_in.has_value() ? diag_in->contiguous() : at::Tensor();
+  const at::Tensor rows = rows_in.has_value() ? rows_in->contiguous() : at::Tensor();
+  for (int64_t j = 0; rows.defined() && j < m && k > 0; ++j) {
+    const at::Tensor r = rows[j];
+    const int64_t lo = r.min().item<int64_t>(), hi = r.max().item<int64_t>();
+    MMK_CHECK(lo >= 0 && hi < s_in[j].size(0), op, ": rows[", j, "] must hold rows of s[", j,
+              "] (0 <= r < ", s_in[j].size(0), "), got values in [", lo, ", ", hi, "]");
+  }
   std::vector<at::Tensor> held;  // keeps contiguous copies alive while their pointers are used
   held.reserve(3 * m);
   for (int64_t j = 0; j < m; ++j) {
@@ -166,12 +178,13 @@ at::Tensor lbfgs_direction_cpu(const at::Tensor& grad_in, at::TensorList s_in,
   }
   at::Tensor out = at::empty({k, P}, grad.options());
   if (k == 0 || P == 0) return out;
-  Rows rows{k, P, m, grad.data_ptr(), gamma.data_ptr(), diag.defined() ? diag.data_ptr() : nullptr,
-            {}, {}, {}, out.data_ptr()};
+  Problems problems{k, P, m, grad.data_ptr(), gamma.data_ptr(),
+                    diag.defined() ? diag.data_ptr() : nullptr, {}, {}, {},
+                    rows.defined() ? rows.data_ptr<int64_t>() : nullptr, out.data_ptr()};
   for (int64_t j = 0; j < m; ++j) {
-    rows.s.push_back(held[3 * j].data_ptr());
-    rows.y.push_back(held[3 * j + 1].data_ptr());
-    rows.rho.push_back(held[3 * j + 2].data_ptr());
+    problems.s.push_back(held[3 * j].data_ptr());
+    problems.y.push_back(held[3 * j + 1].data_ptr());
+    problems.rho.push_back(held[3 * j + 2].data_ptr());
   }
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "lbfgs_direction_cpu", [&] {
     using T = scalar_t;
@@ -179,7 +192,7 @@ at::Tensor lbfgs_direction_cpu(const at::Tensor& grad_in, at::TensorList s_in,
                      : cpu_has_avx2_fma() ? &directions_avx2<T> : &directions_sse2<T>;
     // Problems below PyTorch's elementwise grain run serially, like the solver's other ops.
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / P);
-    at::parallel_for(0, k, grain, [&](int64_t i0, int64_t i1) { run(rows, i0, i1); });
+    at::parallel_for(0, k, grain, [&](int64_t i0, int64_t i1) { run(problems, i0, i1); });
   });
   return out;
 }

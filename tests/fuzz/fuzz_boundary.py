@@ -733,20 +733,26 @@ def lbfgs_case(draw) -> dict:
     def vec(shape):
         return draw_tensor(draw, shape, dt, fills)
 
-    a = {"grad": vec([k, P]), "s": {"L": [vec([k, P]) for _ in range(m)]},
-         "y": {"L": [vec([k, P]) for _ in range(m)]},
-         "rho": {"L": [vec([k]) for _ in range(m)]}, "gamma": vec([k]),
-         "diag": vec([k, P]) if draw(st.booleans()) else None}
+    # With rows, each pair holds n >= k rows (a history that kept finished problems' rows).
+    with_rows = draw(st.booleans())
+    n = k + draw(st.integers(0, 3)) if with_rows else k
+    a = {"grad": vec([k, P]), "s": {"L": [vec([n, P]) for _ in range(m)]},
+         "y": {"L": [vec([n, P]) for _ in range(m)]},
+         "rho": {"L": [vec([n]) for _ in range(m)]}, "gamma": vec([k]),
+         "diag": vec([k, P]) if draw(st.booleans()) else None,
+         "rows": T([m, k], "int64", hi=max(n, 1), lay=draw_layout(draw, 2)) if with_rows
+         else None}
     case = {"op": "lbfgs", "seed": draw(st.integers(0, 2**31 - 1)), "args": a, "expect": "ok",
             "why": "valid"}
     mut = draw(st.sampled_from(["none"] * 3 + [
         "grad_rank", "grad_dtype", "pairs", "s_shape", "y_dtype", "rho_shape", "gamma_shape",
-        "diag_shape", "meta_s", "meta_grad"]))
+        "diag_shape", "meta_s", "meta_grad", "rows_dtype", "rows_shape", "rows_range"]))
     j = draw(st.integers(0, max(0, m - 1)))
     names = {"grad_rank": ["grad"], "grad_dtype": ["grad"], "pairs": ["rho"],
              "s_shape": [f"s[{j}]"], "y_dtype": [f"y[{j}]"], "rho_shape": [f"rho[{j}]"],
              "gamma_shape": ["gamma"], "diag_shape": ["diag"], "meta_s": [f"s[{j}]"],
-             "meta_grad": ["s[0]", "gamma"]}
+             "meta_grad": ["s[0]", "gamma", "rows"], "rows_dtype": ["rows"],
+             "rows_shape": ["rows"], "rows_range": [f"rows[{j}]"]}
     applies = True
     if mut == "grad_rank":
         a["grad"]["T"], a["grad"]["lay"] = [k * P], "contig"
@@ -775,6 +781,16 @@ def lbfgs_case(draw) -> dict:
             a["diag"]["T"], a["diag"]["lay"] = [k, P + 1], "contig"
     elif mut == "meta_grad":
         a["grad"]["dev"] = "meta"
+    elif mut in ("rows_dtype", "rows_shape", "rows_range"):
+        applies = with_rows and (mut != "rows_range" or (m > 0 and k > 0))
+        if applies and mut == "rows_dtype":
+            a["rows"]["dtype"] = "int32"
+        elif applies and mut == "rows_shape":
+            a["rows"]["T"], a["rows"]["lay"] = [m + 1, k], "contig"
+        elif applies:  # every row of pair j one past the end
+            rows_j = {"T": [k], "dtype": "int64", "hi": 1, "shift": n}
+            a["rows"] = {"stack": [rows_j if i == j else T([k], "int64", hi=max(n, 1))
+                                        for i in range(m)]}
     if mut != "none" and applies:
         case["expect"], case["why"] = names[mut], mut
     case["expect_ok"] = case["expect"] == "ok"

@@ -112,6 +112,8 @@ def build(value, gen: torch.Generator):
             return [build(v, gen) for v in value["L"]]
         if "tuple" in value:
             return tuple(build(v, gen) for v in value["tuple"])
+        if "stack" in value:
+            return torch.stack([build(v, gen) for v in value["stack"]])
         if "str" in value:
             return value["str"]
         if "num" in value:
@@ -362,14 +364,14 @@ def run_softmax(case: dict, a: dict, gen: torch.Generator) -> None:
 
 
 def run_lbfgs(case: dict, a: dict, gen: torch.Generator) -> None:
-    args = [a[k] for k in ("grad", "s", "y", "rho", "gamma", "diag")]
+    args = [a[k] for k in ("grad", "s", "y", "rho", "gamma", "diag", "rows")]
     d = torch.ops.mmkernels.lbfgs_direction(*args)
     if not case.get("expect_ok"):
         return
 
     def f64(t):
         if t is None or isinstance(t, torch.Tensor):
-            return None if t is None else t.double()
+            return t if t is None or not t.is_floating_point() else t.double()
         return [x.double() for x in t]
 
     oracle = reference.lbfgs_direction(*[f64(t) for t in args])

@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 
 import mmkernels  # noqa: F401  (registers the ops)
 
-DATA_DEPENDENT = ("y must hold labels", "subset_index must hold subsets")
+DATA_DEPENDENT = ("y must hold labels", "subset_index must hold subsets", "must hold rows of")
 OPS = {"gram": (torch.ops.mmkernels.gram, ("z", "y")),
        "softmax": (torch.ops.mmkernels.softmax_regression_loss_grad,
                    ("z", "y", "w", "b", "sample_weight", "l2", "subset_index")),
        "lbfgs": (torch.ops.mmkernels.lbfgs_direction,
-                 ("grad", "s", "y", "rho", "gamma", "diag"))}
+                 ("grad", "s", "y", "rho", "gamma", "diag", "rows"))}
 
 
 def _strides(t: torch.Tensor) -> tuple:
